@@ -1,0 +1,90 @@
+"""Test helpers: a real uvicorn server on a free port, and a recorder of hook calls."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from wsession import EndReason, Session, SessionManager
+
+
+@dataclass
+class Server:
+    """A running uvicorn server: its base URLs and the object to stop it."""
+
+    server: uvicorn.Server
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def run_server(app: Any, **config: Any) -> AsyncIterator[Server]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 (a port the OS picks) in this event loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    cfg = uvicorn.Config(app, log_level="warning", lifespan="auto", **config)
+    server = uvicorn.Server(cfg)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn stopped before it started")
+            await asyncio.sleep(0.01)  # uvicorn offers no start event; this polls a flag
+        yield Server(server, port)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        sock.close()
+
+
+@dataclass
+class HookRecorder:
+    """Connect and disconnect hooks that record every call, with a way to wait for counts."""
+
+    connected: list[str] = field(default_factory=list)
+    ended: list[tuple[str, EndReason | None, int | None, str | None]] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def install(self, manager: SessionManager) -> SessionManager:
+        manager.on_connect(self._on_connect)
+        manager.on_disconnect(self._on_disconnect)
+        return manager
+
+    def _on_connect(self, session: Session) -> None:
+        self.connected.append(session.id)
+        self._changed.set()
+
+    def _on_disconnect(self, session: Session) -> None:
+        self.ended.append(
+            (session.id, session.end_reason, session.close_code, session.close_reason)
+        )
+        self._changed.set()
+
+    async def wait_ended(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` disconnect hooks ran (fail after ``timeout`` seconds)."""
+        async with asyncio.timeout(timeout):
+            while len(self.ended) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+    def ended_ids(self) -> list[str]:
+        return [entry[0] for entry in self.ended]
+
+    def reasons(self) -> list[EndReason | None]:
+        return [entry[1] for entry in self.ended]

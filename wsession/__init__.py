@@ -1,0 +1,48 @@
+"""wsession: WebSocket session management for ASGI apps (Starlette, FastAPI).
+
+A pure-ASGI middleware gives every WebSocket connection an unguessable id and a
+:class:`Session`; connect hooks may refuse it before the app sees it; disconnect hooks run
+exactly once however it ends; a registry lists and reaches live sessions.
+"""
+
+from ._config import Settings
+from ._context import SCOPE_KEY, connection_id, current_session, get_current_session, get_session
+from ._exceptions import (
+    ConfigurationError,
+    Refuse,
+    SessionClosed,
+    SessionNotAvailable,
+    WSessionError,
+)
+from ._ids import new_connection_id
+from ._manager import Hook, SessionManager
+from ._middleware import WSessionMiddleware
+from ._session import EndReason, Session, SessionState
+from ._stats import Stats
+from .backends import MemoryRegistry, SessionRegistry
+
+__all__ = [
+    "SCOPE_KEY",
+    "ConfigurationError",
+    "EndReason",
+    "Hook",
+    "MemoryRegistry",
+    "Refuse",
+    "Session",
+    "SessionClosed",
+    "SessionManager",
+    "SessionNotAvailable",
+    "SessionRegistry",
+    "SessionState",
+    "Settings",
+    "Stats",
+    "WSessionError",
+    "WSessionMiddleware",
+    "connection_id",
+    "current_session",
+    "get_current_session",
+    "get_session",
+    "new_connection_id",
+]
+
+__version__ = "0.1.0"

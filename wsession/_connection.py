@@ -1,0 +1,234 @@
+"""One WebSocket connection's life: connect hooks, the app, exactly-once teardown."""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from http import HTTPStatus
+from typing import Any
+
+import anyio
+
+from ._context import SCOPE_KEY, current_session
+from ._exceptions import Refuse
+from ._log import log_error, log_warning
+from ._manager import SessionManager
+from ._session import EndReason, Session, SessionState
+from ._shield import run_shielded
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .backends import MemoryRegistry
+
+_DENIAL = "websocket.http.response"
+
+
+async def serve_connection(
+    manager: SessionManager, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+) -> Any:
+    """Run ``app`` for one WebSocket scope inside a managed session; return what it returns."""
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        # The client left before the handshake reached us: nothing to manage, pass it on.
+        return await app(scope, _replay(first, receive), send)
+
+    session_id = manager.id_factory()
+    scope = dict(scope)  # never mutate the server's scope
+    session = Session(session_id, scope, None, manager.new_data())
+    scope[SCOPE_KEY] = session
+    token = current_session.set(session)
+    try:
+        refusal = await _run_connect_hooks(manager, session)
+        if refusal is not None:
+            manager.stats.refused += 1
+            manager.stats.refused_by[refusal.label] += 1
+            await _refuse(scope, send, refusal)
+            return None
+        return await _run_app(manager, app, scope, receive, send, session, first)
+    finally:
+        current_session.reset(token)
+
+
+async def _run_app(
+    manager: SessionManager,
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    session: Session,
+    first: Message | None,
+) -> Any:
+    async def receive_wrapper() -> Message:
+        nonlocal first
+        if first is not None:
+            message, first = first, None
+            return message
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            session._client_disconnected(message)
+        return message
+
+    async def send_wrapper(message: Message) -> None:
+        if message["type"] != "websocket.send":
+            _observe(session, message)
+        try:
+            await send(message)
+        except OSError:
+            # uvicorn's ClientDisconnected: the peer is gone. Let the app see it unchanged.
+            session._end(EndReason.CONNECTION_LOST, 1006, None)
+            raise
+        if message["type"] == "websocket.accept" and session.state is SessionState.CONNECTING:
+            session.state = SessionState.OPEN
+
+    session._send = send_wrapper
+    manager.stats.accepted += 1
+    try:
+        await manager.registry.add(session)
+        return await app(scope, receive_wrapper, send_wrapper)
+    except BaseException as exc:
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            session._end(EndReason.CANCELLED, None, None)
+        else:
+            session._end(EndReason.APP_RAISED, 1011, None)
+        raise  # the same object, never wrapped
+    finally:
+        if session.end_reason is None:
+            session._end(EndReason.APP_RETURNED, None, None)
+        session.state = SessionState.CLOSED
+        await _teardown(manager, session)
+
+
+def _observe(session: Session, message: Message) -> None:
+    """Track state from the app's non-data messages (the message itself is untouched)."""
+    kind = message["type"]
+    if kind == "websocket.accept":
+        session.subprotocol = message.get("subprotocol")
+    elif kind == "websocket.close":
+        session._end(EndReason.APP_CLOSED, int(message.get("code", 1000)), message.get("reason"))
+    elif kind == "websocket.http.response.start":
+        session._end(EndReason.APP_CLOSED, None, f"HTTP {message.get('status')}")
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    pending: Message | None = first
+
+    async def receive_again() -> Message:
+        nonlocal pending
+        if pending is not None:
+            message, pending = pending, None
+            return message
+        return await receive()
+
+    return receive_again
+
+
+# -- connect hooks ------------------------------------------------------------------------
+
+
+async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refuse | None:
+    """Run every connect hook in order; return the refusal, if any."""
+    timeout = manager.settings.connect_timeout
+    try:
+        with anyio.fail_after(timeout) if timeout is not None else nullcontext():
+            for hook in manager.connect_hooks:
+                result = hook(session)
+                if inspect.isawaitable(result):
+                    await result
+        if manager.data_model is not None and not isinstance(session.data, manager.data_model):
+            raise TypeError(
+                f"session.data must stay a {manager.data_model.__name__}, "
+                f"a connect hook set {type(session.data).__name__}"
+            )
+    except Refuse as refusal:
+        return refusal
+    except TimeoutError:
+        manager.stats.hook_errors += 1
+        log_warning(session.id, "connect hooks exceeded %ss: refusing %s", timeout, session.id)
+        return Refuse(manager.settings.error_status, code=1011, label="hook_timeout")
+    except Exception:
+        manager.stats.hook_errors += 1
+        log_error(session.id, "connect hook failed for %s: refusing", session.id, exc=True)
+        return Refuse(manager.settings.error_status, code=1011, label="hook_error")
+    return None
+
+
+async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
+    """Answer the handshake with the refusal; the app is never called."""
+    try:
+        if refusal.status is not None and _DENIAL in scope.get("extensions", {}):
+            body = (
+                refusal.body
+                if refusal.body is not None
+                else (refusal.reason or HTTPStatus(refusal.status).phrase)
+            )
+            headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            headers += [
+                (k.lower().encode("latin-1"), v.encode("latin-1"))
+                for k, v in refusal.headers.items()
+            ]
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": refusal.status,
+                    "headers": headers,
+                }
+            )
+            await send(
+                {
+                    "type": "websocket.http.response.body",
+                    "body": body.encode() if isinstance(body, str) else body,
+                }
+            )
+        elif refusal.status is not None:
+            # No denial extension: a close before accept; servers answer HTTP 403.
+            await send(
+                {"type": "websocket.close", "code": refusal.code or 1008, "reason": refusal.reason}
+            )
+        else:
+            # A close code is only visible to the client after the handshake completes.
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": refusal.code, "reason": refusal.reason})
+    except OSError:
+        pass  # the client already left; nothing else to tell it
+
+
+# -- teardown -------------------------------------------------------------------------------
+
+
+async def _teardown(manager: SessionManager, session: Session) -> None:
+    """Disconnect hooks (reverse order) then unregister; runs exactly once per session."""
+    stats = manager.stats
+    stats.ended += 1
+    stats.ended_by[str(session.end_reason)] += 1
+    hooks = manager.disconnect_hooks
+    if type(manager.registry) is MemoryRegistry and not any(
+        inspect.iscoroutinefunction(h) for h in hooks
+    ):
+        # Nothing here can suspend, so cancellation cannot interrupt it: skip the shield task.
+        await _finish(manager, session)
+    else:
+        await run_shielded(_finish(manager, session))
+
+
+async def _finish(manager: SessionManager, session: Session) -> None:
+    timeout = manager.settings.disconnect_timeout
+    for hook in reversed(manager.disconnect_hooks):
+        try:
+            result = hook(session)
+            if inspect.isawaitable(result):
+                with anyio.move_on_after(timeout) as scope:
+                    await result
+                if scope.cancelled_caught:
+                    manager.stats.hook_errors += 1
+                    log_warning(
+                        session.id,
+                        "disconnect hook %r abandoned after %ss for %s",
+                        hook,
+                        timeout,
+                        session.id,
+                    )
+        except Exception:
+            manager.stats.hook_errors += 1
+            log_error(session.id, "disconnect hook %r failed for %s", hook, session.id, exc=True)
+    try:
+        await manager.registry.remove(session)
+    except Exception:
+        log_error(session.id, "registry could not remove %s", session.id, exc=True)

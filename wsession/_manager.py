@@ -1,0 +1,148 @@
+"""SessionManager: hooks, registry, settings and counters shared by every connection."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from ._config import Settings, validate_model
+from ._exceptions import ConfigurationError
+from ._ids import new_connection_id
+from ._session import Session
+from ._stats import Stats
+from .backends import MemoryRegistry, SessionRegistry
+from .backends._base import SessionFilter
+
+Hook = Callable[[Session], Awaitable[None] | None]
+"""A connect or disconnect hook: ``def hook(session)`` or ``async def hook(session)``."""
+
+H = TypeVar("H", bound=Hook)
+
+
+class SessionManager:
+    """Everything the middleware needs to manage sessions: hooks, registry and settings.
+
+    Create one per app, register hooks on it, and give it to
+    :class:`~wsession.WSessionMiddleware`. App code uses it to look sessions up.
+
+    Args:
+        data_model: a pydantic model for ``session.data``; every field needs a default (connect
+            hooks fill them in). Without it, ``session.data`` is a ``dict``.
+        registry: where live sessions are kept; a new :class:`~wsession.MemoryRegistry` by
+            default.
+        on_connect: connect hooks, run in order before the app sees the connection. A hook may
+            raise :class:`~wsession.Refuse` to refuse it.
+        on_disconnect: disconnect hooks, run in reverse order exactly once per session whose
+            connect hooks completed, however it ended.
+        id_factory: makes connection ids (default: 128 random bits, URL-safe). Ids must be
+            unguessable and unique; a duplicate of a live id is an error.
+        **settings: fields of :class:`~wsession.Settings` (``connect_timeout``, ...).
+
+    Raises:
+        ConfigurationError: a bad argument; the message names it.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_model: type[BaseModel] | None = None,
+        registry: SessionRegistry | None = None,
+        on_connect: Sequence[Hook] = (),
+        on_disconnect: Sequence[Hook] = (),
+        id_factory: Callable[[], str] | None = None,
+        **settings: Any,
+    ) -> None:
+        self.settings: Settings = validate_model(Settings, "SessionManager", settings)
+        self.data_model = _check_data_model(data_model)
+        if registry is not None and not isinstance(registry, SessionRegistry):
+            raise ConfigurationError(
+                f"registry: expected a SessionRegistry (MemoryRegistry, RedisRegistry, ...), "
+                f"got {type(registry).__name__}"
+            )
+        self.registry: SessionRegistry = registry if registry is not None else MemoryRegistry()
+        if id_factory is not None and not callable(id_factory):
+            raise ConfigurationError(f"id_factory: must be callable, got {id_factory!r}")
+        self.id_factory: Callable[[], str] = id_factory or new_connection_id
+        self.stats = Stats()
+        self.connect_hooks: list[Hook] = []
+        self.disconnect_hooks: list[Hook] = []
+        for i, hook in enumerate(on_connect):
+            self.connect_hooks.append(_check_hook(hook, f"on_connect[{i}]"))
+        for i, hook in enumerate(on_disconnect):
+            self.disconnect_hooks.append(_check_hook(hook, f"on_disconnect[{i}]"))
+
+    # -- hook registration ------------------------------------------------------------------
+
+    def on_connect(self, hook: H) -> H:
+        """Decorator: add a connect hook (after those already registered)."""
+        self.connect_hooks.append(_check_hook(hook, "on_connect"))
+        return hook
+
+    def on_disconnect(self, hook: H) -> H:
+        """Decorator: add a disconnect hook (it runs before those already registered)."""
+        self.disconnect_hooks.append(_check_hook(hook, "on_disconnect"))
+        return hook
+
+    # -- lifespan -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Open the registry (call from the app's lifespan)."""
+        await self.registry.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the registry."""
+        await self.registry.__aexit__(exc_type, exc, tb)
+
+    # -- queries --------------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> Session | None:
+        """The live session with this id, or ``None``."""
+        return await self.registry.get(session_id)
+
+    async def count(self) -> int:
+        """How many sessions are live."""
+        return await self.registry.count()
+
+    async def sessions(self, where: SessionFilter | None = None) -> list[Session]:
+        """Live sessions, optionally filtered by ``where(session) -> bool``."""
+        return await self.registry.sessions(where)
+
+    # -- used by the middleware -----------------------------------------------------------
+
+    def new_data(self) -> Any:
+        """Fresh ``session.data``: a default instance of ``data_model``, else an empty dict."""
+        return self.data_model() if self.data_model is not None else {}
+
+
+def _check_hook(hook: Any, name: str) -> Hook:
+    if not callable(hook):
+        raise ConfigurationError(f"{name}: a hook must be callable, got {hook!r}")
+    return hook  # type: ignore[no-any-return]
+
+
+def _check_data_model(model: Any) -> type[BaseModel] | None:
+    if model is None:
+        return None
+    if not (inspect.isclass(model) and issubclass(model, BaseModel)):
+        raise ConfigurationError(
+            f"data_model: expected a pydantic BaseModel subclass, got {model!r}"
+        )
+    try:
+        model()
+    except ValidationError as exc:
+        missing = ", ".join(str(e["loc"][0]) for e in exc.errors() if e["loc"])
+        raise ConfigurationError(
+            f"data_model: {model.__name__} must be constructible without arguments (give "
+            f"defaults to: {missing}); connect hooks fill the fields in"
+        ) from None
+    return model

@@ -1,0 +1,36 @@
+"""Run cleanup to completion even when the calling task is being cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import anyio
+
+
+async def run_shielded(coro: Coroutine[Any, Any, None]) -> None:
+    """Await ``coro`` to the end, shielded from cancellation of the caller.
+
+    If the caller is cancelled meanwhile, the cancellation is re-raised once ``coro`` finished,
+    so the caller still ends as cancelled. On asyncio a separate task is used, because an anyio
+    shield does not stop a native ``Task.cancel()`` (what uvicorn uses on shutdown timeouts).
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio): its shielded scopes do the job
+        with anyio.CancelScope(shield=True):
+            await coro
+        return
+    task = loop.create_task(coro)
+    cancelled: BaseException | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.done():
+                break
+            cancelled = exc  # keep waiting: cleanup must finish
+    if cancelled is not None:
+        raise cancelled
+    task.result()
