@@ -1,12 +1,29 @@
 """The example app: hooks that name each connection, an echo socket, and a JSON view.
 
-Contract (outside checks rely on it):
+Contract (outside checks rely on it; extend it, never rename it):
 
 - ``WS /ws?name=NAME``: NAME must be 1-32 printable characters, else HTTP 403 before accept.
-  The first message after accept is ``{"type": "welcome", "id": ID, "name": NAME}``;
-  ``{"type": "echo", "text": T}`` is answered with ``{"type": "echo", "text": T}``.
+  The first message after accept is ``{"type": "welcome", "id": ID, "name": NAME, "online":
+  [{"id", "name"}, ...]}`` (the others online). Then, client message -> what arrives:
+
+  - ``{"type": "echo", "text": T}`` -> ``{"type": "echo", "text": T}`` to the sender;
+  - ``{"type": "dm", "to": ID, "text": T}`` -> ``{"type": "dm", "from": SENDER_ID, "name":
+    SENDER_NAME, "text": T}`` to ID (the sender gets ``{"type": "error", ...}`` if ID is gone);
+  - ``{"type": "broadcast", "text": T}`` -> ``{"type": "broadcast", "from": SENDER_ID, "name":
+    SENDER_NAME, "text": T}`` to every open connection, the sender included;
+  - ``{"type": "join", "group": G}`` -> ``{"type": "joined", "group": G}``; ``leave`` -> ``left``;
+  - ``{"type": "group", "group": G, "text": T}`` -> ``{"type": "group", "group": G, "from":
+    SENDER_ID, "name": SENDER_NAME, "text": T}`` to every member of G.
+
+  Every connection is told when another one comes or goes: ``{"type": "presence", "event":
+  "online" | "offline", "id": ID, "name": NAME}``. Connections with the same NAME share a user
+  key, so ``send_user`` reaches all of one person's tabs.
+- ``GET /``: the single-page demo (static/index.html).
 - ``GET /api/sessions``: ``{"sessions": [{"id", "name", "connected_at"}, ...]}``.
 - ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``.
+- ``POST /api/send/{id}`` with ``{"text": T}``: delivers ``{"type": "dm", "from": "server",
+  "text": T}``; 200, or 404 for an unknown or closed id (400 for a bad body).
+- ``POST /api/kick/{id}``: closes that connection (code 4000, reason "kicked"); 200, or 404.
 """
 
 from __future__ import annotations
@@ -14,17 +31,26 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from wsession import Refuse, Session, SessionManager, WSessionMiddleware, get_session
+from wsession import (
+    Refuse,
+    SendResult,
+    Session,
+    SessionManager,
+    WSessionMiddleware,
+    get_session,
+)
 
 
 class Member(BaseModel):
@@ -33,11 +59,16 @@ class Member(BaseModel):
     name: str = ""
 
 
+STATIC = Path(__file__).parent / "static"
+KICK_CODE = 4000
+
+
 def _check_name(session: Session) -> None:
     name = session.query_params.get("name", "")
     if not (1 <= len(name) <= 32 and name.isprintable()):
         raise Refuse(403, reason="name must be 1-32 printable characters", label="bad_name")
     session.data.name = name
+    session.user_key = name
 
 
 def create_app(manager: SessionManager | None = None) -> Starlette:
@@ -45,14 +76,27 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
     sessions = manager or SessionManager(data_model=Member)
     sessions.on_connect(_check_name)
 
+    @sessions.on_disconnect
+    async def announce_offline(session: Session) -> None:
+        await sessions.broadcast(_presence("offline", session), exclude=session.id)
+
     async def ws_endpoint(websocket: WebSocket) -> None:
         session = get_session(websocket)
         await websocket.accept()
-        await websocket.send_json({"type": "welcome", "id": session.id, "name": session.data.name})
+        others = await sessions.sessions(lambda s: s.id != session.id)
+        await session.send_json(
+            {
+                "type": "welcome",
+                "id": session.id,
+                "name": session.data.name,
+                "online": [{"id": s.id, "name": s.data.name} for s in others],
+            }
+        )
+        await sessions.broadcast(_presence("online", session), exclude=session.id)
         try:
             while True:
                 message = await websocket.receive_text()
-                await _handle(session, message)
+                await _handle(sessions, session, message)
         except WebSocketDisconnect:
             pass
 
@@ -71,6 +115,27 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
             }
         )
 
+    async def send_to(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+            return JSONResponse({"error": 'body must be {"text": "..."}'}, status_code=400)
+        message = {"type": "dm", "from": "server", "text": body["text"]}
+        result = await sessions.send(request.path_params["id"], message)
+        if result is SendResult.GONE:
+            return JSONResponse({"error": "unknown or closed id"}, status_code=404)
+        return JSONResponse({"result": result.value})
+
+    async def kick(request: Request) -> JSONResponse:
+        if not await sessions.close(request.path_params["id"], KICK_CODE, "kicked"):
+            return JSONResponse({"error": "unknown or closed id"}, status_code=404)
+        return JSONResponse({"result": "closed"})
+
+    async def index(request: Request) -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with sessions:
@@ -78,9 +143,13 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
+            Route("/", index),
             WebSocketRoute("/ws", ws_endpoint),
             Route("/api/sessions", list_sessions),
             Route("/api/stats", stats),
+            Route("/api/send/{id}", send_to, methods=["POST"]),
+            Route("/api/kick/{id}", kick, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=[Middleware(WSessionMiddleware, manager=sessions)],
         lifespan=lifespan,
@@ -89,20 +158,39 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
     return app
 
 
-async def _handle(session: Session, raw: str) -> None:
+def _presence(event: str, session: Session) -> dict[str, Any]:
+    return {"type": "presence", "event": event, "id": session.id, "name": session.data.name}
+
+
+async def _handle(sessions: SessionManager, session: Session, raw: str) -> None:
     try:
         message: Any = json.loads(raw)
     except ValueError:
-        await session.send_json({"type": "error", "error": "messages must be JSON objects"})
-        return
+        message = None
     if not isinstance(message, dict):
         await session.send_json({"type": "error", "error": "messages must be JSON objects"})
         return
-    kind = message.get("type")
+    kind, text, group = message.get("type"), message.get("text"), message.get("group")
+    sender = {"from": session.id, "name": session.data.name}
     if kind == "echo":
-        await session.send_json({"type": "echo", "text": message.get("text")})
+        await session.send_json({"type": "echo", "text": text})
+    elif kind == "dm":
+        to = message.get("to")
+        result = await sessions.send(str(to), {"type": "dm", **sender, "text": text})
+        if result is SendResult.GONE:
+            await session.send_json({"type": "error", "error": "unknown or closed id", "to": to})
+    elif kind == "broadcast":
+        await sessions.broadcast({"type": "broadcast", **sender, "text": text})
+    elif kind in ("join", "leave") and isinstance(group, str) and group:
+        if kind == "join":
+            await sessions.join(session.id, group)
+        else:
+            await sessions.leave(session.id, group)
+        await session.send_json({"type": "joined" if kind == "join" else "left", "group": group})
+    elif kind == "group" and isinstance(group, str) and group:
+        await sessions.send_group(group, {"type": "group", "group": group, **sender, "text": text})
     else:
-        await session.send_json({"type": "error", "error": f"unknown type {kind!r}"})
+        await session.send_json({"type": "error", "error": f"bad message of type {kind!r}"})
 
 
 def _describe(session: Session) -> dict[str, Any]:

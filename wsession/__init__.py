@@ -7,6 +7,7 @@ exactly once however it ends; a registry lists and reaches live sessions.
 
 from ._config import Settings
 from ._context import SCOPE_KEY, connection_id, current_session, get_current_session, get_session
+from ._delivery import SendResult, SlowConsumerPolicy
 from ._exceptions import (
     ConfigurationError,
     Refuse,
@@ -28,6 +29,7 @@ __all__ = [
     "Hook",
     "MemoryRegistry",
     "Refuse",
+    "SendResult",
     "Session",
     "SessionClosed",
     "SessionManager",
@@ -35,6 +37,7 @@ __all__ = [
     "SessionRegistry",
     "SessionState",
     "Settings",
+    "SlowConsumerPolicy",
     "Stats",
     "WSessionError",
     "WSessionMiddleware",

@@ -6,6 +6,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ._delivery import SlowConsumerPolicy
 from ._exceptions import ConfigurationError
 
 M = TypeVar("M", bound=BaseModel)
@@ -31,6 +32,33 @@ class Settings(BaseModel):
         gt=0,
         description="Seconds one async disconnect hook may take before it is abandoned and "
         "logged; the other hooks still run.",
+    )
+    max_backlog: int = Field(
+        default=256,
+        ge=1,
+        description="Out-of-band messages (send by id, group, user, broadcast) one session may "
+        "have waiting while its client does not read; past it, slow_consumer applies.",
+    )
+    slow_consumer: SlowConsumerPolicy = Field(
+        default=SlowConsumerPolicy.CLOSE,
+        description="What happens when a backlog is full: close, drop or wait.",
+    )
+    slow_consumer_code: int = Field(
+        default=1013,
+        ge=1000,
+        le=4999,
+        description="Close code used for a slow consumer (1013 try again later, or 1008).",
+    )
+    send_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a sender waits for backlog room under the 'wait' policy.",
+    )
+    close_timeout: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds an app gets to end after wsession closed its session (kick); then "
+        "its task is cancelled and the disconnect hooks run.",
     )
     error_status: int = Field(
         default=500,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from contextlib import nullcontext
 from http import HTTPStatus
@@ -79,12 +80,17 @@ async def _run_app(
             session.state = SessionState.OPEN
 
     session._send = send_wrapper
+    session._task = _current_task()
     manager.stats.accepted += 1
     try:
         await manager.registry.add(session)
         return await app(scope, receive_wrapper, send_wrapper)
     except BaseException as exc:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
+            if session._forced and _uncancel_own(session):
+                # We cancelled the app to end a closed session (kick, slow consumer): the
+                # close frame is sent, so end normally rather than as an error.
+                return None
             session._end(EndReason.CANCELLED, None, None)
         else:
             session._end(EndReason.APP_RAISED, 1011, None)
@@ -93,7 +99,22 @@ async def _run_app(
         if session.end_reason is None:
             session._end(EndReason.APP_RETURNED, None, None)
         session.state = SessionState.CLOSED
+        if session._force_end is not None:
+            session._force_end.cancel()
         await _teardown(manager, session)
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # not running on asyncio (trio): forced ends are not available
+        return None
+
+
+def _uncancel_own(session: Session) -> bool:
+    """Absorb the cancellation wsession itself requested; False if someone else cancelled too."""
+    task = session._task
+    return task is not None and task.uncancel() == 0
 
 
 def _observe(session: Session, message: Message) -> None:

@@ -10,7 +10,8 @@ from typing import Any, Self, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ._config import Settings, validate_model
-from ._exceptions import ConfigurationError
+from ._delivery import SendResult, to_message
+from ._exceptions import ConfigurationError, Refuse
 from ._ids import new_connection_id
 from ._session import Session
 from ._stats import Stats
@@ -64,6 +65,7 @@ class SessionManager:
                 f"got {type(registry).__name__}"
             )
         self.registry: SessionRegistry = registry if registry is not None else MemoryRegistry()
+        self.registry.bind(self)
         if id_factory is not None and not callable(id_factory):
             raise ConfigurationError(f"id_factory: must be callable, got {id_factory!r}")
         self.id_factory: Callable[[], str] = id_factory or new_connection_id
@@ -117,6 +119,57 @@ class SessionManager:
         """Live sessions, optionally filtered by ``where(session) -> bool``."""
         return await self.registry.sessions(where)
 
+    # -- reaching sessions (from any code: HTTP endpoints, tasks, other connections) --------
+
+    async def send(self, session_id: str, data: Any) -> SendResult:
+        """Send ``data`` to one session: ``str`` as text, ``bytes`` as binary, anything else
+        (dicts, lists, pydantic models) as JSON text.
+
+        Returns a :class:`~wsession.SendResult` (``delivered``, ``queued``, ``dropped``,
+        ``gone``); never raises because the connection closed.
+        """
+        return await self.registry.send(session_id, to_message(data))
+
+    async def send_group(self, group: str, data: Any, *, exclude: str | None = None) -> int:
+        """Send ``data`` to every member of ``group`` except ``exclude``; returns how many."""
+        return await self.registry.send_group(group, to_message(data), exclude)
+
+    async def send_user(self, user_key: str, data: Any) -> int:
+        """Send ``data`` to every session whose ``user_key`` matches; returns how many."""
+        return await self.registry.send_user(user_key, to_message(data))
+
+    async def broadcast(self, data: Any, *, exclude: str | None = None) -> int:
+        """Send ``data`` to every open session except ``exclude``; returns how many."""
+        return await self.registry.broadcast(to_message(data), exclude)
+
+    async def join(self, session_id: str, group: str) -> bool:
+        """Add a session to ``group``; it leaves automatically when it ends."""
+        return await self.registry.join(session_id, _check_name(group, "group"))
+
+    async def leave(self, session_id: str, group: str) -> bool:
+        """Remove a session from ``group``; False if it was not a member."""
+        return await self.registry.leave(session_id, group)
+
+    async def members(self, group: str) -> list[str]:
+        """Ids of the live members of ``group``."""
+        return await self.registry.members(group)
+
+    async def user_sessions(self, user_key: str) -> list[str]:
+        """Ids of the live sessions of one user."""
+        return await self.registry.user_sessions(user_key)
+
+    async def close(self, session_id: str, code: int = 1000, reason: str = "") -> bool:
+        """Close (kick) one session with ``code`` and ``reason``.
+
+        Its disconnect hooks run exactly once, with ``end_reason`` ``server closed``. An app that
+        does not end within ``close_timeout`` seconds is cancelled. False if unknown or ending.
+        """
+        return await self.registry.close(session_id, _check_code(code), reason)
+
+    async def close_user(self, user_key: str, code: int = 1000, reason: str = "") -> int:
+        """Close every session of one user; returns how many were closed."""
+        return await self.registry.close_user(user_key, _check_code(code), reason)
+
     # -- used by the middleware -----------------------------------------------------------
 
     def new_data(self) -> Any:
@@ -146,3 +199,14 @@ def _check_data_model(model: Any) -> type[BaseModel] | None:
             f"defaults to: {missing}); connect hooks fill the fields in"
         ) from None
     return model
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
+    return name
+
+
+def _check_code(code: int) -> int:
+    Refuse(code=code)  # the same validation as refusals: a sendable close code
+    return code

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import deque
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -11,7 +14,10 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
 
 from ._exceptions import SessionClosed
-from ._types import Message, Scope, Send
+from ._types import Message, Scope
+
+# The middleware's send wrapper: an ``async def``, so delivery can step its coroutine.
+SessionSend = Callable[[Message], Coroutine[Any, Any, None]]
 
 
 class SessionState(StrEnum):
@@ -86,8 +92,14 @@ class Session:
 
     __slots__ = (
         "__weakref__",
+        "_backlog",
+        "_drainer",
+        "_force_end",
+        "_forced",
+        "_room",
         "_scope",
         "_send",
+        "_task",
         "client",
         "close_code",
         "close_reason",
@@ -103,7 +115,7 @@ class Session:
         "user_key",
     )
 
-    def __init__(self, session_id: str, scope: Scope, send: Send | None, data: Any) -> None:
+    def __init__(self, session_id: str, scope: Scope, send: SessionSend | None, data: Any) -> None:
         self.id = session_id
         self.connected_at = _now()
         client = scope.get("client")
@@ -120,6 +132,13 @@ class Session:
         self.data: Any = data
         self._scope = scope
         self._send = send
+        # Out-of-band delivery state (see _delivery.py); None until first needed.
+        self._backlog: deque[Message] | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self._room: asyncio.Event | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._force_end: asyncio.TimerHandle | None = None
+        self._forced = False
 
     # -- read-only views of the handshake ------------------------------------------------
 

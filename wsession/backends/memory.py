@@ -1,23 +1,45 @@
-"""The default registry: a dict in this process. No set-up, one worker."""
+"""The default registry: dicts in this process. No set-up, one worker."""
 
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
-from .._session import Session
+from .._delivery import SendResult, close_session, deliver, try_deliver
+from .._session import Session, SessionState
+from .._types import Message
 from ._base import SessionFilter
+
+if TYPE_CHECKING:
+    from .._manager import SessionManager
+
+_REACHED = (SendResult.DELIVERED, SendResult.QUEUED)
 
 
 class MemoryRegistry:
-    """Keeps live sessions of this process in a dict.
+    """Keeps live sessions, groups and user keys of this process in dicts.
 
     Enough for one worker; with ``uvicorn --workers N`` each worker sees only its own
-    connections (use the Redis registry there).
+    connections (use :class:`~wsession.backends.redis.RedisRegistry` there).
     """
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
+        self._groups: dict[str, dict[str, Session]] = {}
+        self._users: dict[str, dict[str, Session]] = {}
+        self._manager: SessionManager | None = None
+
+    def bind(self, manager: SessionManager) -> None:
+        """Attach the owning manager (its settings drive delivery)."""
+        if self._manager is not None and self._manager is not manager:
+            raise ValueError("this registry already belongs to another SessionManager")
+        self._manager = manager
+
+    @property
+    def manager(self) -> SessionManager:
+        if self._manager is None:
+            raise RuntimeError("registry not bound: give it to a SessionManager first")
+        return self._manager
 
     async def __aenter__(self) -> Self:
         return self
@@ -30,16 +52,26 @@ class MemoryRegistry:
     ) -> None:
         return None
 
+    # -- membership -----------------------------------------------------------------------
+
     async def add(self, session: Session) -> None:
         """Register ``session``. Raises ``ValueError`` if its id is already live."""
         if session.id in self._sessions:
             raise ValueError(f"connection id {session.id!r} is already in use")
         self._sessions[session.id] = session
+        if session.user_key is not None:
+            self._users.setdefault(session.user_key, {})[session.id] = session
 
     async def remove(self, session: Session) -> None:
-        """Forget ``session`` (no error if it is not registered)."""
-        if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
+        """Forget ``session``, its groups and its user key (no error if not registered)."""
+        if self._sessions.get(session.id) is not session:
+            return
+        del self._sessions[session.id]
+        for group in session.groups:
+            _discard(self._groups, group, session.id)
+        session.groups.clear()
+        if session.user_key is not None:
+            _discard(self._users, session.user_key, session.id)
 
     async def get(self, session_id: str) -> Session | None:
         """The live session with this id, or ``None``."""
@@ -54,3 +86,85 @@ class MemoryRegistry:
         if where is None:
             return list(self._sessions.values())
         return [s for s in self._sessions.values() if where(s)]
+
+    async def join(self, session_id: str, group: str) -> bool:
+        """Add a live session to ``group``."""
+        session = self._sessions.get(session_id)
+        if session is None or session.state is SessionState.CLOSED:
+            return False
+        session.groups.add(group)
+        self._groups.setdefault(group, {})[session_id] = session
+        return True
+
+    async def leave(self, session_id: str, group: str) -> bool:
+        """Remove a session from ``group``."""
+        session = self._sessions.get(session_id)
+        if session is None or group not in session.groups:
+            return False
+        session.groups.discard(group)
+        _discard(self._groups, group, session_id)
+        return True
+
+    async def members(self, group: str) -> list[str]:
+        """Ids of the members of ``group``."""
+        return list(self._groups.get(group, ()))
+
+    async def user_sessions(self, user_key: str) -> list[str]:
+        """Ids of the sessions of one user."""
+        return list(self._users.get(user_key, ()))
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def send(self, session_id: str, message: Message) -> SendResult:
+        """Send to one session; ``GONE`` for an unknown or closed id."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return SendResult.GONE
+        return await deliver(self.manager, session, message)
+
+    async def send_group(self, group: str, message: Message, exclude: str | None = None) -> int:
+        """Send to the members of ``group``."""
+        return await self._send_all(list(self._groups.get(group, {}).values()), message, exclude)
+
+    async def send_user(self, user_key: str, message: Message) -> int:
+        """Send to every session of ``user_key``."""
+        return await self._send_all(list(self._users.get(user_key, {}).values()), message, None)
+
+    async def broadcast(self, message: Message, exclude: str | None = None) -> int:
+        """Send to every open session."""
+        return await self._send_all(list(self._sessions.values()), message, exclude)
+
+    async def _send_all(self, targets: list[Session], message: Message, exclude: str | None) -> int:
+        # Straight to each connection's send, one step each, no task per message: a slow
+        # client cannot hold the loop up (see _delivery.py).
+        manager = self.manager
+        reached = 0
+        for session in targets:
+            if session.id == exclude:
+                continue
+            result = try_deliver(manager, session, message)
+            if result is None:
+                result = await deliver(manager, session, message)
+            if result in _REACHED:
+                reached += 1
+        return reached
+
+    async def close(self, session_id: str, code: int = 1000, reason: str = "") -> bool:
+        """Close one session from outside."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        return close_session(self.manager, session, code, reason)
+
+    async def close_user(self, user_key: str, code: int = 1000, reason: str = "") -> int:
+        """Close every session of one user."""
+        targets = list(self._users.get(user_key, {}).values())
+        return sum(close_session(self.manager, s, code, reason) for s in targets)
+
+
+def _discard(index: dict[str, dict[str, Session]], key: str, session_id: str) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.pop(session_id, None)
+        if not members:
+            del index[key]
