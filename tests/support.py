@@ -37,6 +37,8 @@ async def run_server(app: Any, **config: Any) -> AsyncIterator[Server]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # A safety net: apps that never read are cancelled 5 s into shutdown rather than hanging.
+    config.setdefault("timeout_graceful_shutdown", 5)
     cfg = uvicorn.Config(app, log_level="warning", lifespan="auto", **config)
     server = uvicorn.Server(cfg)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -88,3 +90,24 @@ class HookRecorder:
 
     def reasons(self) -> list[EndReason | None]:
         return [entry[1] for entry in self.ended]
+
+
+def reset_connection(ws: Any) -> None:
+    """Drop a websockets client connection with a TCP reset: no close frame, no FIN."""
+    import struct
+
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+
+
+async def read_until_closed(ws: Any, timeout: float = 10.0) -> Any:
+    """Read and discard messages until the server closes; return the close frame it sent."""
+    from websockets.exceptions import ConnectionClosed
+
+    async with asyncio.timeout(timeout):
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed as exc:
+            return exc.rcvd
