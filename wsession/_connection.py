@@ -216,9 +216,7 @@ async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
 
 async def _teardown(manager: SessionManager, session: Session) -> None:
     """Disconnect hooks (reverse order) then unregister; runs exactly once per session."""
-    stats = manager.stats
-    stats.ended += 1
-    stats.ended_by[str(session.end_reason)] += 1
+    count_ending(manager, session)
     hooks = manager.disconnect_hooks
     if type(manager.registry) is MemoryRegistry and not any(
         inspect.iscoroutinefunction(h) for h in hooks
@@ -229,7 +227,27 @@ async def _teardown(manager: SessionManager, session: Session) -> None:
         await run_shielded(_finish(manager, session))
 
 
+def count_ending(manager: SessionManager, session: Session) -> None:
+    """Count one ended session (``stats.ended`` and ``stats.ended_by``)."""
+    manager.stats.ended += 1
+    manager.stats.ended_by[str(session.end_reason)] += 1
+
+
 async def _finish(manager: SessionManager, session: Session) -> None:
+    await run_disconnect_hooks(manager, session)
+    try:
+        await manager.registry.remove(session)
+    except Exception:
+        log_error(session.id, "registry could not remove %s", session.id, exc=True)
+
+
+async def run_disconnect_hooks(manager: SessionManager, session: Session) -> None:
+    """Run the disconnect hooks in reverse order; each async one is bounded by
+    ``disconnect_timeout``; a failing or late hook is logged and counted, the others still run.
+
+    Used for local endings and by cluster registries for sessions of a lost worker (wrap it in
+    :func:`~wsession._shield.run_shielded` when it must survive cancellation).
+    """
     timeout = manager.settings.disconnect_timeout
     for hook in reversed(manager.disconnect_hooks):
         try:
@@ -249,7 +267,3 @@ async def _finish(manager: SessionManager, session: Session) -> None:
         except Exception:
             manager.stats.hook_errors += 1
             log_error(session.id, "disconnect hook %r failed for %s", hook, session.id, exc=True)
-    try:
-        await manager.registry.remove(session)
-    except Exception:
-        log_error(session.id, "registry could not remove %s", session.id, exc=True)
