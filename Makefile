@@ -27,3 +27,13 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+.PHONY: bench bench-smoke
+
+# Benchmarks against bare Starlette (not part of `make test`; see BENCHMARKS.md).
+bench: install
+	$(BIN)/python -m bench
+
+# Seconds-long check that the benchmark harness works (numbers are not judged).
+bench-smoke: install
+	$(BIN)/python -m bench --smoke
