@@ -6,6 +6,7 @@ import asyncio
 import inspect
 from contextlib import nullcontext
 from http import HTTPStatus
+from time import perf_counter
 from typing import Any
 
 import anyio
@@ -148,11 +149,16 @@ async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refus
     """Run every connect hook in order; return the refusal, if any."""
     timeout = manager.settings.connect_timeout
     try:
+        timings = manager.stats.hook_seconds["connect"]
         with anyio.fail_after(timeout) if timeout is not None else nullcontext():
             for hook in manager.connect_hooks:
-                result = hook(session)
-                if inspect.isawaitable(result):
-                    await result
+                started = perf_counter()
+                try:
+                    result = hook(session)
+                    if inspect.isawaitable(result):
+                        await result
+                finally:
+                    timings.observe(perf_counter() - started)
         if manager.data_model is not None and not isinstance(session.data, manager.data_model):
             raise TypeError(
                 f"session.data must stay a {manager.data_model.__name__}, "
@@ -249,7 +255,9 @@ async def run_disconnect_hooks(manager: SessionManager, session: Session) -> Non
     :func:`~wsession._shield.run_shielded` when it must survive cancellation).
     """
     timeout = manager.settings.disconnect_timeout
+    timings = manager.stats.hook_seconds["disconnect"]
     for hook in reversed(manager.disconnect_hooks):
+        started = perf_counter()
         try:
             result = hook(session)
             if inspect.isawaitable(result):
@@ -267,3 +275,4 @@ async def run_disconnect_hooks(manager: SessionManager, session: Session) -> Non
         except Exception:
             manager.stats.hook_errors += 1
             log_error(session.id, "disconnect hook %r failed for %s", hook, session.id, exc=True)
+        timings.observe(perf_counter() - started)

@@ -86,13 +86,15 @@ def try_deliver(manager: SessionManager, session: Session, message: Message) -> 
 
 async def deliver(manager: SessionManager, session: Session, message: Message) -> SendResult:
     """Send ``message`` on ``session`` from any task; see :class:`SendResult`. Never raises for
-    a closed or vanished connection."""
+    a closed or vanished connection. Counted in ``stats.sends``."""
     result = try_deliver(manager, session, message)
     while result is None:
         if not await _wait_for_room(session, manager.settings.send_timeout):
             _close_slow_consumer(manager, session)
-            return SendResult.GONE
+            result = SendResult.GONE
+            break
         result = try_deliver(manager, session, message)
+    manager.stats.sends[result] += 1
     return result
 
 

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+HOOK_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+"""Upper bounds (seconds) of the hook-duration histogram buckets; a last bucket is +Inf."""
+
+
+@dataclass(slots=True)
+class Histogram:
+    """A fixed-bucket histogram (Prometheus style): per-bucket counts, sum and count."""
+
+    buckets: tuple[float, ...] = HOOK_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(HOOK_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        """Record one observation."""
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= bound)`` pairs, ending with ``(inf, count)``."""
+        running, out = 0, []
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
 
 
 @dataclass(slots=True)
@@ -20,6 +48,8 @@ class Stats:
         slow_consumers: sessions closed because their backlog was full.
         refused_by: ``refused`` split by label (``"refused"``, ``"hook_error"``, ...).
         ended_by: ``ended`` split by :class:`~wsession.EndReason` value.
+        sends: out-of-band sends split by :class:`~wsession.SendResult` value.
+        hook_seconds: duration histograms of hooks, keyed ``"connect"`` and ``"disconnect"``.
     """
 
     accepted: int = 0
@@ -30,9 +60,13 @@ class Stats:
     slow_consumers: int = 0
     refused_by: Counter[str] = field(default_factory=Counter)
     ended_by: Counter[str] = field(default_factory=Counter)
+    sends: Counter[str] = field(default_factory=Counter)
+    hook_seconds: dict[str, Histogram] = field(
+        default_factory=lambda: {"connect": Histogram(), "disconnect": Histogram()}
+    )
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready copy of the counters."""
+        """A JSON-ready copy of the counters (histograms as count and sum)."""
         return {
             "accepted": self.accepted,
             "refused": self.refused,
@@ -42,4 +76,8 @@ class Stats:
             "slow_consumers": self.slow_consumers,
             "refused_by": dict(self.refused_by),
             "ended_by": dict(self.ended_by),
+            "sends": dict(self.sends),
+            "hook_seconds": {
+                phase: {"count": h.count, "sum": h.total} for phase, h in self.hook_seconds.items()
+            },
         }

@@ -119,6 +119,7 @@ class MemoryRegistry:
         """Send to one session; ``GONE`` for an unknown or closed id."""
         session = self._sessions.get(session_id)
         if session is None:
+            self.manager.stats.sends[SendResult.GONE] += 1
             return SendResult.GONE
         return await deliver(self.manager, session, message)
 
@@ -138,13 +139,16 @@ class MemoryRegistry:
         # Straight to each connection's send, one step each, no task per message: a slow
         # client cannot hold the loop up (see _delivery.py).
         manager = self.manager
+        sends = manager.stats.sends
         reached = 0
         for session in targets:
             if session.id == exclude:
                 continue
             result = try_deliver(manager, session, message)
             if result is None:
-                result = await deliver(manager, session, message)
+                result = await deliver(manager, session, message)  # counts itself
+            else:
+                sends[result] += 1
             if result in _REACHED:
                 reached += 1
         return reached
