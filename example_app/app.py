@@ -24,12 +24,17 @@ Contract (outside checks rely on it; extend it, never rename it):
 - ``POST /api/send/{id}`` with ``{"text": T}``: delivers ``{"type": "dm", "from": "server",
   "text": T}``; 200, or 404 for an unknown or closed id (400 for a bad body).
 - ``POST /api/kick/{id}``: closes that connection (code 4000, reason "kicked"); 200, or 404.
+
+Browser handshakes from another origin are refused with 403 (``WSESSION_ALLOWED_ORIGINS``,
+default the page's own origin); limits, idle timeout and drain deadline come from
+``WSESSION_*`` environment variables (see ``settings_from_env``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -71,9 +76,37 @@ def _check_name(session: Session) -> None:
     session.user_key = name
 
 
+# Environment variable -> SessionManager setting, for operators of the example.
+_ENV_SETTINGS: dict[str, tuple[str, Any]] = {
+    "WSESSION_MAX_SESSIONS": ("max_sessions", int),
+    "WSESSION_MAX_PER_IP": ("max_sessions_per_ip", int),
+    "WSESSION_MAX_PER_USER": ("max_sessions_per_user", int),
+    "WSESSION_DRAIN_TIMEOUT": ("drain_timeout", float),
+    "WSESSION_IDLE_TIMEOUT": ("idle_timeout", float),
+}
+
+
+def settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Settings for the example's manager from the environment.
+
+    ``WSESSION_ALLOWED_ORIGINS`` (comma-separated; default ``same-origin``: the page's own
+    origin) sets the Origin allow-list; handshakes without an Origin header (non-browser
+    clients) are allowed. The others are in ``_ENV_SETTINGS``.
+    """
+    origins = environ.get("WSESSION_ALLOWED_ORIGINS", "same-origin")
+    settings: dict[str, Any] = {
+        "allowed_origins": [o.strip() for o in origins.split(",") if o.strip()],
+        "allow_missing_origin": True,
+    }
+    for variable, (name, convert) in _ENV_SETTINGS.items():
+        if environ.get(variable):
+            settings[name] = convert(environ[variable])
+    return settings
+
+
 def create_app(manager: SessionManager | None = None) -> Starlette:
     """Build the example app around ``manager`` (a new in-memory one by default)."""
-    sessions = manager or SessionManager(data_model=Member)
+    sessions = manager or SessionManager(data_model=Member, **settings_from_env())
     sessions.on_connect(_check_name)
 
     @sessions.on_disconnect

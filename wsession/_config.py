@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._delivery import SlowConsumerPolicy
 from ._exceptions import ConfigurationError
@@ -60,6 +61,59 @@ class Settings(BaseModel):
         description="Seconds an app gets to end after wsession closed its session (kick); then "
         "its task is cancelled and the disconnect hooks run.",
     )
+    # -- admission (checked before the app sees the connection) ------------------------------
+    max_sessions: int | None = Field(
+        default=None, ge=1, description="Open sessions allowed in this worker; refused with 503."
+    )
+    max_sessions_per_ip: int | None = Field(
+        default=None, ge=1, description="Open sessions per client IP; refused with 429."
+    )
+    max_sessions_per_user: int | None = Field(
+        default=None,
+        ge=1,
+        description="Open sessions per user_key (set by a connect hook); refused with 429.",
+    )
+    trust_forwarded_for: bool = Field(
+        default=False,
+        description="Take the client IP from the right-most X-Forwarded-For entry (only behind "
+        "a proxy you run that sets it; otherwise clients could pick their own IP).",
+    )
+    allowed_origins: tuple[str, ...] | None = Field(
+        default=None,
+        description="Browser Origins allowed to connect ('https://app.example', "
+        "'http://localhost:8000', or 'same-origin' for the request's own Host). None: no check.",
+    )
+    allow_missing_origin: bool = Field(
+        default=True,
+        description="Admit handshakes without an Origin header (non-browser clients).",
+    )
+    # -- liveness ---------------------------------------------------------------------------
+    idle_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Close a session after this many seconds without a message either way.",
+    )
+    idle_close_code: int = Field(default=4408, ge=1000, le=4999)
+    detect_disconnect: bool = Field(
+        default=False,
+        description="Read the connection in a background task so a dropped client is noticed "
+        "even when the app never calls receive() (costs one task per connection and one queue "
+        "hop per received message).",
+    )
+    # -- shutdown -----------------------------------------------------------------------------
+    drain_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Deadline (seconds) for a graceful drain: close sessions, run hooks, and cut "
+        "whatever is left. Keep it below the server's graceful-shutdown timeout.",
+    )
+    drain_batch: int = Field(default=100, ge=1, description="Sessions closed per drain step.")
+    drain_code: int = Field(default=1001, ge=1000, le=4999)
+    drain_on_signal: bool = Field(
+        default=True,
+        description="Drain before the server's own shutdown on SIGTERM/SIGINT (main thread "
+        "only; installed while the manager is entered in the app's lifespan).",
+    )
     error_status: int = Field(
         default=500,
         ge=500,
@@ -67,6 +121,46 @@ class Settings(BaseModel):
         description="HTTP status of the denial response when a connect hook raises "
         "something other than Refuse (close code 1011 where denial is not supported).",
     )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        for origin in value:
+            if origin != "same-origin":
+                parse_origin(origin, strict=True)
+        return value
+
+
+def parse_origin(origin: str, *, strict: bool = False) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of a serialised Origin, lower-cased and with default ports made
+    explicit, or ``None`` when it is not a valid ``scheme://host[:port]`` (``"null"`` included).
+
+    With ``strict`` an invalid value raises ``ValueError`` instead.
+    """
+    parts = urlsplit(origin.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    valid = (
+        scheme in _DEFAULT_PORTS
+        and bool(parts.hostname)
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.username
+        and port != -1
+    )
+    if not valid:
+        if strict:
+            raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+        return None
+    return scheme, str(parts.hostname).lower(), port or _DEFAULT_PORTS[scheme]
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 def validate_model(model: type[M], owner: str, values: dict[str, Any]) -> M:

@@ -6,12 +6,13 @@ import asyncio
 import inspect
 from contextlib import nullcontext
 from http import HTTPStatus
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 
 import anyio
 
 from ._context import SCOPE_KEY, current_session
+from ._delivery import close_session, force_end
 from ._exceptions import Refuse
 from ._log import log_error, log_warning
 from ._manager import SessionManager
@@ -38,7 +39,12 @@ async def serve_connection(
     scope[SCOPE_KEY] = session
     token = current_session.set(session)
     try:
-        refusal = await _run_connect_hooks(manager, session)
+        admission = manager.admission
+        refusal = admission.before_hooks(session, scope, len(manager.local))
+        if refusal is None:
+            refusal = await _run_connect_hooks(manager, session)
+        if refusal is None:
+            refusal = admission.after_hooks(session)
         if refusal is not None:
             manager.stats.refused += 1
             manager.stats.refused_by[refusal.label] += 1
@@ -58,6 +64,14 @@ async def _run_app(
     session: Session,
     first: Message | None,
 ) -> Any:
+    settings = manager.settings
+    track = settings.idle_timeout is not None
+    pump: asyncio.Task[None] | None = None
+    if settings.detect_disconnect:
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        pump = asyncio.get_running_loop().create_task(_pump(manager, session, receive, inbox))
+        receive = inbox.get
+
     async def receive_wrapper() -> Message:
         nonlocal first
         if first is not None:
@@ -66,31 +80,37 @@ async def _run_app(
         message = await receive()
         if message["type"] == "websocket.disconnect":
             session._client_disconnected(message)
+        elif track:
+            session._last_activity = monotonic()
         return message
 
     async def send_wrapper(message: Message) -> None:
         if message["type"] != "websocket.send":
-            _observe(session, message)
+            return await _send_control(session, send, message)
+        if track:
+            session._last_activity = monotonic()
         try:
             await send(message)
         except OSError:
             # uvicorn's ClientDisconnected: the peer is gone. Let the app see it unchanged.
             session._end(EndReason.CONNECTION_LOST, 1006, None)
             raise
-        if message["type"] == "websocket.accept" and session.state is SessionState.CONNECTING:
-            session.state = SessionState.OPEN
 
     session._send = send_wrapper
     session._task = _current_task()
     manager.stats.accepted += 1
+    manager.admission.acquire(session)
+    manager.local[session.id] = session
+    if track:
+        _arm_idle_timer(manager, session)
     try:
         await manager.registry.add(session)
         return await app(scope, receive_wrapper, send_wrapper)
     except BaseException as exc:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             if session._forced and _uncancel_own(session):
-                # We cancelled the app to end a closed session (kick, slow consumer): the
-                # close frame is sent, so end normally rather than as an error.
+                # We cancelled the app to end a closed session (kick, slow consumer, drain):
+                # the close frame is on its way, so end normally rather than as an error.
                 return None
             session._end(EndReason.CANCELLED, None, None)
         else:
@@ -100,9 +120,63 @@ async def _run_app(
         if session.end_reason is None:
             session._end(EndReason.APP_RETURNED, None, None)
         session.state = SessionState.CLOSED
-        if session._force_end is not None:
-            session._force_end.cancel()
+        for timer in (session._force_end, session._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        if pump is not None:
+            pump.cancel()
         await _teardown(manager, session)
+
+
+async def _send_control(session: Session, send: Send, message: Message) -> None:
+    """Send a non-data message (accept, close, denial), tracking the session's state."""
+    kind = message["type"]
+    if kind == "websocket.close":
+        session._end(EndReason.APP_CLOSED, int(message.get("code", 1000)), message.get("reason"))
+    elif kind == "websocket.http.response.start":
+        session._end(EndReason.APP_CLOSED, None, f"HTTP {message.get('status')}")
+    try:
+        await send(message)
+    except OSError:
+        session._end(EndReason.CONNECTION_LOST, 1006, None)
+        raise
+    if kind == "websocket.accept" and session.state is SessionState.CONNECTING:
+        session.subprotocol = message.get("subprotocol")
+        session.state = SessionState.OPEN
+
+
+async def _pump(
+    manager: SessionManager, session: Session, receive: Receive, inbox: asyncio.Queue[Message]
+) -> None:
+    """Read the connection ahead of the app (``detect_disconnect``), so a dropped client is
+    noticed even when the app never reads; an app that does not end is then ended."""
+    while True:
+        message = await receive()
+        inbox.put_nowait(message)
+        if message["type"] == "websocket.disconnect":
+            session._client_disconnected(message)
+            loop = asyncio.get_running_loop()
+            session._force_end = loop.call_later(manager.settings.close_timeout, force_end, session)
+            return
+
+
+def _arm_idle_timer(manager: SessionManager, session: Session) -> None:
+    timeout = manager.settings.idle_timeout
+    assert timeout is not None
+    loop = asyncio.get_running_loop()
+    session._last_activity = monotonic()
+
+    def check() -> None:
+        if session.end_reason is not None:
+            return
+        remaining = session._last_activity + timeout - monotonic()
+        if remaining > 0:
+            session._idle_timer = loop.call_later(remaining, check)
+        else:
+            log_warning(session.id, "idle for %ss: closing %s", timeout, session.id)
+            close_session(manager, session, manager.settings.idle_close_code, "idle timeout")
+
+    session._idle_timer = loop.call_later(timeout, check)
 
 
 def _current_task() -> asyncio.Task[Any] | None:
@@ -116,17 +190,6 @@ def _uncancel_own(session: Session) -> bool:
     """Absorb the cancellation wsession itself requested; False if someone else cancelled too."""
     task = session._task
     return task is not None and task.uncancel() == 0
-
-
-def _observe(session: Session, message: Message) -> None:
-    """Track state from the app's non-data messages (the message itself is untouched)."""
-    kind = message["type"]
-    if kind == "websocket.accept":
-        session.subprotocol = message.get("subprotocol")
-    elif kind == "websocket.close":
-        session._end(EndReason.APP_CLOSED, int(message.get("code", 1000)), message.get("reason"))
-    elif kind == "websocket.http.response.start":
-        session._end(EndReason.APP_CLOSED, None, f"HTTP {message.get('status')}")
 
 
 def _replay(first: Message, receive: Receive) -> Receive:
@@ -245,6 +308,9 @@ async def _finish(manager: SessionManager, session: Session) -> None:
         await manager.registry.remove(session)
     except Exception:
         log_error(session.id, "registry could not remove %s", session.id, exc=True)
+    finally:
+        manager.admission.release(session)
+        manager._forget_local(session)
 
 
 async def run_disconnect_hooks(manager: SessionManager, session: Session) -> None:

@@ -200,7 +200,7 @@ def close_session(
     task = session._task
     if task is not None and not task.done():
         delay = manager.settings.close_timeout if grace is None else grace
-        session._force_end = asyncio.get_running_loop().call_later(delay, _force_end, session)
+        session._force_end = asyncio.get_running_loop().call_later(delay, force_end, session)
     return True
 
 
@@ -219,7 +219,8 @@ async def _finish_quietly(coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
         await _resume(coro, yielded)
 
 
-def _force_end(session: Session) -> None:
+def force_end(session: Session) -> None:
+    """Cancel the app of a session wsession has closed, so its teardown runs now."""
     task = session._task
     if task is not None and not task.done() and session.state is not SessionState.CLOSED:
         session._forced = True

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import signal
+import threading
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
+from functools import partial
+from types import FrameType, TracebackType
 from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from ._admission import Admission
 from ._config import Settings, validate_model
 from ._delivery import SendResult, to_message
 from ._exceptions import ConfigurationError, Refuse
 from ._ids import new_connection_id
-from ._session import Session
+from ._log import log_warning
+from ._session import EndReason, Session
 from ._stats import Stats
 from .backends import MemoryRegistry, SessionRegistry
 from .backends._base import SessionFilter
@@ -70,6 +77,11 @@ class SessionManager:
             raise ConfigurationError(f"id_factory: must be callable, got {id_factory!r}")
         self.id_factory: Callable[[], str] = id_factory or new_connection_id
         self.stats = Stats()
+        self.admission = Admission(self.settings)
+        self.local: dict[str, Session] = {}
+        """This worker's live sessions (whatever the registry), by id."""
+        self._local_changed: asyncio.Event | None = None
+        self._signal_handlers: dict[int, Any] = {}
         self.connect_hooks: list[Hook] = []
         self.disconnect_hooks: list[Hook] = []
         for i, hook in enumerate(on_connect):
@@ -92,8 +104,11 @@ class SessionManager:
     # -- lifespan -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        """Open the registry (call from the app's lifespan)."""
+        """Open the registry and, with ``drain_on_signal``, drain on SIGTERM/SIGINT (enter the
+        manager from the app's lifespan: ``async with manager: yield``)."""
         await self.registry.__aenter__()
+        if self.settings.drain_on_signal:
+            self._install_signal_handlers()
         return self
 
     async def __aexit__(
@@ -102,8 +117,104 @@ class SessionManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Close the registry."""
-        await self.registry.__aexit__(exc_type, exc, tb)
+        """Drain what is still open, restore signal handlers, close the registry."""
+        self._restore_signal_handlers()
+        try:
+            if self.local:
+                await self.drain()
+        finally:
+            await self.registry.__aexit__(exc_type, exc, tb)
+
+    # -- graceful drain ---------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` started: new connections are refused (503 / close 1001)."""
+        return self.admission.draining
+
+    async def drain(self, *, code: int | None = None, reason: str = "server shutting down") -> None:
+        """Stop admitting, close this worker's sessions in batches, and wait for their
+        disconnect hooks, all within ``drain_timeout`` seconds.
+
+        Sessions are closed with ``drain_code`` (1001 by default) and end as
+        ``server shutdown``. An app that has not ended by the deadline is cancelled; its
+        disconnect hooks still run exactly once. Safe to call more than once.
+        """
+        from ._delivery import close_session
+
+        settings = self.settings
+        code = settings.drain_code if code is None else _check_code(code)
+        self.admission.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.drain_timeout
+        pending = list(self.local.values())
+        for start in range(0, len(pending), settings.drain_batch):
+            batch = pending[start : start + settings.drain_batch]
+            for session in batch:
+                close_session(
+                    self,
+                    session,
+                    code,
+                    reason,
+                    grace=max(0.0, deadline - loop.time()),
+                    end_reason=EndReason.SERVER_SHUTDOWN,
+                )
+            await self._wait_local(partial(self._all_gone, [s.id for s in batch]), deadline)
+        # Anything still open was cut at the deadline (its task cancelled): wait for the
+        # shielded teardown to finish running its hooks.
+        await self._wait_local(lambda: not self.local, deadline + settings.disconnect_timeout)
+        if self.local:
+            log_warning(None, "drain left %d session(s) unfinished", len(self.local))
+
+    async def _wait_local(self, done: Callable[[], bool], deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while not done() and loop.time() < deadline:
+            if self._local_changed is None:
+                self._local_changed = asyncio.Event()
+            self._local_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - loop.time()):
+                    await self._local_changed.wait()
+
+    def _all_gone(self, ids: list[str]) -> bool:
+        return not any(i in self.local for i in ids)
+
+    def _forget_local(self, session: Session) -> None:
+        if self.local.pop(session.id, None) is not None and self._local_changed is not None:
+            self._local_changed.set()
+
+    def _install_signal_handlers(self) -> None:
+        # Servers (uvicorn) close every connection themselves on SIGTERM/SIGINT, with 1012:
+        # run our drain first, then hand the signal to the handler that was there before.
+        if threading.current_thread() is not threading.main_thread() or self._signal_handlers:
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            self._signal_handlers[sig] = previous
+
+            def on_signal(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+                if self.draining:  # a second signal: no more waiting
+                    _call_previous(previous, signum, frame)
+                    return
+                loop.call_soon_threadsafe(
+                    lambda: loop.create_task(self._drain_then(previous, signum, frame))
+                )
+
+            signal.signal(sig, on_signal)
+
+    async def _drain_then(self, previous: Any, signum: int, frame: FrameType | None) -> None:
+        try:
+            await self.drain()
+        finally:
+            _call_previous(previous, signum, frame)
+
+    def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._signal_handlers.items():
+            signal.signal(sig, previous)
+        self._signal_handlers.clear()
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -199,6 +310,14 @@ def _check_data_model(model: Any) -> type[BaseModel] | None:
             f"defaults to: {missing}); connect hooks fill the fields in"
         ) from None
     return model
+
+
+def _call_previous(previous: Any, signum: int, frame: FrameType | None) -> None:
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
 def _check_name(name: str, what: str) -> str:

@@ -96,6 +96,9 @@ class Session:
         "_drainer",
         "_force_end",
         "_forced",
+        "_idle_timer",
+        "_ip",
+        "_last_activity",
         "_room",
         "_scope",
         "_send",
@@ -139,6 +142,10 @@ class Session:
         self._task: asyncio.Task[Any] | None = None
         self._force_end: asyncio.TimerHandle | None = None
         self._forced = False
+        # Admission and liveness bookkeeping (see _admission.py and _connection.py).
+        self._ip: str | None = None
+        self._last_activity = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- read-only views of the handshake ------------------------------------------------
 
