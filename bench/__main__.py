@@ -7,4 +7,8 @@ import sys
 from .runner import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: every server was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .client import OP_TEXT, Http, WSConn, client_frame, close_all, open_many, open_ws
@@ -187,7 +188,12 @@ async def phase_echo(target: Target, s: Settings) -> Metrics:
 # -- idle: RSS per open connection ------------------------------------------------------------
 
 
-async def phase_idle(target: Target, s: Settings) -> Metrics:
+async def phase_idle(
+    target: Target, s: Settings, probe: Callable[[str], Awaitable[None]] | None = None
+) -> Metrics:
+    """RSS growth per held-open connection; ``probe("before"/"after")`` runs where RSS is read
+    (bench.profile takes tracemalloc snapshots there)."""
+
     def ignore(conn: WSConn) -> None:
         return None
 
@@ -198,6 +204,8 @@ async def phase_idle(target: Target, s: Settings) -> Metrics:
     await close_all(warm, s.settle_timeout)
     await wait_live(target, 0, s.settle_timeout)
     await asyncio.sleep(s.idle_settle)
+    if probe is not None:
+        await probe("before")
     before = rss_bytes(target.pids)
     conns = await open_many(
         target.port, PATH, s.idle_connections, s.open_concurrency, ignore, s.phase_timeout
@@ -206,6 +214,8 @@ async def phase_idle(target: Target, s: Settings) -> Metrics:
         await wait_live(target, len(conns), s.settle_timeout)
         await asyncio.sleep(s.idle_settle)
         after = rss_bytes(target.pids)
+        if probe is not None:
+            await probe("after")
     finally:
         await close_all(conns, s.settle_timeout)
     await wait_live(target, 0, s.settle_timeout)

@@ -269,12 +269,37 @@ def environment(settings: Settings, argv: list[str]) -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {
-        "command": "python -m bench " + " ".join(argv),
+        "command": " ".join(["python -m bench", *argv]),
+        "source": _source_state(),
         "python": platform.python_version(),
         "versions": versions,
         "machine": f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}",
         "settings": settings.__dict__,
     }
+
+
+def _source_state() -> str:
+    """The commit measured, and whether wsession/ differs from it (others edit it live)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "wsession"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"commit {commit}" + (" + uncommitted changes in wsession/" if dirty else "")
 
 
 # -- smoke checks --------------------------------------------------------------------------
@@ -364,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                 if server.proc.returncode is None:
                     server.stop()
 
+    if args.smoke:
+        print("Smoke run: tiny counts, one repeat; it checks the harness, not the numbers.\n")
     print(render_table(variants, results, settings, env, skipped))
     if args.json is not None:
         args.json.write_text(

@@ -12,6 +12,9 @@ import ctypes
 import os
 import signal
 import sys
+import tracemalloc
+from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -34,6 +37,21 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _snapshots_on_sigusr1(directory: Path) -> None:
+    """For bench.profile: trace allocations; SIGUSR1 dumps a snapshot to ``snap-<n>``."""
+    tracemalloc.start(12)
+    taken = 0
+
+    def dump(signum: int, frame: FrameType | None) -> None:
+        nonlocal taken
+        partial = directory / f".snap-{taken}"
+        tracemalloc.take_snapshot().dump(str(partial))
+        partial.rename(directory / f"snap-{taken}")
+        taken += 1
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.server")
     parser.add_argument("--app", required=True, help="module:factory of the ASGI app")
@@ -43,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
 
     _die_with_parent(args.parent)
     raise_fd_limit()
+    if snapshots := os.environ.get("BENCH_TRACEMALLOC_DIR"):
+        _snapshots_on_sigusr1(Path(snapshots))
     config = uvicorn.Config(
         args.app,
         host="127.0.0.1",

@@ -149,7 +149,7 @@ def render_table(
                 else:
                     over = change - row.limit
                     unit = f" {row.unit}" if row.compare == "delta" else "x"
-                    text += f" MISSED by {over:.2f}{unit}"
+                    text += f" MISSED by {over:.3f}{unit}"
                 verdicts.append(f"{other.name}: {row.key} {'met' if met else 'MISSED'}")
             cells.append(text)
         cells.append(_target_text(row))
@@ -160,7 +160,7 @@ def render_table(
         "",
         f"Command: `{env['command']}`; {settings.repeats} interleaved repeat(s); "
         "cells: median (min-max); ratios: median of per-repeat ratios (same repeat's baseline).",
-        f"Machine: {env['machine']}; Python {env['python']}; "
+        f"Source: {env['source']}. Machine: {env['machine']}; Python {env['python']}; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
         + ".",
         f"Load average (1 min) during the run: {min(loads, default=0):.2f}-"
