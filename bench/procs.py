@@ -114,3 +114,11 @@ def raise_fd_limit(wanted: int = 65536) -> int:
         return soft
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return target
+
+
+def machine_busy_ns() -> int:
+    """CPU time all processes on this machine have used (user, nice, system, irq, softirq,
+    steal; ns), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) * 1_000_000_000 // _CLK_TCK

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class Settings:
     """Counts and durations of one run (every loop is bounded by these)."""
 
-    repeats: int = 3
+    repeats: int = 5
     churn_connections: int = 3000
     churn_concurrency: int = 50
     churn_warmup: int = 200
@@ -29,6 +29,7 @@ class Settings:
     phase_timeout: float = 120.0
     settle_timeout: float = 15.0
     server_start_timeout: float = 30.0
+    quiet_wait: float = 60.0
 
 
 FULL = Settings()
@@ -50,4 +51,5 @@ SMOKE = Settings(
     broadcast_gap=0.01,
     phase_timeout=20.0,
     settle_timeout=10.0,
+    quiet_wait=0.0,
 )

@@ -155,7 +155,8 @@ def render_table(
         cells.append(_target_text(row))
         lines.append("| " + " | ".join(cells) + " |")
 
-    loads = [x for r in results for x in r.load]
+    foreign = [r.foreign_cores for r in results if r.started]
+    waited = sum(r.waited for r in results)
     notes = [
         "",
         f"Command: `{env['command']}`; {settings.repeats} interleaved repeat(s); "
@@ -163,8 +164,10 @@ def render_table(
         f"Source: {env['source']}. Machine: {env['machine']}; Python {env['python']}; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
         + ".",
-        f"Load average (1 min) during the run: {min(loads, default=0):.2f}-"
-        f"{max(loads, default=0):.2f}; finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.",
+        f"Other processes used {statistics.median(foreign or [0]):.2f} cores (median; max "
+        f"{max(foreign, default=0):.2f}) of {env['cores']} during the server runs; "
+        f"{waited:.0f} s spent waiting for quiet; finished "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}.",
     ]
     for name, why in skipped.items():
         notes.append(f"Skipped variant {name}: {why}.")
