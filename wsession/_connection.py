@@ -43,8 +43,11 @@ async def serve_connection(
         refusal = admission.before_hooks(session, scope, len(manager.local))
         if refusal is None:
             refusal = await _run_connect_hooks(manager, session)
-        if refusal is None:
-            refusal = admission.after_hooks(session)
+            if refusal is None and (refusal := admission.after_hooks(session)) is not None:
+                # The connect hooks completed, so their disconnect hooks are owed.
+                session._end(EndReason.REFUSED, None, refusal.reason)
+                session.state = SessionState.CLOSED
+                await run_shielded(run_disconnect_hooks(manager, session))
         if refusal is not None:
             manager.stats.refused += 1
             manager.stats.refused_by[refusal.label] += 1

@@ -57,6 +57,9 @@ class EndReason(StrEnum):
     """The server told the app it is restarting (code 1012), or wsession drained it on shutdown."""
     SERVER_CLOSED = "server closed"
     """wsession closed it on request (kick, limits, idle timeout, drain)."""
+    REFUSED = "refused"
+    """Refused after the connect hooks completed (the per-user limit, checked once hooks set
+    ``user_key``): the app never ran, the session was never registered."""
     NODE_LOST = "node lost"
     """The worker that owned the session died (cluster registries only)."""
 
