@@ -82,6 +82,7 @@ class SessionManager:
         """This worker's live sessions (whatever the registry), by id."""
         self._local_changed: asyncio.Event | None = None
         self._signal_handlers: dict[int, Any] = {}
+        self._drain_task: asyncio.Task[None] | None = None
         self.connect_hooks: list[Hook] = []
         self.disconnect_hooks: list[Hook] = []
         for i, hook in enumerate(on_connect):
@@ -140,7 +141,7 @@ class SessionManager:
         ``server shutdown``. An app that has not ended by the deadline is cancelled; its
         disconnect hooks still run exactly once. Safe to call more than once.
         """
-        from ._delivery import close_session
+        from ._delivery import close_session, force_end
 
         settings = self.settings
         code = settings.drain_code if code is None else _check_code(code)
@@ -160,8 +161,10 @@ class SessionManager:
                     end_reason=EndReason.SERVER_SHUTDOWN,
                 )
             await self._wait_local(partial(self._all_gone, [s.id for s in batch]), deadline)
-        # Anything still open was cut at the deadline (its task cancelled): wait for the
-        # shielded teardown to finish running its hooks.
+        # Cut whatever is still open at the deadline (including sessions that were already
+        # closing on their own), then wait for the shielded teardown to run their hooks.
+        for session in list(self.local.values()):
+            force_end(session)
         await self._wait_local(lambda: not self.local, deadline + settings.disconnect_timeout)
         if self.local:
             log_warning(None, "drain left %d session(s) unfinished", len(self.local))
@@ -197,11 +200,15 @@ class SessionManager:
                 if self.draining:  # a second signal: no more waiting
                     _call_previous(previous, signum, frame)
                     return
-                loop.call_soon_threadsafe(
-                    lambda: loop.create_task(self._drain_then(previous, signum, frame))
-                )
+                loop.call_soon_threadsafe(self._start_drain, previous, signum, frame)
 
             signal.signal(sig, on_signal)
+
+    def _start_drain(self, previous: Any, signum: int, frame: FrameType | None) -> None:
+        # Keep a reference: the loop holds tasks only weakly.
+        self._drain_task = asyncio.get_running_loop().create_task(
+            self._drain_then(previous, signum, frame)
+        )
 
     async def _drain_then(self, previous: Any, signum: int, frame: FrameType | None) -> None:
         try:
