@@ -24,6 +24,12 @@ Contract (outside checks rely on it; extend it, never rename it):
 - ``POST /api/send/{id}`` with ``{"text": T}``: delivers ``{"type": "dm", "from": "server",
   "text": T}``; 200, or 404 for an unknown or closed id (400 for a bad body).
 - ``POST /api/kick/{id}``: closes that connection (code 4000, reason "kicked"); 200, or 404.
+- ``GET /metrics``: Prometheus metrics of this app's manager (``wsession_*``, see
+  ``wsession.metrics``) from a registry of its own; absent when ``prometheus-client`` is not
+  installed.
+- ``/admin/...``: the admin API (``wsession.admin``: ``GET /admin/sessions``, ``GET
+  /admin/stats``, ``POST /admin/sessions/{id}/kick``) when ``WSESSION_ADMIN_TOKEN`` is set,
+  with that bearer token; otherwise 404.
 
 Browser handshakes from another origin are refused with 403 (``WSESSION_ALLOWED_ORIGINS``,
 default the page's own origin); limits, idle timeout and drain deadline come from
@@ -44,7 +50,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -183,12 +189,35 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
             Route("/api/send/{id}", send_to, methods=["POST"]),
             Route("/api/kick/{id}", kick, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            *_operator_routes(sessions),
         ],
         middleware=[Middleware(WSessionMiddleware, manager=sessions)],
         lifespan=lifespan,
     )
     app.state.sessions = sessions
     return app
+
+
+def _operator_routes(sessions: SessionManager) -> list[BaseRoute]:
+    """``/metrics`` (when prometheus-client is installed) and, when ``WSESSION_ADMIN_TOKEN`` is
+    set, the admin API under ``/admin``."""
+    routes: list[BaseRoute] = []
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from wsession.metrics import metrics_route, register_metrics
+    except ImportError:
+        pass
+    else:
+        registry = CollectorRegistry()  # one per app: several apps in one process never clash
+        register_metrics(sessions, registry)
+        routes.append(metrics_route("/metrics", registry=registry))
+    token = os.environ.get("WSESSION_ADMIN_TOKEN")
+    if token:
+        from wsession.admin import admin_app
+
+        routes.append(Mount("/admin", admin_app(sessions, token=token)))
+    return routes
 
 
 def _presence(event: str, session: Session) -> dict[str, Any]:
