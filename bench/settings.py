@@ -30,6 +30,8 @@ class Settings:
     settle_timeout: float = 15.0
     server_start_timeout: float = 30.0
     quiet_wait: float = 60.0
+    max_foreign_cores: float = 0.25
+    phase_retries: int = 2
 
 
 FULL = Settings()
@@ -52,4 +54,5 @@ SMOKE = Settings(
     phase_timeout=20.0,
     settle_timeout=10.0,
     quiet_wait=0.0,
+    phase_retries=0,
 )

@@ -169,6 +169,12 @@ def render_table(
         f"{waited:.0f} s spent waiting for quiet; finished "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}.",
     ]
+    reruns = sum(n for r in results for n in r.reruns.values())
+    if reruns:
+        notes.append(
+            f"{reruns} phase run(s) were repeated because other processes used more than "
+            f"{settings.max_foreign_cores:g} cores meanwhile (the last try is kept)."
+        )
     for name, why in skipped.items():
         notes.append(f"Skipped variant {name}: {why}.")
     for result in results:
