@@ -1,0 +1,555 @@
+// wsession demo page: chat, presence, rooms and an admin panel over one WebSocket.
+// Plain browser JavaScript, no build step. The server protocol is documented in
+// example_app/app.py; everything user-supplied is rendered with textContent, never as HTML.
+"use strict";
+
+(() => {
+  // -- configuration -----------------------------------------------------------------------
+
+  const BACKOFF_BASE_MS = 1000; // first retry after ~1 s, then 2, 4, 8 ... capped
+  const BACKOFF_MAX_MS = 30000;
+  const BACKOFF_JITTER = 0.2; // up to +20 % so a restarted server is not hit all at once
+  const KICK_CODE = 4000; // the server closes a kicked connection with this code
+  const MAX_LOG_ENTRIES = 500;
+  const TOKEN_KEY = "wsession.adminToken";
+
+  // Admin endpoints in one place. Today the public /api routes; when the token-protected
+  // /admin router is deployed only these need to change (adminFetch already sends the token).
+  const ADMIN_API = {
+    stats: () => "/api/stats",
+    sessions: () => "/api/sessions",
+    kick: (id) => `/api/kick/${encodeURIComponent(id)}`,
+  };
+
+  const CLOSE_REASONS = {
+    1000: "closed",
+    1001: "server going away",
+    1006: "connection lost",
+    1011: "server error",
+    1012: "server restarting",
+    1013: "server busy",
+    4408: "idle timeout",
+  };
+
+  // -- state -------------------------------------------------------------------------------
+
+  const state = {
+    name: "",
+    myId: null,
+    socket: null,
+    online: new Map(), // id -> name, the others connected now
+    gone: new Set(), // ids announced offline; /api/sessions can list them a moment longer
+    rooms: new Set(), // rooms we are in; re-joined after a reconnect
+    attempt: 0, // failed connections in a row, for the backoff
+    connectAttempts: 0, // WebSockets opened since load (tests read it)
+    reconnectTimer: null,
+    countdownTimer: null,
+    kicked: false,
+    selectOnJoin: null, // a room to select in the "To" menu when the server confirms the join
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, props = {}, ...children) => {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === "dataset") Object.assign(node.dataset, value);
+      else if (key === "text") node.textContent = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value);
+    }
+    node.append(...children);
+    return node;
+  };
+
+  // -- names -------------------------------------------------------------------------------
+
+  // Mirrors the server: 1-32 printable characters (Python's str.isprintable).
+  const PRINTABLE = /^(?:[^\p{C}\p{Z}]| )+$/u;
+
+  function nameProblem(name) {
+    const length = [...name].length;
+    if (length < 1 || length > 32) return "A name has 1 to 32 characters.";
+    if (!PRINTABLE.test(name)) return "A name cannot contain control or separator characters.";
+    return null;
+  }
+
+  function askForName(problem) {
+    const dialog = $("name-dialog");
+    $("name-error").textContent = problem || "";
+    $("name-error").hidden = !problem;
+    $("name-input").value = state.name;
+    if (!dialog.open) dialog.showModal();
+  }
+
+  function onNameSubmit(event) {
+    event.preventDefault();
+    const name = $("name-input").value;
+    const problem = nameProblem(name);
+    if (problem) {
+      askForName(problem);
+      return;
+    }
+    $("name-dialog").close();
+    const url = new URL(location.href);
+    url.searchParams.set("name", name); // a reload keeps the name
+    history.replaceState(null, "", url);
+    start(name);
+  }
+
+  // -- connection --------------------------------------------------------------------------
+
+  function setStatus(kind, text) {
+    const status = $("status");
+    status.dataset.state = kind;
+    status.textContent = text;
+    $("reconnect-button").hidden = !(kind === "reconnecting" || kind === "kicked");
+  }
+
+  function clearTimers() {
+    clearTimeout(state.reconnectTimer);
+    clearInterval(state.countdownTimer);
+    state.reconnectTimer = state.countdownTimer = null;
+  }
+
+  function start(name) {
+    state.name = name;
+    $("me-name").textContent = name;
+    document.title = `${name} · wsession demo`;
+    connect();
+  }
+
+  function connect() {
+    clearTimers();
+    state.kicked = false;
+    state.connectAttempts += 1;
+    document.body.dataset.connectAttempts = String(state.connectAttempts);
+    setStatus("connecting", "connecting…");
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const url = `${scheme}//${location.host}/ws?name=${encodeURIComponent(state.name)}`;
+    const socket = new WebSocket(url);
+    state.socket = socket;
+    socket.addEventListener("message", (event) => {
+      if (state.socket !== socket) return;
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        addLog("error", "server", "an unreadable message arrived");
+        return;
+      }
+      handle(message);
+    });
+    socket.addEventListener("close", (event) => {
+      if (state.socket !== socket) return; // a socket we already gave up on
+      state.socket = null;
+      onClosed(event);
+    });
+  }
+
+  function onClosed(event) {
+    const wasConnected = state.myId !== null;
+    state.myId = null;
+    $("me-id").textContent = "";
+    state.online.clear();
+    renderPeople();
+    if (event.code === KICK_CODE) {
+      state.kicked = true;
+      setStatus("kicked", "kicked by an admin — not reconnecting");
+      addLog("system", "server", "You were kicked. Use “Reconnect now” to come back.");
+      return;
+    }
+    const why = CLOSE_REASONS[event.code] || event.reason || `closed with code ${event.code}`;
+    if (wasConnected) addLog("system", "server", `Disconnected (${why}).`);
+    scheduleReconnect(why);
+  }
+
+  function scheduleReconnect(why) {
+    clearTimers();
+    const nominal = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
+    const delay = nominal * (1 + Math.random() * BACKOFF_JITTER);
+    state.attempt += 1;
+    const due = Date.now() + delay;
+    const show = () => {
+      const seconds = Math.max(1, Math.round((due - Date.now()) / 1000));
+      setStatus("reconnecting", `reconnecting in ${seconds}s (${why})`);
+    };
+    show();
+    state.countdownTimer = setInterval(show, 500);
+    state.reconnectTimer = setTimeout(connect, delay);
+  }
+
+  function send(message) {
+    if (!state.socket || state.socket.readyState !== WebSocket.OPEN || state.myId === null) {
+      addLog("error", "you", "Not connected: the message was not sent.");
+      return false;
+    }
+    state.socket.send(JSON.stringify(message));
+    return true;
+  }
+
+  // -- server messages ---------------------------------------------------------------------
+
+  function handle(message) {
+    switch (message.type) {
+      case "welcome":
+        state.myId = message.id;
+        state.attempt = 0;
+        $("me-id").textContent = message.id;
+        state.online = new Map(message.online.map((p) => [p.id, p.name]));
+        renderPeople();
+        setStatus("connected", "connected");
+        for (const room of state.rooms) send({ type: "join", group: room });
+        refreshAdmin();
+        break;
+      case "presence":
+        if (message.id === state.myId) break;
+        if (message.event === "online") {
+          state.online.set(message.id, message.name);
+          addLog("presence", message.name, "came online", { id: message.id, event: "online" });
+        } else {
+          state.online.delete(message.id);
+          state.gone.add(message.id);
+          if (state.gone.size > 1000) state.gone.delete(state.gone.values().next().value);
+          addLog("presence", message.name, "went offline", { id: message.id, event: "offline" });
+        }
+        renderPeople();
+        refreshAdmin();
+        break;
+      case "dm":
+        addLog("dm", message.from === "server" ? "server" : message.name, message.text, {
+          from: message.from,
+          arrow: "→ you",
+        });
+        break;
+      case "broadcast":
+        addLog("broadcast", who(message), message.text, { from: message.from, arrow: "→ everyone" });
+        break;
+      case "group":
+        addLog("group", who(message), message.text, {
+          from: message.from,
+          arrow: `→ #${message.group}`,
+          room: message.group,
+        });
+        break;
+      case "joined":
+        state.rooms.add(message.group);
+        renderRooms();
+        if (state.selectOnJoin === message.group) {
+          state.selectOnJoin = null;
+          selectTarget(`room:${message.group}`);
+        }
+        break;
+      case "left":
+        state.rooms.delete(message.group);
+        renderRooms();
+        addLog("system", "you", `left #${message.group}`);
+        break;
+      case "echo":
+        addLog("system", "echo", message.text);
+        break;
+      case "error":
+        addLog("error", "server", message.error + (message.to ? ` (${message.to})` : ""));
+        break;
+      default:
+        addLog("error", "server", `unknown message type ${JSON.stringify(message.type)}`);
+    }
+  }
+
+  const who = (message) => (message.from === state.myId ? "you" : message.name);
+
+  // -- rendering ---------------------------------------------------------------------------
+
+  function addLog(kind, author, text, extra = {}) {
+    const log = $("log");
+    const time = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    const dataset = { testid: "message", kind };
+    for (const key of ["from", "id", "event", "room"]) {
+      if (extra[key] !== undefined) dataset[key] = extra[key];
+    }
+    const entry = el(
+      "li",
+      { class: `msg msg-${kind}`, dataset },
+      el("time", { text: time }),
+      el("span", { class: "author", text: author }),
+      extra.arrow ? el("span", { class: "arrow", text: extra.arrow }) : "",
+      el("span", { class: "text", text: String(text ?? "") }),
+    );
+    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+    log.append(entry);
+    while (log.childElementCount > MAX_LOG_ENTRIES) log.firstElementChild.remove();
+    if (atBottom) log.scrollTop = log.scrollHeight;
+  }
+
+  function renderPeople() {
+    const list = $("online-list");
+    const people = [...state.online].sort((a, b) => a[1].localeCompare(b[1]) || a[0].localeCompare(b[0]));
+    const target = $("target-select").value;
+    list.replaceChildren(
+      ...people.map(([id, name]) =>
+        el(
+          "li",
+          {},
+          el(
+            "button",
+            {
+              type: "button",
+              class: `person${target === `dm:${id}` ? " selected" : ""}`,
+              title: `message ${name} (${id})`,
+              dataset: { testid: "person", id, name },
+              onclick: () => selectTarget(`dm:${id}`),
+            },
+            el("span", { class: "dot", "aria-hidden": "true" }),
+            el("span", { class: "person-name", text: name }),
+            el("code", { class: "person-id", text: id.slice(0, 6) }),
+          ),
+        ),
+      ),
+    );
+    $("online-count").textContent = String(people.length + (state.myId ? 1 : 0));
+    $("online-empty").hidden = people.length > 0 || state.myId === null;
+    renderTargets();
+  }
+
+  function renderRooms() {
+    const list = $("room-list");
+    const rooms = [...state.rooms].sort();
+    list.replaceChildren(
+      ...rooms.map((room) =>
+        el(
+          "li",
+          { dataset: { testid: "room", room } },
+          el("button", {
+            type: "button",
+            class: "room-name",
+            text: `#${room}`,
+            title: `write to #${room}`,
+            onclick: () => selectTarget(`room:${room}`),
+          }),
+          el("button", {
+            type: "button",
+            class: "small ghost",
+            text: "Leave",
+            dataset: { testid: "leave-button", room },
+            onclick: () => send({ type: "leave", group: room }),
+          }),
+        ),
+      ),
+    );
+    renderTargets();
+  }
+
+  // The "To" menu: everyone, each person (direct message), each room we are in.
+  function renderTargets() {
+    const select = $("target-select");
+    const previous = select.value;
+    const options = [el("option", { value: "everyone", text: "Everyone (broadcast)" })];
+    for (const [id, name] of [...state.online].sort((a, b) => a[1].localeCompare(b[1]))) {
+      options.push(el("option", { value: `dm:${id}`, text: `${name} (direct)` }));
+    }
+    for (const room of [...state.rooms].sort()) {
+      options.push(el("option", { value: `room:${room}`, text: `#${room}` }));
+    }
+    select.replaceChildren(...options);
+    select.value = options.some((o) => o.value === previous) ? previous : "everyone";
+    select.dataset.target = select.value;
+  }
+
+  function selectTarget(value) {
+    const select = $("target-select");
+    select.value = value;
+    select.dataset.target = select.value;
+    for (const button of document.querySelectorAll("#online-list .person")) {
+      button.classList.toggle("selected", value === `dm:${button.dataset.id}`);
+    }
+    $("message-input").focus();
+  }
+
+  // -- user actions ------------------------------------------------------------------------
+
+  function onSend(event) {
+    event.preventDefault();
+    const input = $("message-input");
+    const text = input.value;
+    if (!text.trim()) return;
+    const target = $("target-select").value;
+    let sent;
+    if (target.startsWith("dm:")) {
+      const to = target.slice(3);
+      sent = send({ type: "dm", to, text });
+      // The server does not echo direct messages: show our own copy.
+      if (sent) {
+        addLog("dm-out", "you", text, { arrow: `→ ${state.online.get(to) ?? to}`, id: to });
+      }
+    } else if (target.startsWith("room:")) {
+      sent = send({ type: "group", group: target.slice(5), text });
+    } else {
+      sent = send({ type: "broadcast", text });
+    }
+    if (sent) input.value = "";
+  }
+
+  function onJoin(event) {
+    event.preventDefault();
+    const input = $("room-input");
+    const room = input.value.trim();
+    if (!room) return;
+    if (send({ type: "join", group: room })) {
+      input.value = "";
+      state.selectOnJoin = room; // select it in the "To" menu once the server confirms
+    }
+  }
+
+  // -- admin panel -------------------------------------------------------------------------
+
+  function adminFetch(url, init = {}) {
+    const headers = new Headers(init.headers);
+    const token = localStorage.getItem(TOKEN_KEY);
+    if (token) headers.set("Authorization", `Bearer ${token}`);
+    return fetch(url, { ...init, headers });
+  }
+
+  async function adminJson(url, init) {
+    const response = await adminFetch(url, init);
+    if (response.status === 401 || response.status === 403) {
+      throw new Error("the admin token is missing or wrong");
+    }
+    if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+    return response.json();
+  }
+
+  // One refresh at a time; requests that arrive meanwhile fold into one more refresh.
+  let refreshing = false;
+  let refreshAgain = false;
+
+  async function refreshAdmin() {
+    if (refreshing) {
+      refreshAgain = true;
+      return;
+    }
+    refreshing = true;
+    try {
+      do {
+        refreshAgain = false;
+        try {
+          const [stats, sessions] = await Promise.all([
+            adminJson(ADMIN_API.stats()),
+            adminJson(ADMIN_API.sessions()),
+          ]);
+          renderStats(stats);
+          renderSessions(sessions.sessions);
+          showAdminError(null);
+        } catch (error) {
+          showAdminError(error.message);
+        }
+      } while (refreshAgain);
+    } finally {
+      refreshing = false;
+    }
+  }
+
+  function renderStats(stats) {
+    // /api/stats names, with the admin API's names as a fallback.
+    const values = {
+      live: stats.live,
+      connected_total: stats.connected_total ?? stats.accepted,
+      disconnected_total: stats.disconnected_total ?? stats.ended,
+      rejected_total: stats.rejected_total ?? stats.refused,
+    };
+    for (const dd of $("stats").querySelectorAll("dd[data-stat]")) {
+      const value = values[dd.dataset.stat];
+      dd.textContent = value === undefined ? "–" : String(value);
+    }
+  }
+
+  function renderSessions(sessions) {
+    $("session-list").replaceChildren(
+      ...sessions.filter((s) => !state.gone.has(s.id)).map((s) => {
+        const name = s.name ?? s.user_key ?? "?";
+        const mine = s.id === state.myId;
+        return el(
+          "li",
+          { dataset: { testid: "session", id: s.id } },
+          el("span", { class: "person-name", text: mine ? `${name} (you)` : name }),
+          el("code", { class: "person-id", text: s.id.slice(0, 6), title: s.id }),
+          el("button", {
+            type: "button",
+            class: "small danger",
+            text: "Kick",
+            title: `close ${name}'s connection (code ${KICK_CODE})`,
+            dataset: { testid: "kick-button", id: s.id, name },
+            onclick: () => kick(s.id, name),
+          }),
+        );
+      }),
+    );
+  }
+
+  async function kick(id, name) {
+    try {
+      await adminJson(ADMIN_API.kick(id), { method: "POST" });
+      addLog("system", "admin", `kicked ${name}`);
+    } catch (error) {
+      showAdminError(`kick failed: ${error.message}`);
+    }
+    refreshAdmin();
+  }
+
+  function showAdminError(message) {
+    $("admin-error").textContent = message || "";
+    $("admin-error").hidden = !message;
+  }
+
+  // -- start -------------------------------------------------------------------------------
+
+  function init() {
+    $("name-form").addEventListener("submit", onNameSubmit);
+    $("composer").addEventListener("submit", onSend);
+    $("join-form").addEventListener("submit", onJoin);
+    $("target-select").addEventListener("change", (e) => selectTarget(e.target.value));
+    $("reconnect-button").addEventListener("click", () => {
+      state.attempt = 0;
+      connect();
+    });
+    $("stats-refresh").addEventListener("click", refreshAdmin);
+    // Back online (laptop woke up, Wi-Fi returned): retry now rather than at the next tick.
+    window.addEventListener("online", () => {
+      if (state.reconnectTimer !== null) connect();
+    });
+    const token = $("admin-token");
+    token.value = localStorage.getItem(TOKEN_KEY) || "";
+    token.addEventListener("change", () => {
+      if (token.value) localStorage.setItem(TOKEN_KEY, token.value);
+      else localStorage.removeItem(TOKEN_KEY);
+      refreshAdmin();
+    });
+    renderPeople();
+    renderRooms();
+
+    // For tests and curious developers: read-only views of the page's state.
+    window.wsessionDemo = {
+      get id() {
+        return state.myId;
+      },
+      get connectAttempts() {
+        return state.connectAttempts;
+      },
+      get kicked() {
+        return state.kicked;
+      },
+      get rooms() {
+        return [...state.rooms];
+      },
+    };
+
+    const name = new URLSearchParams(location.search).get("name");
+    if (name === null) {
+      askForName(null);
+    } else if (nameProblem(name)) {
+      askForName(nameProblem(name));
+    } else {
+      start(name);
+    }
+  }
+
+  init();
+})();
