@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import WebSocketRoute
 
-from wsession import EndReason, Session, SessionManager
+from wsession import EndReason, Session, SessionManager, WSessionMiddleware
 
 
 @dataclass
@@ -111,3 +114,19 @@ async def read_until_closed(ws: Any, timeout: float = 10.0) -> Any:
                 await ws.recv()
         except ConnectionClosed as exc:
             return exc.rcvd
+
+
+def mount(endpoint: Any, manager: SessionManager) -> Starlette:
+    """A Starlette app with ``endpoint`` at ``/ws``, wrapped by wsession's middleware."""
+    return Starlette(
+        routes=[WebSocketRoute("/ws", endpoint)],
+        middleware=[Middleware(WSessionMiddleware, manager=manager)],
+    )
+
+
+def recorded(**settings: Any) -> tuple[SessionManager, HookRecorder]:
+    """A new manager (``settings`` as keyword arguments) with a HookRecorder installed."""
+    manager = SessionManager(**settings)
+    recorder = HookRecorder()
+    recorder.install(manager)
+    return manager, recorder

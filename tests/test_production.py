@@ -16,15 +16,13 @@ from typing import Any
 
 import pytest
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from wsession import EndReason, Refuse, Session, SessionManager, WSessionMiddleware, get_session
+from wsession import EndReason, Refuse, Session, SessionManager, get_session
 
-from .support import HookRecorder, read_until_closed, reset_connection, run_server
+from .support import HookRecorder, mount, read_until_closed, recorded, reset_connection, run_server
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,10 +40,7 @@ def app_for(manager: SessionManager, *, reads: bool = True) -> Starlette:
         except WebSocketDisconnect:
             pass
 
-    return Starlette(
-        routes=[WebSocketRoute("/ws", endpoint)],
-        middleware=[Middleware(WSessionMiddleware, manager=manager)],
-    )
+    return mount(endpoint, manager)
 
 
 async def refused_status(url: str, **kwargs: Any) -> int:
@@ -139,9 +134,7 @@ async def test_signal_drains_every_connection_with_1001(
 
 
 async def test_drain_refuses_new_connections_and_cuts_late_apps() -> None:
-    manager = SessionManager(drain_timeout=0.5, drain_batch=2)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(drain_timeout=0.5, drain_batch=2)
     async with run_server(app_for(manager, reads=False)) as server:
         clients = [await connect(f"{server.ws}/ws") for _ in range(5)]
         for ws in clients:
@@ -162,9 +155,7 @@ async def test_drain_refuses_new_connections_and_cuts_late_apps() -> None:
 
 
 async def test_total_limit_refuses_with_503_and_frees_a_slot() -> None:
-    manager = SessionManager(max_sessions=2)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(max_sessions=2)
     async with run_server(app_for(manager)) as server:
         a = await connect(f"{server.ws}/ws")
         b = await connect(f"{server.ws}/ws")
@@ -178,9 +169,7 @@ async def test_total_limit_refuses_with_503_and_frees_a_slot() -> None:
 
 
 async def test_per_ip_limit_with_trusted_forwarded_for() -> None:
-    manager = SessionManager(max_sessions_per_ip=2, trust_forwarded_for=True)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(max_sessions_per_ip=2, trust_forwarded_for=True)
     async with run_server(app_for(manager)) as server:
         url = f"{server.ws}/ws"
         ip1 = {"X-Forwarded-For": "203.0.113.9, 10.0.0.1"}
@@ -272,9 +261,7 @@ def test_bad_origin_setting_names_it() -> None:
 
 
 async def test_idle_timeout_closes_idle_sessions_only() -> None:
-    manager = SessionManager(idle_timeout=0.3)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(idle_timeout=0.3)
     async with run_server(app_for(manager)) as server:
         idle = await connect(f"{server.ws}/ws")
         busy = await connect(f"{server.ws}/ws")
@@ -297,9 +284,7 @@ async def test_idle_timeout_closes_idle_sessions_only() -> None:
 
 
 async def test_detect_disconnect_notices_a_reset_client_of_an_app_that_never_reads() -> None:
-    manager = SessionManager(detect_disconnect=True, close_timeout=0.2)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(detect_disconnect=True, close_timeout=0.2)
     async with run_server(app_for(manager, reads=False)) as server:
         ws = await connect(f"{server.ws}/ws")
         sid = await ws.recv()
@@ -310,9 +295,7 @@ async def test_detect_disconnect_notices_a_reset_client_of_an_app_that_never_rea
 
 async def test_without_detection_a_silent_app_is_not_told() -> None:
     """The cost-free default: uvicorn does not tell an app that never reads."""
-    manager = SessionManager(close_timeout=0.1)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(close_timeout=0.1)
     async with run_server(app_for(manager, reads=False)) as server:
         ws = await connect(f"{server.ws}/ws")
         sid = str(await ws.recv())

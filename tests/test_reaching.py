@@ -13,8 +13,6 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -26,20 +24,25 @@ from wsession import (
     Session,
     SessionManager,
     SlowConsumerPolicy,
-    WSessionMiddleware,
     get_session,
 )
 
-from .support import HookRecorder, Server, read_until_closed, reset_connection, run_server
+from .support import (
+    HookRecorder,
+    Server,
+    mount,
+    read_until_closed,
+    recorded,
+    reset_connection,
+    run_server,
+)
 
 pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
 async def example() -> AsyncIterator[tuple[Server, SessionManager, HookRecorder]]:
-    manager = SessionManager(data_model=Member)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(data_model=Member)
     async with run_server(create_app(manager)) as server:
         yield server, manager, recorder
 
@@ -177,16 +180,11 @@ def kickable_app(manager: SessionManager) -> Starlette:
         await ws.send_text(get_session(ws).id)
         await asyncio.Event().wait()
 
-    return Starlette(
-        routes=[WebSocketRoute("/ws", endpoint)],
-        middleware=[Middleware(WSessionMiddleware, manager=manager)],
-    )
+    return mount(endpoint, manager)
 
 
 async def test_kick_ends_an_app_that_never_reads() -> None:
-    manager = SessionManager(close_timeout=0.2)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(close_timeout=0.2)
     async with run_server(kickable_app(manager)) as server:
         ws = await connect(f"{server.ws}/ws")
         sid = str(await ws.recv())
@@ -208,10 +206,7 @@ def counting_echo_app(manager: SessionManager) -> Starlette:
         except WebSocketDisconnect:
             pass
 
-    return Starlette(
-        routes=[WebSocketRoute("/ws", endpoint)],
-        middleware=[Middleware(WSessionMiddleware, manager=manager)],
-    )
+    return mount(endpoint, manager)
 
 
 async def test_concurrent_senders_keep_order_and_never_interleave() -> None:
@@ -248,9 +243,7 @@ async def test_concurrent_senders_keep_order_and_never_interleave() -> None:
 
 
 async def test_slow_consumer_is_bounded_and_closed() -> None:
-    manager = SessionManager(max_backlog=8, slow_consumer=SlowConsumerPolicy.CLOSE)
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded(max_backlog=8, slow_consumer=SlowConsumerPolicy.CLOSE)
     biggest_backlog = 0
     async with run_server(kickable_app(manager)) as server:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

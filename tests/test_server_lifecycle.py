@@ -10,15 +10,13 @@ import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from wsession import EndReason, SessionManager, WSessionMiddleware, get_session
+from wsession import EndReason, SessionManager, get_session
 
-from .support import HookRecorder, reset_connection, run_server
+from .support import HookRecorder, mount, recorded, reset_connection, run_server
 
 pytestmark = pytest.mark.anyio
 
@@ -45,16 +43,11 @@ def lifecycle_app(manager: SessionManager) -> Starlette:
             except WebSocketDisconnect:
                 pass
 
-    return Starlette(
-        routes=[WebSocketRoute("/ws", endpoint)],
-        middleware=[Middleware(WSessionMiddleware, manager=manager)],
-    )
+    return mount(endpoint, manager)
 
 
 def make() -> tuple[SessionManager, HookRecorder, Starlette]:
-    manager = SessionManager()
-    recorder = HookRecorder()
-    recorder.install(manager)
+    manager, recorder = recorded()
     return manager, recorder, lifecycle_app(manager)
 
 
