@@ -199,7 +199,7 @@ def _profile_memory(variant: Variant, settings: Settings, tmp: Path, top: int) -
         async def drive() -> None:
             target = Target(server.port, pids, Http(server.port))
             try:
-                print(await phase_idle(target, settings, probe), file=sys.stderr)
+                print(await phase_idle([target], settings, probe), file=sys.stderr)
             finally:
                 await target.http.close()
 
@@ -232,7 +232,7 @@ def _profile_cpu(
                 if profiled:
                     spy = _start_py_spy(py_spy, pids[0], args.rate, raw_path)
                     await asyncio.sleep(0.5)  # py-spy attaches
-                print(await phase(target, settings), file=sys.stderr)
+                print(await phase([target], settings), file=sys.stderr)
             finally:
                 await target.http.close()
 

@@ -2,8 +2,9 @@
 
 This process is the load client: it starts every server as its own process group (uvicorn on
 127.0.0.1, a port the server picks), runs the phases against it on uvloop, and stops the whole
-group however the run ends (error, Ctrl-C, SIGTERM). Repeats are interleaved (ABBA order) so
-that drift on a shared machine hits every variant alike; the table shows medians, and each
+group however the run ends (error, Ctrl-C, SIGTERM). In each repeat all variants' servers run
+side by side (fresh processes) and every phase alternates short slices between them, so drift
+on a shared machine hits every variant alike; the table shows medians over repeats, and each
 ratio is the median of the per-repeat ratios against the baseline measured in the same repeat.
 """
 
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -54,9 +55,9 @@ from .variants import VARIANTS, Variant, by_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
-Phase = Callable[[Target, Settings], Awaitable[Metrics]]
+Phase = Callable[[list[Target], Settings], Awaitable[Sequence[Metrics | NotAvailable]]]
 
-# Fresh process first: idle RSS is measured before the other phases touch the allocator.
+# Fresh processes first: idle RSS is measured before the other phases touch the allocator.
 PHASES: list[tuple[str, Phase, tuple[str, ...]]] = [
     ("idle", phase_idle, ("idle_rss_kib",)),
     ("churn", phase_churn, ("conn_cpu_us", "conn_rate", "client_conn_cpu_us")),
@@ -174,7 +175,7 @@ class ServerProcess:
 
 @dataclass
 class RunResult:
-    """What one server run (one variant, one repeat) produced."""
+    """What one variant produced in one repeat."""
 
     variant: str
     repeat: int
@@ -182,48 +183,45 @@ class RunResult:
     not_available: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     started: bool = False
-    waited: float = 0.0  # seconds spent waiting for the machine to be quiet
-    foreign_cores: float = 0.0  # CPU used by other processes during the run, in cores
-    foreign: dict[str, float] = field(default_factory=dict)  # the same, per phase (last try)
-    reruns: dict[str, int] = field(default_factory=dict)  # phases re-run: others were busy
+    waited: float = 0.0  # seconds this repeat spent waiting for the machine to be quiet
+    foreign: dict[str, float] = field(default_factory=dict)  # others' CPU (cores) per phase
 
 
-async def _drive(port: int, pids: list[int], settings: Settings, result: RunResult) -> None:
-    target = Target(port, pids, Http(port))
+async def _drive(targets: list[Target], results: list[RunResult], settings: Settings) -> None:
+    """Run every phase against all ``targets`` (alternating slices), filling ``results``."""
     try:
         for name, phase, keys in PHASES:
-            # idle measures memory on a fresh process: a rerun would reuse freed memory.
-            tries = 1 if name == "idle" else 1 + settings.phase_retries
-            for attempt in range(tries):
-                await wait_until_quiet_async(settings.quiet_wait)
-                before = (time.perf_counter_ns(), machine_busy_ns(), target.snap())
-                try:
-                    metrics = await phase(target, settings)
-                except NotAvailable as exc:
-                    for key in keys:
-                        result.not_available[key] = str(exc)
-                    break
-                except Exception as exc:
+            waited = await wait_until_quiet_async(settings.quiet_wait)
+            before = (time.perf_counter_ns(), machine_busy_ns(), _our_cpu_ns(targets))
+            try:
+                outcomes = await phase(targets, settings)
+            except Exception as exc:
+                for result in results:
                     result.errors[name] = f"{type(exc).__name__}: {exc}"
-                    break
-                after = target.snap()
-                ours = (after.server_ns - before[2].server_ns) + (
-                    after.client_ns - before[2].client_ns
-                )
-                wall = time.perf_counter_ns() - before[0]
-                foreign = max(0.0, (machine_busy_ns() - before[1] - ours) / wall)
-                result.metrics.update(metrics)
+                continue
+            wall = time.perf_counter_ns() - before[0]
+            ours = _our_cpu_ns(targets) - before[2]
+            foreign = max(0.0, (machine_busy_ns() - before[1] - ours) / wall)
+            for result, outcome in zip(results, outcomes, strict=True):
+                result.waited += waited
                 result.foreign[name] = foreign
-                if foreign <= settings.max_foreign_cores:
-                    break
-                if attempt + 1 < tries:
-                    result.reruns[name] = result.reruns.get(name, 0) + 1
+                if isinstance(outcome, NotAvailable):
+                    for key in keys:
+                        result.not_available[key] = str(outcome)
+                else:
+                    result.metrics.update(outcome)
     finally:
-        await target.http.close()
+        for target in targets:
+            await target.http.close()
+
+
+def _our_cpu_ns(targets: list[Target]) -> int:
+    return sum(cpu_ns(t.pids) for t in targets) + time.process_time_ns()
 
 
 async def wait_until_quiet_async(limit: float, busy_below: float = 0.15) -> float:
-    """``wait_until_quiet`` without blocking the load client's event loop."""
+    """Wait (at most ``limit`` seconds) until the machine is nearly idle: other engineers' test
+    runs on this 2-core box would otherwise land in the measurements. Returns seconds waited."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     cores = os.cpu_count() or 1
@@ -243,51 +241,46 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def run_once(
-    variant: Variant,
+def run_repeat(
+    variants: list[Variant],
     repeat: int,
     settings: Settings,
     log_dir: Path,
     servers: list[ServerProcess],
     pin: bool,
-) -> RunResult:
-    result = RunResult(variant.name, repeat)
-    result.waited = wait_until_quiet(settings.quiet_wait)
-    server = ServerProcess(variant, log_dir, f"r{repeat}")
-    servers.append(server)
+) -> list[RunResult]:
+    """Start every variant's server (fresh processes), run the phases against all of them,
+    stop them all; one RunResult per variant, in ``variants`` order."""
+    results = [RunResult(v.name, repeat) for v in variants]
+    started: list[tuple[ServerProcess, RunResult]] = []
     try:
-        server.wait_ready(settings.server_start_timeout)
-        result.started = True
-        pids = server.pids()
-        if pin:
-            for pid in pids:
-                os.sched_setaffinity(pid, {0})
-        started = (time.perf_counter_ns(), machine_busy_ns(), cpu_ns(pids), time.process_time_ns())
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            runner.run(_drive(server.port, pids, settings, result))
-        wall = time.perf_counter_ns() - started[0]
-        ours = (cpu_ns(pids) - started[2]) + (time.process_time_ns() - started[3])
-        result.foreign_cores = max(0.0, (machine_busy_ns() - started[1] - ours) / wall)
-    except ServerFailed as exc:
-        result.errors["server"] = f"{exc}\n{server.log_tail()}"
+        for variant, result in zip(variants, results, strict=True):
+            server = ServerProcess(variant, log_dir, f"r{repeat}")
+            servers.append(server)
+            started.append((server, result))
+        live: list[tuple[ServerProcess, RunResult]] = []
+        for server, result in started:
+            try:
+                server.wait_ready(settings.server_start_timeout)
+            except ServerFailed as exc:
+                result.errors["server"] = f"{exc}\n{server.log_tail()}"
+                continue
+            result.started = True
+            live.append((server, result))
+            if pin:
+                for pid in server.pids():
+                    os.sched_setaffinity(pid, {0})
+        if live:
+            targets = [Target(srv.port, srv.pids(), Http(srv.port)) for srv, _ in live]
+            with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+                runner.run(_drive(targets, [r for _, r in live], settings))
     finally:
-        server.stop()
-    for line in server.log_problems()[:5]:
-        result.errors.setdefault("server log", line)
-    return result
-
-
-def wait_until_quiet(limit: float, busy_below: float = 0.15) -> float:
-    """Wait (at most ``limit`` seconds) until the machine is nearly idle: other engineers' test
-    runs on this 2-core box would otherwise land in the measurements. Returns seconds waited."""
-    started = time.monotonic()
-    cores = os.cpu_count() or 1
-    while time.monotonic() - started < limit:
-        before = machine_busy_ns()
-        time.sleep(0.5)
-        if (machine_busy_ns() - before) / 0.5e9 / cores < busy_below:
-            break
-    return time.monotonic() - started
+        for server, _ in started:
+            server.stop()
+    for server, result in started:
+        for line in server.log_problems()[:5]:
+            result.errors.setdefault("server log", line)
+    return results
 
 
 def run_all(
@@ -300,16 +293,15 @@ def run_all(
 ) -> list[RunResult]:
     results: list[RunResult] = []
     for repeat in range(settings.repeats):
-        order = variants if repeat % 2 == 0 else list(reversed(variants))
-        for variant in order:
-            progress(f"repeat {repeat + 1}/{settings.repeats}: {variant.name} ...")
-            started = time.monotonic()
-            result = run_once(variant, repeat, settings, log_dir, servers, pin)
+        progress(f"repeat {repeat + 1}/{settings.repeats}: {', '.join(v.name for v in variants)}")
+        began = time.monotonic()
+        for result in run_repeat(variants, repeat, settings, log_dir, servers, pin):
             results.append(result)
             brief = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
-            progress(f"  {time.monotonic() - started:.1f}s {brief}")
+            progress(f"  {result.variant}: {brief}")
             for phase, error in result.errors.items():
-                progress(f"  ERROR in {phase}: {error}")
+                progress(f"  {result.variant}: ERROR in {phase}: {error}")
+        progress(f"  ({time.monotonic() - began:.1f}s)")
     return results
 
 

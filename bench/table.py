@@ -155,8 +155,9 @@ def render_table(
         cells.append(_target_text(row))
         lines.append("| " + " | ".join(cells) + " |")
 
-    foreign = [r.foreign_cores for r in results if r.started]
-    waited = sum(r.waited for r in results)
+    first = [r for r in results if r.variant == baseline.name]  # one per repeat
+    foreign = [c for r in first for c in r.foreign.values()]
+    waited = sum(r.waited for r in first)
     notes = [
         "",
         f"Command: `{env['command']}`; {settings.repeats} interleaved repeat(s); "
@@ -164,17 +165,11 @@ def render_table(
         f"Source: {env['source']}. Machine: {env['machine']}; Python {env['python']}; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
         + ".",
-        f"Other processes used {statistics.median(foreign or [0]):.2f} cores (median; max "
-        f"{max(foreign, default=0):.2f}) of {env['cores']} during the server runs; "
+        f"Other processes used {statistics.median(foreign or [0]):.2f} cores (median over "
+        f"phases; max {max(foreign, default=0):.2f}) of {env['cores']} while we measured; "
         f"{waited:.0f} s spent waiting for quiet; finished "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}.",
     ]
-    reruns = sum(n for r in results for n in r.reruns.values())
-    if reruns:
-        notes.append(
-            f"{reruns} phase run(s) were repeated because other processes used more than "
-            f"{settings.max_foreign_cores:g} cores meanwhile (the last try is kept)."
-        )
     for name, why in skipped.items():
         notes.append(f"Skipped variant {name}: {why}.")
     for result in results:
