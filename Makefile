@@ -37,3 +37,39 @@ bench: install
 # Seconds-long check that the benchmark harness works (numbers are not judged).
 bench-smoke: install
 	$(BIN)/python -m bench --smoke
+
+# Conformance (issue 3): Starlette's and uvicorn's own WebSocket tests, run as published and
+# then with every app wrapped by wsession; outcomes must match test by test. Downloads the
+# sdists and builds a separate venv under .cache/conformance/ (git-ignored) on first use.
+CONF := .cache/conformance
+CONF_VENV := $(CONF)/venv
+CONF_STAMP := $(CONF_VENV)/.installed
+CONF_STARLETTE := 1.10.0
+CONF_UVICORN := 0.54.0
+CONF_SRC := $(CONF)/src/.unpacked-$(CONF_STARLETTE)-$(CONF_UVICORN)
+CONF_RUN := $(CONF_VENV)/bin/python conformance/run.py --cache $(CONF) \
+	--starlette $(CONF_STARLETTE) --uvicorn $(CONF_UVICORN)
+
+.PHONY: conformance conformance-selftest
+
+conformance: $(CONF_STAMP) $(CONF_SRC)
+	$(CONF_RUN) --selftest quick
+
+# Every deliberate break against both full suites (several minutes).
+conformance-selftest: $(CONF_STAMP) $(CONF_SRC)
+	$(CONF_RUN) --selftest full
+
+$(CONF_STAMP): conformance/requirements.txt pyproject.toml
+	rm -rf $(CONF_VENV)
+	$(PYTHON) -m venv $(CONF_VENV)
+	$(CONF_VENV)/bin/python -m pip install -qq -r conformance/requirements.txt
+	$(CONF_VENV)/bin/python -m pip install -qq --no-deps -e .
+	touch $@
+
+$(CONF_SRC): | $(CONF_STAMP)
+	rm -rf $(CONF)/sdist $(CONF)/src
+	$(CONF_VENV)/bin/python -m pip download -qq --no-deps --no-binary :all: -d $(CONF)/sdist \
+		starlette==$(CONF_STARLETTE) uvicorn==$(CONF_UVICORN)
+	mkdir -p $(CONF)/src
+	for f in $(CONF)/sdist/*.tar.gz; do tar xzf "$$f" -C $(CONF)/src || exit 1; done
+	touch $@
