@@ -51,7 +51,7 @@ from .procs import (
 )
 from .settings import FULL, SMOKE, Settings
 from .table import render_table
-from .variants import VARIANTS, Variant, by_name
+from .variants import BASELINE, VARIANTS, Variant, by_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -267,7 +267,7 @@ def run_repeat(
                 continue
             result.started = True
             live.append((server, result))
-            if pin:
+            if pin and server.variant.workers == 1:
                 for pid in server.pids():
                     os.sched_setaffinity(pid, {0})
         if live:
@@ -379,7 +379,7 @@ def smoke_checks(
                 value = run.metrics.get(key)
                 if key in run.not_available:
                     # Only acceptable where the API is genuinely missing.
-                    ok = variant.name != "bare" and not hasattr(SessionManager, "broadcast")
+                    ok = variant.app != BASELINE.app and not hasattr(SessionManager, "broadcast")
                     check(ok, f"{variant.name}: {key} n/a ({run.not_available[key]})")
                 else:
                     ok = value is not None and math.isfinite(value)
@@ -403,11 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
     parser.add_argument(
         "--variants",
-        default=",".join(v.name for v in VARIANTS),
+        default=",".join(v.name for v in VARIANTS if v.default),
         help="comma-separated variant names (the baseline is always included)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--pin", action="store_true", help="server on CPU 0, client on CPU 1")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="let the scheduler place processes (default: one-worker servers on CPU 0, the "
+        "load client on CPU 1, which steadies CPU time per operation)",
+    )
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiply connection counts (quick looks)"
     )
@@ -424,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     raise_fd_limit()
-    if args.pin:
+    pin = args.pin and len(os.sched_getaffinity(0)) >= 2 and {0, 1} <= os.sched_getaffinity(0)
+    if pin:
         os.sched_setaffinity(0, {1})
 
     def progress(message: str) -> None:
@@ -434,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[ServerProcess] = []
     with tempfile.TemporaryDirectory(prefix="wsession-bench-") as tmp:
         try:
-            results = run_all(variants, settings, Path(tmp), servers, args.pin, progress)
+            results = run_all(variants, settings, Path(tmp), servers, pin, progress)
         finally:
             for server in servers:
                 if server.proc.returncode is None:

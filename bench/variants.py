@@ -14,12 +14,14 @@ class Variant:
         app: ``module:factory`` of the ASGI app (see bench/apps.py).
         workers: uvicorn worker processes; CPU and RSS are summed over the whole process tree.
         targets: whether the targets in BENCHMARKS.md apply to it (the baseline has none).
+        default: whether ``make bench`` runs it without ``--variants``.
     """
 
     name: str
     app: str
     workers: int = 1
     targets: bool = True
+    default: bool = True
 
     def unavailable(self) -> str | None:
         """Why this variant cannot run here (a missing service, ...), or None."""
@@ -30,6 +32,9 @@ BASELINE = Variant("bare", "bench.apps:bare_app", targets=False)
 
 VARIANTS: list[Variant] = [
     BASELINE,
+    # The baseline again, as a control: its ratio against the baseline shows how much of any
+    # ratio in the same table is the method's own noise (an A/A test).
+    Variant("bare-again", "bench.apps:bare_app", targets=False),
     Variant("wsession", "bench.apps:wsession_app"),
     # REDIS VARIANT GOES HERE, when wsession's Redis registry lands. Something like
     #
