@@ -32,6 +32,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -184,15 +185,25 @@ def run_pytest(
     cmd += list(files)
     started = time.monotonic()
     with log.open("w") as sink:
-        proc = subprocess.run(
+        # Own process group, so that a run past the limit is stopped with its xdist workers.
+        proc = subprocess.Popen(
             cmd,
             cwd=suite.root(cache),
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
-            timeout=_RUN_LIMIT,
-            check=False,
+            start_new_session=True,
         )
+        try:
+            proc.wait(timeout=_RUN_LIMIT)
+        except BaseException as exc:  # the limit, or Ctrl-C: never leave the run behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise SystemExit(
+                    f"{suite.name} {label}: still running after {_RUN_LIMIT} s"
+                ) from None
+            raise
     seconds = time.monotonic() - started
     if proc.returncode not in (0, 1) or not junit.exists():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])

@@ -82,6 +82,7 @@ class Recorder:
         self.duplicate_ids: list[str] = []
         self.unfinished_at_disconnect: list[str] = []  # hook ran before the session ended
         self.libraries: Counter[str] = Counter()  # sessions per async library (asyncio, trio)
+        self.endings: Counter[str] = Counter()  # "library: end reason" seen by disconnect hooks
         self.managers: list[SessionManager] = []
         self.break_mode = os.environ.get("WSESSION_CONFORMANCE_BREAK", "")
         self.hooks = os.environ.get("WSESSION_CONFORMANCE_HOOKS", "async")
@@ -99,7 +100,9 @@ class Recorder:
             self.disconnects.setdefault(session.id, 0)
 
     def record_disconnect(self, session: Session) -> None:
+        library = _event_loop()
         with self.lock:
+            self.endings[f"{library}: {session.end_reason}"] += 1
             self._disconnect_calls += 1
             if self.break_mode == "lose-disconnect" and self._disconnect_calls % _LOST_EVERY == 0:
                 return
@@ -174,6 +177,7 @@ class Recorder:
                 "duplicate_ids": sorted(self.duplicate_ids),
                 "unfinished_at_disconnect": sorted(self.unfinished_at_disconnect),
                 "libraries": dict(self.libraries),
+                "endings": dict(self.endings),
                 "ended_by": dict(ended_by),
                 "live_sessions": live,
                 "accepted": sum(s.accepted for s in stats),
@@ -451,8 +455,11 @@ def describe(summary: dict[str, Any]) -> list[str]:
     lines.append(
         "wsession-wrap: sessions per event loop: "
         + _pairs(summary.get("libraries", {}))
-        + "; ended by: "
+        + "; stats.ended_by: "
         + _pairs(summary.get("ended_by", {}))
+    )
+    lines.append(
+        "wsession-wrap: end reasons seen by disconnect hooks: " + _pairs(summary.get("endings", {}))
     )
     for problem in summary["problems"]:
         lines.append(f"wsession-wrap: PROBLEM: {problem}")
