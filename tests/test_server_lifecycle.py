@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from wsession import EndReason, SessionManager, get_session
+from wsession import EndReason, Session, SessionManager, get_session
 
 from .support import HookRecorder, mount, recorded, reset_connection, run_server
 
@@ -160,3 +160,31 @@ async def test_storm_of_1000_connections_leaving_in_mixed_ways() -> None:
         await assert_clean(manager, recorder, 1000)
     assert len(set(seen_ids)) == 1000
     assert set(seen_ids) == set(recorder.connected)
+
+
+async def test_a_finished_session_is_freed_without_the_garbage_collector() -> None:
+    """Timers and the send wrapper must not keep a closed session (and the server's connection
+    object behind it) alive: plain reference counting frees it. uvicorn's own keepalive timer
+    snapshots the connection's context (so the Session, without the connection, lives until that
+    timer's deadline); it is switched off here to see wsession's part alone."""
+    import gc
+    import weakref
+
+    manager, recorder = recorded(idle_timeout=30, connect_timeout=30)
+    freed = asyncio.Event()
+
+    @manager.on_connect
+    async def watch(session: Session) -> None:  # async: exercises the connect deadline
+        weakref.finalize(session, freed.set)
+
+    gc.disable()
+    try:
+        async with run_server(lifecycle_app(manager), ws_ping_interval=None) as server:
+            async with connect(f"{server.ws}/ws") as ws:
+                await ws.recv()
+            await recorder.wait_ended(1)
+            async with asyncio.timeout(5):  # the connection task unwinds after the hooks
+                await freed.wait()
+    finally:
+        gc.enable()
+    assert freed.is_set()

@@ -18,6 +18,7 @@ from ._log import log_error, log_warning
 from ._manager import SessionManager
 from ._session import EndReason, Session, SessionState
 from ._shield import run_shielded
+from ._timers import Deadline, call_later
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .backends import MemoryRegistry
 
@@ -158,28 +159,28 @@ async def _pump(
         inbox.put_nowait(message)
         if message["type"] == "websocket.disconnect":
             session._client_disconnected(message)
-            loop = asyncio.get_running_loop()
-            session._force_end = loop.call_later(manager.settings.close_timeout, force_end, session)
+            session._force_end = call_later(manager.settings.close_timeout, force_end, session)
             return
 
 
 def _arm_idle_timer(manager: SessionManager, session: Session) -> None:
     timeout = manager.settings.idle_timeout
     assert timeout is not None
-    loop = asyncio.get_running_loop()
     session._last_activity = monotonic()
+    session._idle_timer = call_later(timeout, _check_idle, manager, session, timeout)
 
-    def check() -> None:
-        if session.end_reason is not None:
-            return
-        remaining = session._last_activity + timeout - monotonic()
-        if remaining > 0:
-            session._idle_timer = loop.call_later(remaining, check)
-        else:
-            log_warning(session.id, "idle for %ss: closing %s", timeout, session.id)
-            close_session(manager, session, manager.settings.idle_close_code, "idle timeout")
 
-    session._idle_timer = loop.call_later(timeout, check)
+def _check_idle(manager: SessionManager, session: Session, timeout: float) -> None:
+    # A module-level function, not a closure that re-arms itself: that would be a reference
+    # cycle keeping every closed session alive until the garbage collector runs.
+    if session.end_reason is not None:
+        return
+    remaining = session._last_activity + timeout - monotonic()
+    if remaining > 0:
+        session._idle_timer = call_later(remaining, _check_idle, manager, session, timeout)
+    else:
+        log_warning(session.id, "idle for %ss: closing %s", timeout, session.id)
+        close_session(manager, session, manager.settings.idle_close_code, "idle timeout")
 
 
 def _current_task() -> asyncio.Task[Any] | None:
@@ -193,6 +194,16 @@ def _uncancel_own(session: Session) -> bool:
     """Absorb the cancellation wsession itself requested; False if someone else cancelled too."""
     task = session._task
     return task is not None and task.uncancel() == 0
+
+
+def _connect_deadline(timeout: float | None, manager: SessionManager) -> Any:
+    # Sync hooks cannot be interrupted, so only async ones get a timer; on asyncio a timer that
+    # does not capture the connection's context (see _timers.py).
+    if timeout is None or not any(inspect.iscoroutinefunction(h) for h in manager.connect_hooks):
+        return nullcontext()
+    if _current_task() is None:
+        return anyio.fail_after(timeout)
+    return Deadline(timeout)
 
 
 def _replay(first: Message, receive: Receive) -> Receive:
@@ -216,7 +227,7 @@ async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refus
     timeout = manager.settings.connect_timeout
     try:
         timings = manager.stats.hook_seconds["connect"]
-        with anyio.fail_after(timeout) if timeout is not None else nullcontext():
+        with _connect_deadline(timeout, manager):
             for hook in manager.connect_hooks:
                 started = perf_counter()
                 try:
@@ -314,6 +325,10 @@ async def _finish(manager: SessionManager, session: Session) -> None:
     finally:
         manager.admission.release(session)
         manager._forget_local(session)
+        # Drop what ties a closed session to the server's connection object, so a session
+        # kept by user code does not keep the connection's buffers alive.
+        session._send = None
+        session._task = None
 
 
 async def run_disconnect_hooks(manager: SessionManager, session: Session) -> None:

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from ._log import log_warning
 from ._session import EndReason, Session, SessionState
+from ._timers import call_later
 from ._types import Message
 
 if TYPE_CHECKING:
@@ -124,12 +125,11 @@ async def _drain(session: Session, coro: Coroutine[Any, Any, Any], yielded: Any)
     backlog = session._backlog
     try:
         await _resume(coro, yielded)
-        while backlog:
+        while backlog and (send := session._send) is not None:
             message = backlog.popleft()
             if session._room is not None:
                 session._room.set()
-            assert session._send is not None
-            await session._send(message)
+            await send(message)
     except (OSError, RuntimeError):
         pass  # the client left: the session's own task sees that and ends it
     finally:
@@ -200,7 +200,7 @@ def close_session(
     task = session._task
     if task is not None and not task.done():
         delay = manager.settings.close_timeout if grace is None else grace
-        session._force_end = asyncio.get_running_loop().call_later(delay, force_end, session)
+        session._force_end = call_later(delay, force_end, session)
     return True
 
 

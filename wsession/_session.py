@@ -102,9 +102,11 @@ class Session:
         "_idle_timer",
         "_ip",
         "_last_activity",
+        "_query_string",
+        "_raw_headers",
         "_room",
-        "_scope",
         "_send",
+        "_subprotocols",
         "_task",
         "client",
         "close_code",
@@ -136,7 +138,11 @@ class Session:
         self.node: str | None = None
         self.groups: set[str] = set()
         self.data: Any = data
-        self._scope = scope
+        # What the read-only views need, not the scope itself: the scope holds the session
+        # (scope["wsession"]), and a cycle would keep both until the garbage collector ran.
+        self._raw_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        self._query_string: bytes = scope.get("query_string", b"")
+        self._subprotocols: tuple[str, ...] = tuple(scope.get("subprotocols", ()))
         self._send = send
         # Out-of-band delivery state (see _delivery.py); None until first needed.
         self._backlog: deque[Message] | None = None
@@ -155,17 +161,17 @@ class Session:
     @property
     def headers(self) -> Headers:
         """The handshake's request headers (an immutable, case-insensitive mapping)."""
-        return Headers(scope=self._scope)
+        return Headers(raw=self._raw_headers)
 
     @property
     def query_params(self) -> QueryParams:
         """The handshake's query parameters (an immutable multi-dict)."""
-        return QueryParams(self._scope.get("query_string", b""))
+        return QueryParams(self._query_string)
 
     @property
     def requested_subprotocols(self) -> tuple[str, ...]:
         """The subprotocols the client offered, in its order."""
-        return tuple(self._scope.get("subprotocols", ()))
+        return self._subprotocols
 
     @property
     def is_closed(self) -> bool:

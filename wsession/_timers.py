@@ -1,0 +1,59 @@
+"""Timers that do not keep a finished connection alive.
+
+``loop.call_later`` snapshots the current context, and asyncio keeps a cancelled timer (and its
+context) until its deadline. Inside a connection the context holds ``current_session``, so an
+ordinary timer would keep a closed session (and the server's connection object behind its send)
+alive for up to the timer's delay. These timers run in an empty context instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+_EMPTY = contextvars.Context()
+
+
+def call_later(delay: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
+    """``loop.call_later`` in an empty context (see the module docstring)."""
+    return asyncio.get_running_loop().call_later(delay, callback, *args, context=_EMPTY)
+
+
+class Deadline:
+    """``with Deadline(seconds):`` raises ``TimeoutError`` when the block runs past the deadline
+    (like ``asyncio.timeout``, whose timer would hold the context). asyncio only."""
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        self._expired = False
+        self._task: asyncio.Task[Any] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> None:
+        self._task = asyncio.current_task()
+        self._handle = call_later(self._delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        task, self._task = self._task, None
+        if (
+            self._expired
+            and exc_type is asyncio.CancelledError
+            and task is not None
+            and task.uncancel() == 0
+        ):
+            raise TimeoutError from exc
