@@ -59,6 +59,7 @@ from wsession import (
     SendResult,
     Session,
     SessionManager,
+    SessionRegistry,
     WSessionMiddleware,
     get_session,
 )
@@ -110,9 +111,30 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]
     return settings
 
 
+def registry_from_env(environ: Mapping[str, str] = os.environ) -> SessionRegistry | None:
+    """The Redis registry when ``WSESSION_REDIS_URL`` is set (``WSESSION_HEARTBEAT`` and
+    ``WSESSION_LEASE_TTL`` tune its lease, ``WSESSION_REDIS_PREFIX`` its keys); else None
+    (the in-memory default)."""
+    url = environ.get("WSESSION_REDIS_URL")
+    if not url:
+        return None
+    from wsession.backends.redis import RedisRegistry
+
+    heartbeat = float(environ.get("WSESSION_HEARTBEAT", "1.0"))
+    ttl = environ.get("WSESSION_LEASE_TTL")
+    return RedisRegistry(
+        url,
+        prefix=environ.get("WSESSION_REDIS_PREFIX", "wsession-example"),
+        heartbeat=heartbeat,
+        lease_ttl=float(ttl) if ttl else None,
+    )
+
+
 def create_app(manager: SessionManager | None = None) -> Starlette:
     """Build the example app around ``manager`` (a new in-memory one by default)."""
-    sessions = manager or SessionManager(data_model=Member, **settings_from_env())
+    sessions = manager or SessionManager(
+        data_model=Member, registry=registry_from_env(), **settings_from_env()
+    )
     sessions.on_connect(_check_name)
 
     @sessions.on_disconnect

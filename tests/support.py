@@ -130,3 +130,11 @@ def recorded(**settings: Any) -> tuple[SessionManager, HookRecorder]:
     recorder = HookRecorder()
     recorder.install(manager)
     return manager, recorder
+
+
+async def wait_unregistered(manager: SessionManager, live: int = 0, timeout: float = 10.0) -> None:
+    """Wait until at most ``live`` local sessions remain registered (registries unregister a
+    session after its disconnect hooks, and a networked one takes a round trip to do it)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    await manager._wait_local(lambda: len(manager.local) <= live, deadline)
+    assert len(manager.local) <= live, f"{len(manager.local)} sessions still registered"

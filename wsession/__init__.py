@@ -11,6 +11,7 @@ from ._delivery import SendResult, SlowConsumerPolicy
 from ._exceptions import (
     ConfigurationError,
     Refuse,
+    RegistryUnavailable,
     SessionClosed,
     SessionNotAvailable,
     WSessionError,
@@ -29,6 +30,7 @@ __all__ = [
     "Hook",
     "MemoryRegistry",
     "Refuse",
+    "RegistryUnavailable",
     "SendResult",
     "Session",
     "SessionClosed",

@@ -80,3 +80,11 @@ class SessionClosed(WSessionError):
 class SessionNotAvailable(WSessionError, LookupError):
     """No session is bound to this scope or context (the middleware is not mounted here,
     or the code runs outside a WebSocket connection)."""
+
+
+class RegistryUnavailable(WSessionError):
+    """A cluster registry cannot reach its store (Redis is down or not entered yet).
+
+    Raised by cluster-wide operations (``get`` of a remote id, ``count``, ``sessions``,
+    ``members``, ``user_sessions``, remote sends and kicks). Local sessions keep working.
+    """

@@ -1,0 +1,173 @@
+"""One contract, every registry: the memory registry and the Redis registry (a real
+redis-server) must answer the same on one worker."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection, connect
+
+from wsession import EndReason, SendResult, Session, SessionManager, SessionRegistry, get_session
+from wsession.backends import MemoryRegistry
+
+from .redis_support import RedisServer
+from .support import (
+    HookRecorder,
+    Server,
+    mount,
+    read_until_closed,
+    recorded,
+    run_server,
+    wait_unregistered,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class Profile(BaseModel):
+    name: str = ""
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_registry(request: pytest.FixtureRequest) -> Callable[[], SessionRegistry]:
+    if request.param == "memory":
+        return MemoryRegistry
+    server: RedisServer = request.getfixturevalue("redis_server")
+    from wsession.backends.redis import RedisRegistry
+
+    prefix = f"contract-{secrets.token_hex(4)}"  # tests share the server, never keys
+    return lambda: RedisRegistry(server.url, prefix=prefix, heartbeat=0.5)
+
+
+async def endpoint(ws: WebSocket) -> None:
+    await ws.accept()
+    await ws.send_text(get_session(ws).id)
+    try:
+        while True:
+            await ws.receive_text()
+    except WebSocketDisconnect:
+        pass
+
+
+@asynccontextmanager
+async def serving(
+    make_registry: Callable[[], SessionRegistry],
+) -> AsyncIterator[tuple[Server, SessionManager, HookRecorder]]:
+    manager, recorder = recorded(registry=make_registry(), data_model=Profile)
+
+    @manager.on_connect
+    def identify(session: Session) -> None:
+        session.data.name = session.query_params.get("name", "")
+        session.user_key = session.query_params.get("user") or None
+
+    async with manager, run_server(mount(endpoint, manager)) as server:
+        yield server, manager, recorder
+
+
+async def join(server: Server, query: str = "") -> tuple[ClientConnection, str]:
+    ws = await connect(f"{server.ws}/ws?{query}")
+    return ws, str(await ws.recv())
+
+
+async def test_lookup_count_list_and_filter(make_registry: Callable[[], SessionRegistry]) -> None:
+    async with serving(make_registry) as (server, manager, _):
+        a, a_id = await join(server, "name=ada")
+        b, b_id = await join(server, "name=bob")
+        assert await manager.count() == 2
+        found = await manager.get(a_id)
+        assert found is not None and found.id == a_id and found.data.name == "ada"
+        assert found.path == "/ws"
+        assert await manager.get("unknown") is None
+        listed = await manager.sessions()
+        assert sorted(s.id for s in listed) == sorted([a_id, b_id])
+        only_bob = await manager.sessions(lambda s: s.data.name == "bob")
+        assert [s.id for s in only_bob] == [b_id]
+        await a.close()
+        await b.close()
+        await wait_unregistered(manager)
+        assert await manager.count() == 0
+        assert await manager.sessions() == []
+
+
+async def test_groups_and_cleanup(make_registry: Callable[[], SessionRegistry]) -> None:
+    async with serving(make_registry) as (server, manager, _):
+        a, a_id = await join(server)
+        b, b_id = await join(server)
+        assert await manager.join(a_id, "room")
+        assert await manager.join(b_id, "room")
+        assert not await manager.join("unknown", "room")
+        assert sorted(await manager.members("room")) == sorted([a_id, b_id])
+        assert await manager.send_group("room", "to room", exclude=a_id) == 1
+        assert await b.recv() == "to room"
+        assert await manager.leave(b_id, "room")
+        assert not await manager.leave(b_id, "room")
+        assert await manager.members("room") == [a_id]
+        await a.close()
+        await wait_unregistered(manager, live=1)
+        assert await manager.members("room") == []
+        await b.close()
+
+
+async def test_user_keys(make_registry: Callable[[], SessionRegistry]) -> None:
+    async with serving(make_registry) as (server, manager, _):
+        t1, id1 = await join(server, "user=u1")
+        t2, id2 = await join(server, "user=u1")
+        other, _ = await join(server, "user=u2")
+        assert sorted(await manager.user_sessions("u1")) == sorted([id1, id2])
+        assert await manager.send_user("u1", {"n": 1}) == 2
+        assert [json.loads(await ws.recv()) for ws in (t1, t2)] == [{"n": 1}, {"n": 1}]
+        assert await manager.close_user("u1", 4000, "bye") == 2
+        for ws in (t1, t2):
+            assert (await read_until_closed(ws)).code == 4000
+        await wait_unregistered(manager, live=1)
+        assert await manager.user_sessions("u1") == []
+        await other.close()
+
+
+async def test_send_broadcast_and_close(make_registry: Callable[[], SessionRegistry]) -> None:
+    async with serving(make_registry) as (server, manager, recorder):
+        a, a_id = await join(server)
+        b, _ = await join(server)
+        assert await manager.send(a_id, b"\x00raw") is SendResult.DELIVERED
+        assert await a.recv() == b"\x00raw"
+        assert await manager.send("unknown", "x") is SendResult.GONE
+        assert await manager.broadcast("all", exclude=a_id) == 1
+        assert await b.recv() == "all"
+        assert await manager.close(a_id, 4001, "kicked")
+        assert not await manager.close("unknown")
+        assert (await read_until_closed(a)).code == 4001
+        await wait_unregistered(manager, live=1)
+        assert recorder.ended[0][1:3] == (EndReason.SERVER_CLOSED, 4001)
+        assert await manager.send(a_id, "late") is SendResult.GONE
+        await b.close()
+
+
+def test_redis_registry_validates_its_settings() -> None:
+    from wsession import ConfigurationError
+    from wsession.backends.redis import RedisRegistry
+
+    bad: list[dict[str, Any]] = [
+        {},
+        {"url": "redis://x", "prefix": ""},
+        {"url": "redis://x", "heartbeat": 0},
+        {"url": "redis://x", "heartbeat": 2, "lease_ttl": 1},
+    ]
+    for kwargs in bad:
+        with pytest.raises(ConfigurationError):
+            RedisRegistry(**kwargs)
+
+
+def test_importing_wsession_does_not_import_redis() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, wsession, wsession.backends; print('redis' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,126 @@
+"""How the Redis registry names its keys and stores sessions and messages."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .._session import Session, SessionState
+from .._types import Message
+
+if TYPE_CHECKING:
+    from .._manager import SessionManager
+
+
+class Keys:
+    """Every key and channel the registry uses, under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.all = f"{prefix}:sessions"  # set of every live session id
+        self.nodes = f"{prefix}:nodes"  # set of node ids that may own sessions
+        self.broadcast = f"{prefix}:ch:all"
+
+    def session(self, session_id: str) -> str:
+        """Hash of one session's metadata and data."""
+        return f"{self.prefix}:s:{session_id}"
+
+    def session_groups(self, session_id: str) -> str:
+        """Set of the groups one session joined (for cleanup)."""
+        return f"{self.prefix}:sg:{session_id}"
+
+    def group(self, group: str) -> str:
+        """Set of the session ids in a group."""
+        return f"{self.prefix}:g:{group}"
+
+    def user(self, user_key: str) -> str:
+        """Set of the session ids of one user."""
+        return f"{self.prefix}:u:{user_key}"
+
+    def node_sessions(self, node: str) -> str:
+        """Set of the session ids a node owns (what survivors claim when it dies)."""
+        return f"{self.prefix}:n:{node}:s"
+
+    def lease(self, node: str) -> str:
+        """A node's lease: exists while its heartbeat runs."""
+        return f"{self.prefix}:lease:{node}"
+
+    def channel(self, node: str) -> str:
+        """The pub/sub channel a node listens on for its own sessions."""
+        return f"{self.prefix}:ch:{node}"
+
+
+def session_fields(session: Session, node: str) -> dict[str, str]:
+    """The hash fields stored for ``session`` (everything another worker needs to rebuild it)."""
+    data = session.data
+    data_json = data.model_dump_json() if hasattr(data, "model_dump_json") else json.dumps(data)
+    client = session.client
+    return {
+        "node": node,
+        "path": session.path,
+        "client": json.dumps(list(client) if client else None),
+        "connected_at": session.connected_at.isoformat(),
+        "subprotocol": session.subprotocol or "",
+        "user_key": session.user_key or "",
+        "headers": json.dumps(
+            [[k.decode("latin-1"), v.decode("latin-1")] for k, v in session._raw_headers]
+        ),
+        "query": session._query_string.decode("latin-1"),
+        "subprotocols": json.dumps(list(session._subprotocols)),
+        "data": data_json,
+    }
+
+
+def rebuild_session(
+    manager: SessionManager, session_id: str, fields: dict[str, str], groups: set[str]
+) -> Session:
+    """A read-only Session for a session another worker owns (``_send`` is None: sending
+    through it raises ``SessionClosed``; use the registry to reach it)."""
+    client = json.loads(fields.get("client") or "null")
+    scope: dict[str, Any] = {
+        "client": client,
+        "path": fields.get("path", ""),
+        "headers": [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in json.loads(fields.get("headers") or "[]")
+        ],
+        "query_string": fields.get("query", "").encode("latin-1"),
+        "subprotocols": json.loads(fields.get("subprotocols") or "[]"),
+    }
+    raw_data = fields.get("data") or "{}"
+    model = manager.data_model
+    data = model.model_validate_json(raw_data) if model is not None else json.loads(raw_data)
+    session = Session(session_id, scope, None, data)
+    if fields.get("connected_at"):
+        session.connected_at = datetime.fromisoformat(fields["connected_at"])
+    session.subprotocol = fields.get("subprotocol") or None
+    session.user_key = fields.get("user_key") or None
+    session.node = fields.get("node") or None
+    session.groups = set(groups)
+    session.state = SessionState.OPEN
+    return session
+
+
+def encode_envelope(op: str, **fields: Any) -> str:
+    """A pub/sub envelope: ``{"op": ..., ...}`` with an ASGI send message made JSON-safe."""
+    message = fields.pop("message", None)
+    if message is not None:
+        if message.get("bytes") is not None:
+            fields["b"] = base64.b64encode(message["bytes"]).decode("ascii")
+        else:
+            fields["t"] = message.get("text")
+    return json.dumps({"op": op, **fields}, separators=(",", ":"))
+
+
+def decode_envelope(raw: str | bytes) -> tuple[str, dict[str, Any], Message | None]:
+    """``(op, fields, message)`` from :func:`encode_envelope`'s output."""
+    fields: dict[str, Any] = json.loads(raw)
+    op = fields.pop("op")
+    message: Message | None = None
+    if "b" in fields:
+        message = {"type": "websocket.send", "bytes": base64.b64decode(fields.pop("b"))}
+    elif "t" in fields:
+        message = {"type": "websocket.send", "text": fields.pop("t")}
+    return op, fields, message
