@@ -9,6 +9,8 @@ Contract (outside checks rely on it; extend it, never rename it):
   - ``{"type": "echo", "text": T}`` -> ``{"type": "echo", "text": T}`` to the sender;
   - ``{"type": "dm", "to": ID, "text": T}`` -> ``{"type": "dm", "from": SENDER_ID, "name":
     SENDER_NAME, "text": T}`` to ID (the sender gets ``{"type": "error", ...}`` if ID is gone);
+  - ``{"type": "dm_user", "user": NAME, "text": T}`` -> the same ``dm`` to every connection of
+    the user NAME (all of that person's tabs, on every worker);
   - ``{"type": "broadcast", "text": T}`` -> ``{"type": "broadcast", "from": SENDER_ID, "name":
     SENDER_NAME, "text": T}`` to every open connection, the sender included;
   - ``{"type": "join", "group": G}`` -> ``{"type": "joined", "group": G}``; ``leave`` -> ``left``;
@@ -263,6 +265,9 @@ async def _handle(sessions: SessionManager, session: Session, raw: str) -> None:
         result = await sessions.send(str(to), {"type": "dm", **sender, "text": text})
         if result is SendResult.GONE:
             await session.send_json({"type": "error", "error": "unknown or closed id", "to": to})
+    elif kind == "dm_user":
+        to_user = message.get("user")
+        await sessions.send_user(str(to_user), {"type": "dm", **sender, "text": text})
     elif kind == "broadcast":
         await sessions.broadcast({"type": "broadcast", **sender, "text": text})
     elif kind in ("join", "leave") and isinstance(group, str) and group:
