@@ -23,6 +23,7 @@ Contract (outside checks rely on it; extend it, never rename it):
 - ``GET /``: the single-page demo (static/index.html).
 - ``GET /api/sessions``: ``{"sessions": [{"id", "name", "connected_at"}, ...]}``.
 - ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``.
+  (With Redis, ``/api/sessions`` and ``/api/stats`` answer 503 while Redis is unreachable.)
 - ``POST /api/send/{id}`` with ``{"text": T}``: delivers ``{"type": "dm", "from": "server",
   "text": T}``; 200, or 404 for an unknown or closed id (400 for a bad body).
 - ``POST /api/kick/{id}``: closes that connection (code 4000, reason "kicked"); 200, or 404.
@@ -58,6 +59,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsession import (
     Refuse,
+    RegistryUnavailable,
     SendResult,
     Session,
     SessionManager,
@@ -146,7 +148,10 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
     async def ws_endpoint(websocket: WebSocket) -> None:
         session = get_session(websocket)
         await websocket.accept()
-        others = await sessions.sessions(lambda s: s.id != session.id)
+        try:
+            others = await sessions.sessions(lambda s: s.id != session.id)
+        except RegistryUnavailable:  # Redis down: this worker's own sessions still work
+            others = [s for s in sessions.local.values() if s.id != session.id]
         await session.send_json(
             {
                 "type": "welcome",
@@ -159,7 +164,10 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
         try:
             while True:
                 message = await websocket.receive_text()
-                await _handle(sessions, session, message)
+                try:
+                    await _handle(sessions, session, message)
+                except RegistryUnavailable as exc:
+                    await session.send_json({"type": "error", "error": str(exc)})
         except WebSocketDisconnect:
             pass
 
@@ -205,6 +213,7 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
             yield
 
     app = Starlette(
+        exception_handlers={RegistryUnavailable: _registry_unavailable},
         routes=[
             Route("/", index),
             WebSocketRoute("/ws", ws_endpoint),
@@ -242,6 +251,11 @@ def _operator_routes(sessions: SessionManager) -> list[BaseRoute]:
 
         routes.append(Mount("/admin", admin_app(sessions, token=token)))
     return routes
+
+
+async def _registry_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # A cluster registry lost its store (Redis down): say so, instead of a bare 500.
+    return JSONResponse({"error": "registry unavailable", "detail": str(exc)}, status_code=503)
 
 
 def _presence(event: str, session: Session) -> dict[str, Any]:
