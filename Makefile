@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run run-cluster test lint clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(BIN)/python -m example_app
+
+# Two workers of the example on one Redis (a private redis-server unless WSESSION_REDIS_URL).
+run-cluster: install
+	$(BIN)/python -m example_app.cluster
 
 test: install
 	$(BIN)/python -m pytest
