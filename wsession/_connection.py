@@ -28,46 +28,29 @@ _DENIAL = "websocket.http.response"
 async def serve_connection(
     manager: SessionManager, app: ASGIApp, scope: Scope, receive: Receive, send: Send
 ) -> Any:
-    """Run ``app`` for one WebSocket scope inside a managed session; return what it returns."""
-    first = await receive()
+    """Run ``app`` for one WebSocket scope inside a managed session; return what it returns.
+
+    One coroutine for the whole connection (admission, the app, teardown): every message the app
+    awaits resumes through each frame between the server and the app, so fewer is faster.
+    """
+    first: Message | None = await receive()
+    assert first is not None
     if first["type"] != "websocket.connect":
         # The client left before the handshake reached us: nothing to manage, pass it on.
         return await app(scope, _replay(first, receive), send)
 
-    session_id = manager.id_factory()
     scope = dict(scope)  # never mutate the server's scope
-    session = Session(session_id, scope, None, manager.new_data())
+    session = Session(manager.id_factory(), scope, None, manager.new_data())
     scope[SCOPE_KEY] = session
-    token = current_session.set(session)
-    try:
-        admission = manager.admission
-        refusal = admission.before_hooks(session, scope, len(manager.local))
-        if refusal is None:
-            refusal = await _run_connect_hooks(manager, session)
-            if refusal is None and (refusal := admission.after_hooks(session)) is not None:
-                # The connect hooks completed, so their disconnect hooks are owed.
-                session._end(EndReason.REFUSED, None, refusal.reason)
-                session.state = SessionState.CLOSED
-                await run_shielded(run_disconnect_hooks(manager, session))
-        if refusal is not None:
-            manager.stats.refused += 1
-            manager.stats.refused_by[refusal.label] += 1
-            await _refuse(scope, send, refusal)
-            return None
-        return await _run_app(manager, app, scope, receive, send, session, first)
-    finally:
-        current_session.reset(token)
+    current_session.set(session)  # the connection's own task: no token to keep
+    refusal = await _admit(manager, session, scope)
+    if refusal is not None:
+        manager.stats.refused += 1
+        manager.stats.refused_by[refusal.label] += 1
+        current_session.set(None)
+        await _refuse(scope, send, refusal)
+        return None
 
-
-async def _run_app(
-    manager: SessionManager,
-    app: ASGIApp,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    session: Session,
-    first: Message | None,
-) -> Any:
     settings = manager.settings
     track = settings.idle_timeout is not None
     pump: asyncio.Task[None] | None = None
@@ -101,6 +84,9 @@ async def _run_app(
             raise
 
     session._send = send_wrapper
+    # Out-of-band data frames may skip the wrapper when the server's send is a coroutine
+    # function (it can be stepped by hand, see _delivery.py).
+    session._raw_send = send if inspect.iscoroutinefunction(send) else send_wrapper
     session._task = _current_task()
     manager.stats.accepted += 1
     manager.admission.acquire(session)
@@ -130,6 +116,22 @@ async def _run_app(
         if pump is not None:
             pump.cancel()
         await _teardown(manager, session)
+        current_session.set(None)
+
+
+async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Refuse | None:
+    """Admission checks and connect hooks; the refusal, if any."""
+    admission = manager.admission
+    refusal = admission.before_hooks(session, scope, len(manager.local))
+    if refusal is not None:
+        return refusal
+    refusal = await _run_connect_hooks(manager, session)
+    if refusal is None and (refusal := admission.after_hooks(session)) is not None:
+        # The connect hooks completed, so their disconnect hooks are owed.
+        session._end(EndReason.REFUSED, None, refusal.reason)
+        session.state = SessionState.CLOSED
+        await run_shielded(run_disconnect_hooks(manager, session))
+    return refusal
 
 
 async def _send_control(session: Session, send: Send, message: Message) -> None:
@@ -199,7 +201,7 @@ def _uncancel_own(session: Session) -> bool:
 def _connect_deadline(timeout: float | None, manager: SessionManager) -> Any:
     # Sync hooks cannot be interrupted, so only async ones get a timer; on asyncio a timer that
     # does not capture the connection's context (see _timers.py).
-    if timeout is None or not any(inspect.iscoroutinefunction(h) for h in manager.connect_hooks):
+    if timeout is None or not manager._async_connect_hooks:
         return nullcontext()
     if _current_task() is None:
         return anyio.fail_after(timeout)
@@ -232,7 +234,7 @@ async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refus
                 started = perf_counter()
                 try:
                     result = hook(session)
-                    if inspect.isawaitable(result):
+                    if result is not None and inspect.isawaitable(result):
                         await result
                 finally:
                     timings.observe(perf_counter() - started)
@@ -300,10 +302,7 @@ async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
 async def _teardown(manager: SessionManager, session: Session) -> None:
     """Disconnect hooks (reverse order) then unregister; runs exactly once per session."""
     count_ending(manager, session)
-    hooks = manager.disconnect_hooks
-    if type(manager.registry) is MemoryRegistry and not any(
-        inspect.iscoroutinefunction(h) for h in hooks
-    ):
+    if type(manager.registry) is MemoryRegistry and not manager._async_disconnect_hooks:
         # Nothing here can suspend, so cancellation cannot interrupt it: skip the shield task.
         await _finish(manager, session)
     else:
@@ -327,7 +326,7 @@ async def _finish(manager: SessionManager, session: Session) -> None:
         manager._forget_local(session)
         # Drop what ties a closed session to the server's connection object, so a session
         # kept by user code does not keep the connection's buffers alive.
-        session._send = None
+        session._send = session._raw_send = None
         session._task = None
 
 
@@ -344,7 +343,7 @@ async def run_disconnect_hooks(manager: SessionManager, session: Session) -> Non
         started = perf_counter()
         try:
             result = hook(session)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 with anyio.move_on_after(timeout) as scope:
                     await result
                 if scope.cancelled_caught:

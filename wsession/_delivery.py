@@ -16,6 +16,7 @@ import json
 from collections import deque
 from collections.abc import Coroutine
 from enum import StrEnum
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -106,8 +107,11 @@ def _close_slow_consumer(manager: SessionManager, session: Session) -> None:
 
 
 def _send_eagerly(session: Session, message: Message) -> SendResult:
-    assert session._send is not None
-    coro = session._send(message)
+    send = session._raw_send or session._send
+    assert send is not None
+    if session._idle_timer is not None:
+        session._last_activity = monotonic()  # outgoing frames count as activity too
+    coro = send(message)
     try:
         yielded = coro.send(None)
     except StopIteration:

@@ -65,6 +65,7 @@ class EndReason(StrEnum):
 
 
 _LOST_CODES = frozenset({1005, 1006})
+NO_GROUPS: frozenset[str] = frozenset()
 _SERVER_RESTART = 1012
 
 
@@ -104,6 +105,7 @@ class Session:
         "_last_activity",
         "_query_string",
         "_raw_headers",
+        "_raw_send",
         "_room",
         "_send",
         "_subprotocols",
@@ -136,7 +138,7 @@ class Session:
         self.end_reason: EndReason | None = None
         self.user_key: str | None = None
         self.node: str | None = None
-        self.groups: set[str] = set()
+        self.groups: set[str] | frozenset[str] = NO_GROUPS  # a set once it joins one
         self.data: Any = data
         # What the read-only views need, not the scope itself: the scope holds the session
         # (scope["wsession"]), and a cycle would keep both until the garbage collector ran.
@@ -144,6 +146,7 @@ class Session:
         self._query_string: bytes = scope.get("query_string", b"")
         self._subprotocols: tuple[str, ...] = tuple(scope.get("subprotocols", ()))
         self._send = send
+        self._raw_send: SessionSend | None = None  # the server's send, for out-of-band frames
         # Out-of-band delivery state (see _delivery.py); None until first needed.
         self._backlog: deque[Message] | None = None
         self._drainer: asyncio.Task[None] | None = None

@@ -6,14 +6,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from .._delivery import SendResult, close_session, deliver, try_deliver
-from .._session import Session, SessionState
+from .._session import NO_GROUPS, Session, SessionState
 from .._types import Message
 from ._base import SessionFilter
 
 if TYPE_CHECKING:
     from .._manager import SessionManager
-
-_REACHED = (SendResult.DELIVERED, SendResult.QUEUED)
 
 
 class MemoryRegistry:
@@ -69,7 +67,7 @@ class MemoryRegistry:
         del self._sessions[session.id]
         for group in session.groups:
             _discard(self._groups, group, session.id)
-        session.groups.clear()
+        session.groups = NO_GROUPS
         if session.user_key is not None:
             _discard(self._users, session.user_key, session.id)
 
@@ -92,6 +90,8 @@ class MemoryRegistry:
         session = self._sessions.get(session_id)
         if session is None or session.state is SessionState.CLOSED:
             return False
+        if not isinstance(session.groups, set):
+            session.groups = set()  # sessions start with a shared empty frozenset
         session.groups.add(group)
         self._groups.setdefault(group, {})[session_id] = session
         return True
@@ -99,7 +99,7 @@ class MemoryRegistry:
     async def leave(self, session_id: str, group: str) -> bool:
         """Remove a session from ``group``."""
         session = self._sessions.get(session_id)
-        if session is None or group not in session.groups:
+        if session is None or group not in session.groups or not isinstance(session.groups, set):
             return False
         session.groups.discard(group)
         _discard(self._groups, group, session_id)
@@ -139,19 +139,19 @@ class MemoryRegistry:
         # Straight to each connection's send, one step each, no task per message: a slow
         # client cannot hold the loop up (see _delivery.py).
         manager = self.manager
-        sends = manager.stats.sends
-        reached = 0
+        counts: dict[SendResult, int] = {}
+        waited = 0  # reached through the "wait" policy (deliver() counts those itself)
         for session in targets:
             if session.id == exclude:
                 continue
             result = try_deliver(manager, session, message)
             if result is None:
-                result = await deliver(manager, session, message)  # counts itself
+                result = await deliver(manager, session, message)
+                waited += result is SendResult.DELIVERED or result is SendResult.QUEUED
             else:
-                sends[result] += 1
-            if result in _REACHED:
-                reached += 1
-        return reached
+                counts[result] = counts.get(result, 0) + 1
+        manager.stats.sends.update(counts)  # once per call, not once per connection
+        return counts.get(SendResult.DELIVERED, 0) + counts.get(SendResult.QUEUED, 0) + waited
 
     async def close(self, session_id: str, code: int = 1000, reason: str = "") -> bool:
         """Close one session from outside."""
