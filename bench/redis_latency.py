@@ -13,90 +13,38 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 from websockets.asyncio.client import connect
 
+from example_app.procs import (
+    free_port,
+    redis_binary,
+    start_redis,
+    start_worker,
+    stop,
+    wait_for_port,
+)
 from wsession import SessionManager
 from wsession.backends.redis import RedisRegistry
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-
-
-async def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    async with asyncio.timeout(20):
-        while True:  # bounded by the timeout
-            if proc.poll() is not None:
-                raise RuntimeError(f"process {proc.args!r} exited")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                return
-            except OSError:
-                await asyncio.sleep(0.05)
 
 
 async def measure(sends: int, warmup: int) -> list[float]:
     """Latencies in milliseconds of ``sends`` cross-worker sends (after ``warmup`` more)."""
-    binary = shutil.which("redis-server")
+    binary = redis_binary()
     if binary is None:
         raise SystemExit("redis-server not found: apt-get install redis-server")
     started: list[subprocess.Popen[bytes]] = []
     try:
-        redis_port, app_port = _free_port(), _free_port()
+        redis_port, app_port = free_port(), free_port()
         folder = tempfile.mkdtemp(prefix="wsession-bench-redis-")
-        redis = _spawn(
-            [
-                binary,
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                folder,
-            ],
-        )
-        started.append(redis)
-        await _wait_port(redis_port, redis)
+        started.append(start_redis(binary, redis_port, folder))
         url = f"redis://127.0.0.1:{redis_port}/0"
         env = {**os.environ, "WSESSION_REDIS_URL": url, "WSESSION_REDIS_PREFIX": "bench"}
-        worker = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "example_app.app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(app_port),
-                "--log-level",
-                "warning",
-            ],
-            env,
-        )
-        started.append(worker)
-        await _wait_port(app_port, worker)
+        started.append(start_worker(app_port, env))
+        wait_for_port(app_port, started[-1], "example worker", timeout=20)
         ws = await connect(f"ws://127.0.0.1:{app_port}/ws?name=bench")
         target = json.loads(await ws.recv())["id"]
         manager = SessionManager(registry=RedisRegistry(url, prefix="bench"))
@@ -113,8 +61,7 @@ async def measure(sends: int, warmup: int) -> list[float]:
         return latencies
     finally:
         for proc in reversed(started):  # the worker before the Redis it uses
-            proc.terminate()
-            proc.wait(timeout=15)
+            stop(proc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,38 +3,18 @@ one Redis, so people on different workers see and message each other.
 
 Uses ``WSESSION_REDIS_URL`` when set; otherwise starts a private ``redis-server`` on a free port
 in a temporary folder. Workers listen on ``PORT`` and ``PORT + 1`` (default 8000, 8001).
-Ctrl-C stops everything it started.
+Ctrl-C (or SIGTERM) stops everything it started.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{what} did not start listening on port {port}")
+from .procs import free_port, redis_binary, start_redis, start_worker, stop, wait_for_port
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -48,48 +28,17 @@ def main() -> None:
     redis_url = os.environ.get("WSESSION_REDIS_URL")
     try:
         if not redis_url:
-            binary = shutil.which("redis-server")
+            binary = redis_binary()
             if binary is None:
                 raise SystemExit("redis-server not found: apt-get install redis-server")
-            redis_port = _free_port()
-            folder = tempfile.mkdtemp(prefix="wsession-redis-")
-            redis = subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    folder,
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-            started.append(redis)
-            _wait_for_port(redis_port, redis, "redis-server")
+            redis_port = free_port()
+            started.append(start_redis(binary, redis_port, tempfile.mkdtemp(prefix="wsession-")))
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
         base = int(os.environ.get("PORT", "8000"))
         env = {**os.environ, "WSESSION_REDIS_URL": redis_url}
         for port in (base, base + 1):
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "example_app.app:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
-                env=env,
-            )
-            started.append(worker)
-            _wait_for_port(port, worker, f"worker on port {port}")
+            started.append(start_worker(port, env, quiet=False))
+            wait_for_port(port, started[-1], f"worker on port {port}")
         print(f"Redis: {redis_url}", flush=True)
         for port in (base, base + 1):
             print(f"worker: http://127.0.0.1:{port}/", flush=True)
@@ -101,14 +50,8 @@ def main() -> None:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for proc in reversed(started):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in started:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for proc in reversed(started):  # workers before the Redis they use
+            stop(proc)
 
 
 if __name__ == "__main__":

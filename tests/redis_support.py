@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from example_app.procs import free_port, redis_binary, start_redis, stop
+
 INSTALL_HINT = "redis-server is not installed (apt-get install redis-server)"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["RedisServer", "free_port", "own_redis_server", "redis_server"]
 
 
 class RedisServer:
@@ -35,37 +30,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.folder),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # bounded: wait until it answers PING
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        self.proc = start_redis(self.binary, self.port, self.folder)
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+            stop(self.proc)
             self.proc = None
 
     def restart(self) -> None:
@@ -73,8 +42,8 @@ class RedisServer:
         self.start()
 
 
-def redis_binary() -> str:
-    binary = shutil.which("redis-server")
+def require_redis_binary() -> str:
+    binary = redis_binary()
     if binary is None:
         if os.environ.get("WSESSION_REQUIRE_REDIS") == "1":
             pytest.fail(INSTALL_HINT + "; WSESSION_REQUIRE_REDIS=1 forbids skipping")
@@ -85,7 +54,7 @@ def redis_binary() -> str:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One private redis-server for the run; tests keep apart by key prefix."""
-    server = RedisServer(redis_binary(), tmp_path_factory.mktemp("redis"))
+    server = RedisServer(require_redis_binary(), tmp_path_factory.mktemp("redis"))
     server.start()
     try:
         yield server
@@ -96,7 +65,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server for one test (which may restart it)."""
-    server = RedisServer(redis_binary(), tmp_path)
+    server = RedisServer(require_redis_binary(), tmp_path)
     server.start()
     try:
         yield server

@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+
+from example_app.procs import start_worker, stop
 
 from .redis_support import RedisServer, free_port
 from .support import read_until_closed
@@ -39,7 +39,7 @@ class Worker:
             "WSESSION_HEARTBEAT": str(HEARTBEAT),
             "WSESSION_DRAIN_TIMEOUT": "2",
         }
-        self.proc = _spawn(self.port, env)
+        self.proc = start_worker(self.port, env)
 
     @property
     def http(self) -> str:
@@ -62,29 +62,7 @@ class Worker:
         return ws, str(welcome["id"])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _spawn(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "example_app.app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    return subprocess.Popen(argv, cwd=ROOT, env=env)
+        stop(self.proc)
 
 
 @asynccontextmanager
