@@ -138,3 +138,14 @@ async def wait_unregistered(manager: SessionManager, live: int = 0, timeout: flo
     deadline = asyncio.get_running_loop().time() + timeout
     await manager._wait_local(lambda: len(manager.local) <= live, deadline)
     assert len(manager.local) <= live, f"{len(manager.local)} sessions still registered"
+
+
+async def next_of(ws: Any, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The next JSON message of type ``kind`` from a websockets client (others skipped)."""
+    import json
+
+    async with asyncio.timeout(timeout):
+        while True:
+            message = json.loads(await ws.recv())
+            if message["type"] == kind:
+                return message  # type: ignore[no-any-return]

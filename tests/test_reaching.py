@@ -8,7 +8,6 @@ import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 import pytest
@@ -31,6 +30,7 @@ from .support import (
     HookRecorder,
     Server,
     mount,
+    next_of,
     read_until_closed,
     recorded,
     reset_connection,
@@ -52,15 +52,6 @@ async def join_as(server: Server, name: str) -> tuple[ClientConnection, str]:
     welcome = json.loads(await ws.recv())
     assert welcome["type"] == "welcome"
     return ws, welcome["id"]
-
-
-async def next_of(ws: ClientConnection, kind: str) -> dict[str, Any]:
-    """The next message of type ``kind`` (presence and other chatter skipped)."""
-    async with asyncio.timeout(5):
-        while True:
-            message = json.loads(await ws.recv())
-            if message["type"] == kind:
-                return message  # type: ignore[no-any-return]
 
 
 async def test_direct_message_between_two_clients() -> None:

@@ -10,8 +10,6 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,10 +18,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from example_app.procs import start_worker, stop
 
 from .redis_support import RedisServer, free_port
-from .support import read_until_closed
+from .support import next_of, read_until_closed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(90)]
-ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT = 0.4
 
 
@@ -79,14 +76,6 @@ async def cluster(
     finally:
         for worker in workers:
             worker.stop()
-
-
-async def next_of(ws: ClientConnection, kind: str) -> dict[str, Any]:
-    async with asyncio.timeout(5):
-        while True:
-            message = json.loads(await ws.recv())
-            if message["type"] == kind:
-                return message  # type: ignore[no-any-return]
 
 
 async def session_ids(client: httpx.AsyncClient, worker: Worker) -> set[str] | None:
