@@ -1,10 +1,11 @@
-"""``python -m bench.redis_latency``: cross-worker send-by-id latency over a loopback Redis.
+"""``python -m bench.redis_latency``: cross-worker send-by-id latency and a broadcast across two
+workers, over a loopback Redis.
 
 Starts a private ``redis-server`` on a free port and one worker of the example app (uvicorn, its
-own process) on the Redis registry; a client connects to that worker; this process, a second
-worker's ``SessionManager`` on the same Redis, sends to the client's id and times each send
-until the client has the frame. Prints p50/p99/max over the measured sends. Everything it starts
-is stopped at the end.
+own process, two of them) on the Redis registry. This process, a third node's ``SessionManager``
+on the same Redis, (1) sends to a client's id on the first worker and times each send until the
+client has the frame (p50/p99/max), and (2) broadcasts to clients spread over both workers and
+times trigger to last receipt. Everything it starts is stopped at the end.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 from websockets.asyncio.client import connect
 
@@ -31,37 +34,71 @@ from wsession import SessionManager
 from wsession.backends.redis import RedisRegistry
 
 
-async def measure(sends: int, warmup: int) -> list[float]:
-    """Latencies in milliseconds of ``sends`` cross-worker sends (after ``warmup`` more)."""
+async def measure(
+    sends: int, warmup: int, clients: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Milliseconds of ``sends`` cross-worker sends by id, and of ``rounds`` broadcasts to
+    ``clients`` connections spread over two workers (each after warm-up)."""
     binary = redis_binary()
     if binary is None:
         raise SystemExit("redis-server not found: apt-get install redis-server")
     started: list[subprocess.Popen[bytes]] = []
     try:
-        redis_port, app_port = free_port(), free_port()
+        redis_port, ports = free_port(), (free_port(), free_port())
         folder = tempfile.mkdtemp(prefix="wsession-bench-redis-")
         started.append(start_redis(binary, redis_port, folder))
         url = f"redis://127.0.0.1:{redis_port}/0"
         env = {**os.environ, "WSESSION_REDIS_URL": url, "WSESSION_REDIS_PREFIX": "bench"}
-        started.append(start_worker(app_port, env))
-        wait_for_port(app_port, started[-1], "example worker", timeout=20)
-        ws = await connect(f"ws://127.0.0.1:{app_port}/ws?name=bench")
-        target = json.loads(await ws.recv())["id"]
+        for port in ports:
+            started.append(start_worker(port, env))
+            wait_for_port(port, started[-1], "example worker", timeout=20)
         manager = SessionManager(registry=RedisRegistry(url, prefix="bench"))
-        latencies: list[float] = []
-        async with manager, asyncio.timeout(120):
-            for i in range(warmup + sends):
-                started_at = time.perf_counter()
-                await manager.send(target, {"i": i})
-                while json.loads(await ws.recv()).get("i") != i:
-                    pass  # presence or other chatter
-                if i >= warmup:
-                    latencies.append((time.perf_counter() - started_at) * 1000)
-        await ws.close()
-        return latencies
+        async with manager, asyncio.timeout(300):
+            by_id = await _send_by_id(manager, ports[0], sends, warmup)
+            broadcast = await _broadcast(manager, ports, clients, rounds)
+        return by_id, broadcast
     finally:
-        for proc in reversed(started):  # the worker before the Redis it uses
+        for proc in reversed(started):  # the workers before the Redis they use
             stop(proc)
+
+
+async def _send_by_id(manager: SessionManager, port: int, sends: int, warmup: int) -> list[float]:
+    ws = await connect(f"ws://127.0.0.1:{port}/ws?name=bench")
+    target = json.loads(await ws.recv())["id"]
+    latencies: list[float] = []
+    for i in range(warmup + sends):
+        started_at = time.perf_counter()
+        await manager.send(target, {"i": i})
+        while json.loads(await ws.recv()).get("i") != i:
+            pass  # presence or other chatter
+        if i >= warmup:
+            latencies.append((time.perf_counter() - started_at) * 1000)
+    await ws.close()
+    return latencies
+
+
+async def _broadcast(
+    manager: SessionManager, ports: tuple[int, int], clients: int, rounds: int
+) -> list[float]:
+    sockets = []
+    for n in range(clients):
+        ws = await connect(f"ws://127.0.0.1:{ports[n % 2]}/ws?name=b{n}", max_queue=None)
+        await ws.recv()  # welcome
+        sockets.append(ws)
+
+    async def receipt(ws: Any, round_: int) -> None:
+        while json.loads(await ws.recv()).get("round") != round_:
+            pass  # presence events of the others joining
+
+    timings: list[float] = []
+    for round_ in range(3 + rounds):  # 3 warm-up rounds
+        started_at = time.perf_counter()
+        await manager.broadcast({"round": round_})
+        await asyncio.gather(*(receipt(ws, round_) for ws in sockets))
+        if round_ >= 3:
+            timings.append((time.perf_counter() - started_at) * 1000)
+    await asyncio.gather(*(ws.close() for ws in sockets))
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,13 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.redis_latency")
     parser.add_argument("--sends", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=400, help="for the broadcast")
+    parser.add_argument("--rounds", type=int, default=20, help="broadcasts measured")
     args = parser.parse_args(argv)
-    latencies = sorted(asyncio.run(measure(args.sends, args.warmup)))
-    p50 = latencies[len(latencies) // 2]
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    by_id, broadcast = asyncio.run(measure(args.sends, args.warmup, args.clients, args.rounds))
+    by_id.sort()
+    p50 = by_id[len(by_id) // 2]
+    p99 = by_id[min(len(by_id) - 1, int(len(by_id) * 0.99))]
     print(
-        f"cross-worker send-by-id over loopback Redis: n={len(latencies)} "
-        f"p50={p50:.3f} ms p99={p99:.3f} ms max={latencies[-1]:.3f} ms (target p99 <= 2 ms)"
+        f"cross-worker send-by-id over loopback Redis: n={len(by_id)} "
+        f"p50={p50:.3f} ms p99={p99:.3f} ms max={by_id[-1]:.3f} ms (target p99 <= 2 ms)"
+    )
+    print(
+        f"broadcast to {args.clients} connections on two workers, from a third node, trigger to "
+        f"last receipt: median {statistics.median(broadcast):.2f} ms over {len(broadcast)} "
+        f"(min {min(broadcast):.2f}, max {max(broadcast):.2f})"
     )
     return 0
 

@@ -171,3 +171,18 @@ def test_importing_wsession_does_not_import_redis() -> None:
     code = "import sys, wsession, wsession.backends; print('redis' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+async def test_redis_bursts_wait_for_a_pooled_connection(redis_server: RedisServer) -> None:
+    """More concurrent cluster calls than pooled connections wait their turn; none fails with
+    redis-py's "Too many connections" (found by bench.redis_latency with 400 clients)."""
+    import asyncio
+
+    from wsession.backends.redis import RedisRegistry
+
+    registry = RedisRegistry(redis_server.url, prefix=f"burst-{secrets.token_hex(4)}")
+    manager = SessionManager(registry=registry)
+    async with manager:
+        # 300 at once: beyond redis-py's default pool (100) and ours (64).
+        counts = await asyncio.gather(*(manager.count() for _ in range(300)))
+    assert counts == [0] * 300

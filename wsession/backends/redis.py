@@ -86,6 +86,8 @@ class RedisRegistry:
         lease_ttl: seconds a lease lives without renewal (default 1.5 x ``heartbeat``); must
             be longer than ``heartbeat``.
         node_id: this worker's id (default: random).
+        max_connections: size of the connection pool made from ``url``; callers beyond it
+            wait for a free connection (up to 10 s) instead of failing.
 
     Raises:
         ConfigurationError: bad arguments (named in the message).
@@ -108,6 +110,7 @@ class RedisRegistry:
         heartbeat: float = 1.0,
         lease_ttl: float | None = None,
         node_id: str | None = None,
+        max_connections: int = 64,
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("RedisRegistry: give exactly one of url and client")
@@ -115,6 +118,8 @@ class RedisRegistry:
             raise ConfigurationError(f"prefix: must be non-empty without spaces, got {prefix!r}")
         if not heartbeat > 0:
             raise ConfigurationError(f"heartbeat: must be > 0 seconds, got {heartbeat!r}")
+        if max_connections < 2:
+            raise ConfigurationError(f"max_connections: must be >= 2, got {max_connections!r}")
         ttl = 1.5 * heartbeat if lease_ttl is None else lease_ttl
         if not ttl > heartbeat:
             raise ConfigurationError(f"lease_ttl: must be longer than heartbeat, got {ttl!r}")
@@ -123,6 +128,8 @@ class RedisRegistry:
         self.heartbeat = heartbeat
         self.lease_ttl = ttl
         self.node_id = node_id or secrets.token_hex(8)
+        self.max_connections = max_connections
+        self._pool: Any = None
         self._keys = Keys(prefix)
         self._external_client = client
         self._client: Any = client
@@ -152,10 +159,15 @@ class RedisRegistry:
     async def __aenter__(self) -> Self:
         """Connect, take this worker's lease, heal sessions of dead workers, start listening."""
         if self._client is None:
-            from redis.asyncio import Redis
+            from redis.asyncio import BlockingConnectionPool, Redis
 
             assert self.url is not None
-            self._client = Redis.from_url(self.url, decode_responses=True)
+            # A blocking pool: a burst of sessions waits for a connection instead of failing
+            # with "Too many connections" (redis-py's default pool raises at its limit).
+            self._pool = BlockingConnectionPool.from_url(
+                self.url, decode_responses=True, max_connections=self.max_connections, timeout=10
+            )
+            self._client = Redis(connection_pool=self._pool)
         try:
             await self._renew_lease()
             await self._reap()
@@ -181,14 +193,20 @@ class RedisRegistry:
         client = self._client
         if client is None:
             return
-        with contextlib.suppress(*_redis_errors()):
-            for session in await self._local.sessions():
-                await self._remove_in_redis(session.id)
-            await client.delete(self._keys.lease(self.node_id))
-            await client.srem(self._keys.nodes, self.node_id)
+        # Bounded: shutdown must not hang on an unreachable or busy Redis.
+        with contextlib.suppress(*_redis_errors(), TimeoutError):
+            async with asyncio.timeout(5):
+                for session in await self._local.sessions():
+                    await self._remove_in_redis(session.id)
+                await client.delete(self._keys.lease(self.node_id))
+                await client.srem(self._keys.nodes, self.node_id)
         if self._external_client is None:
-            await client.aclose()
-            self._client = None
+            with contextlib.suppress(*_redis_errors(), TimeoutError):
+                async with asyncio.timeout(5):
+                    await client.aclose()
+                    if self._pool is not None:
+                        await self._pool.aclose()
+            self._client = self._pool = None
 
     # -- membership -----------------------------------------------------------------------
 
