@@ -186,3 +186,28 @@ async def test_redis_bursts_wait_for_a_pooled_connection(redis_server: RedisServ
         # 300 at once: beyond redis-py's default pool (100) and ours (64).
         counts = await asyncio.gather(*(manager.count() for _ in range(300)))
     assert counts == [0] * 300
+
+
+async def test_redis_stores_dict_data_that_json_cannot_hold_as_text(
+    redis_server: RedisServer,
+) -> None:
+    """A dict with a datetime must not break registration; other workers read its text."""
+    import datetime
+
+    from wsession.backends.redis import RedisRegistry
+
+    prefix = f"data-{secrets.token_hex(4)}"
+    owner = SessionManager(registry=RedisRegistry(redis_server.url, prefix=prefix))
+    other = SessionManager(registry=RedisRegistry(redis_server.url, prefix=prefix))
+    when = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=datetime.UTC)
+
+    @owner.on_connect
+    def stamp(session: Session) -> None:
+        session.data["when"] = when
+
+    async with owner, other, run_server(mount(endpoint, owner)) as server:
+        ws, sid = await join(server)
+        seen = await other.get(sid)
+        assert seen is not None and seen.node != other.registry.node_id  # type: ignore[attr-defined]
+        assert seen.data == {"when": str(when)}
+        await ws.close()

@@ -55,7 +55,12 @@ class Keys:
 def session_fields(session: Session, node: str) -> dict[str, str]:
     """The hash fields stored for ``session`` (everything another worker needs to rebuild it)."""
     data = session.data
-    data_json = data.model_dump_json() if hasattr(data, "model_dump_json") else json.dumps(data)
+    # default=str: a dict may hold values JSON cannot (datetimes...); store their text.
+    data_json = (
+        data.model_dump_json()
+        if hasattr(data, "model_dump_json")
+        else json.dumps(data, default=str)
+    )
     client = session.client
     return {
         "node": node,
