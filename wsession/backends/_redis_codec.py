@@ -7,6 +7,8 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .._exceptions import SessionClosed
+from .._log import log_error
 from .._session import Session, SessionState
 from .._types import Message
 
@@ -47,20 +49,43 @@ class Keys:
         """A node's lease: exists while its heartbeat runs."""
         return f"{self.prefix}:lease:{node}"
 
+    def dead(self, node: str) -> str:
+        """A lost node's tombstone (expires): tells it, if it was only stalled, not to come back
+        with its old sessions."""
+        return f"{self.prefix}:dead:{node}"
+
+    def claimed(self, node: str) -> str:
+        """Set of a node's sessions the cluster ended as node lost (read if it comes back)."""
+        return f"{self.prefix}:claimed:{node}"
+
     def channel(self, node: str) -> str:
         """The pub/sub channel a node listens on for its own sessions."""
         return f"{self.prefix}:ch:{node}"
 
 
+REDACTED_HEADERS = frozenset(
+    {b"authorization", b"cookie", b"proxy-authorization", b"sec-websocket-key"}
+)
+"""Handshake headers never written to Redis (credentials): remote snapshots and node-lost hooks
+do not see them. Keep what hooks need in ``session.data`` or ``user_key``."""
+
+
+class RemoteSession(Session):
+    """A read-only snapshot of a session another worker owns, rebuilt from Redis.
+
+    Sending through it raises :class:`~wsession.SessionClosed`: reach it through the manager
+    (``manager.send(session.id, ...)``), which publishes to its worker.
+    """
+
+    __slots__ = ()
+
+    async def send_message(self, message: Message) -> None:
+        """Always raises :class:`~wsession.SessionClosed` (the connection is on another worker)."""
+        raise SessionClosed(self.id, f"on worker {self.node} (send through the manager)")
+
+
 def session_fields(session: Session, node: str) -> dict[str, str]:
     """The hash fields stored for ``session`` (everything another worker needs to rebuild it)."""
-    data = session.data
-    # default=str: a dict may hold values JSON cannot (datetimes...); store their text.
-    data_json = (
-        data.model_dump_json()
-        if hasattr(data, "model_dump_json")
-        else json.dumps(data, default=str)
-    )
     client = session.client
     return {
         "node": node,
@@ -70,19 +95,39 @@ def session_fields(session: Session, node: str) -> dict[str, str]:
         "subprotocol": session.subprotocol or "",
         "user_key": session.user_key or "",
         "headers": json.dumps(
-            [[k.decode("latin-1"), v.decode("latin-1")] for k, v in session._raw_headers]
+            [
+                [k.decode("latin-1"), v.decode("latin-1")]
+                for k, v in session._raw_headers
+                if k.lower() not in REDACTED_HEADERS
+            ]
         ),
         "query": session._query_string.decode("latin-1"),
         "subprotocols": json.dumps(list(session._subprotocols)),
-        "data": data_json,
+        "data": encode_data(session),
     }
+
+
+def encode_data(session: Session) -> str:
+    """``session.data`` as JSON: ``model_dump_json`` for a model; a dict with ``json.dumps``, values
+    JSON cannot hold as their ``str()``. Never raises (a failure is logged and stored as null)."""
+    data = session.data
+    try:
+        if hasattr(data, "model_dump_json"):
+            return str(data.model_dump_json())
+        return json.dumps(data, separators=(",", ":"), default=str)
+    except Exception:
+        log_error(
+            session.id, "cannot store the data of %s in Redis: stored as null", session.id, exc=True
+        )
+        return "null"
 
 
 def rebuild_session(
     manager: SessionManager, session_id: str, fields: dict[str, str], groups: set[str]
 ) -> Session:
-    """A read-only Session for a session another worker owns (``_send`` is None: sending
-    through it raises ``SessionClosed``; use the registry to reach it)."""
+    """A :class:`RemoteSession` for a session another worker owns (or owned: node-lost hooks get
+    one). Data that no longer validates (say, a new ``data_model`` in a rolling deploy) is
+    logged and replaced by fresh default data."""
     client = json.loads(fields.get("client") or "null")
     scope: dict[str, Any] = {
         "client": client,
@@ -94,10 +139,7 @@ def rebuild_session(
         "query_string": fields.get("query", "").encode("latin-1"),
         "subprotocols": json.loads(fields.get("subprotocols") or "[]"),
     }
-    raw_data = fields.get("data") or "{}"
-    model = manager.data_model
-    data = model.model_validate_json(raw_data) if model is not None else json.loads(raw_data)
-    session = Session(session_id, scope, None, data)
+    session = RemoteSession(session_id, scope, None, _decode_data(manager, session_id, fields))
     if fields.get("connected_at"):
         session.connected_at = datetime.fromisoformat(fields["connected_at"])
     session.subprotocol = fields.get("subprotocol") or None
@@ -106,6 +148,21 @@ def rebuild_session(
     session.groups = set(groups)
     session.state = SessionState.OPEN
     return session
+
+
+def _decode_data(manager: SessionManager, session_id: str, fields: dict[str, str]) -> Any:
+    raw = fields.get("data") or "null"
+    model = manager.data_model
+    try:
+        if model is not None:
+            return model.model_validate_json(raw)
+        data = json.loads(raw)
+    except ValueError:  # pydantic's ValidationError included
+        log_error(
+            session_id, "stored data of %s is unreadable: using defaults", session_id, exc=True
+        )
+        return manager.new_data()
+    return data if isinstance(data, dict) else manager.new_data()
 
 
 def encode_envelope(op: str, **fields: Any) -> str:
