@@ -22,8 +22,8 @@ within this time, it learns it was declared lost instead of registering its sess
 # Removes one session's keys and index entries. Shared by REMOVE and CLAIM (not a script alone).
 _CLEANUP = """
 local sk = p .. ':s:' .. sid
-local uk = redis.call('HGET', sk, 'user_key')
-if uk and uk ~= '' then redis.call('SREM', p .. ':u:' .. uk, sid) end
+local stored_uk = redis.call('HGET', sk, 'user_key')
+if stored_uk and stored_uk ~= '' then redis.call('SREM', p .. ':u:' .. stored_uk, sid) end
 for _, g in ipairs(redis.call('SMEMBERS', p .. ':sg:' .. sid)) do
   redis.call('SREM', p .. ':g:' .. g, sid)
 end

@@ -4,11 +4,15 @@ Needs the ``redis`` extra (``pip install 'wsession[redis]'``); imported only whe
 
 How it works: every worker keeps its own sessions in a local index (the fast path: a send to a
 local session never touches Redis) and mirrors them in Redis (a hash per session, sets for all
-sessions, groups, user keys and each worker's sessions). Each worker listens on its own pub/sub
-channel plus a broadcast channel; a send to a session on another worker is published to that
-worker's channel, in order. Each worker holds a lease (a key with a TTL, renewed by a heartbeat);
-when a lease expires, the survivors claim the dead worker's sessions one by one with an atomic
-Redis script, so each lost session's disconnect hooks run exactly once in the cluster, with
+sessions, groups, user keys and each worker's sessions; see ``_redis_scripts.py``). Each worker
+listens on its own pub/sub channel plus a broadcast channel; a send to a session on another
+worker is published to that worker's channel, in order.
+
+Each worker holds a lease: a key with a TTL whose value (a token) changes at every heartbeat. A
+worker is lost when its lease expired, or, faster, when its pub/sub subscription is gone (its
+process died and the kernel closed its sockets) and its token has not changed for a heartbeat.
+Survivors declare it lost (a tombstone, atomic with its heartbeat), claim its sessions one by one
+with an atomic script, so each lost session's disconnect hooks run once in the cluster, with
 ``end_reason`` ``node lost`` and the data stored at registration.
 """
 
@@ -18,16 +22,18 @@ import asyncio
 import contextlib
 import secrets
 from collections import defaultdict
+from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from .._connection import count_ending, run_disconnect_hooks
-from .._delivery import SendResult
+from .._delivery import SendResult, close_session
 from .._exceptions import ConfigurationError, RegistryUnavailable
 from .._log import log_error, log_warning
 from .._session import EndReason, Session, SessionState
 from .._shield import run_shielded
 from .._types import Message
+from . import _redis_scripts as scripts
 from ._base import SessionFilter
 from ._redis_codec import (
     Keys,
@@ -43,48 +49,27 @@ if TYPE_CHECKING:
 
     from .._manager import SessionManager
 
-# Removes one session and everything that points at it, atomically. ARGV: prefix, id, node.
-_REMOVE = """
-local p, sid, node = ARGV[1], ARGV[2], ARGV[3]
-local sk = p .. ':s:' .. sid
-local uk = redis.call('HGET', sk, 'user_key')
-if uk and uk ~= '' then redis.call('SREM', p .. ':u:' .. uk, sid) end
-for _, g in ipairs(redis.call('SMEMBERS', p .. ':sg:' .. sid)) do
-  redis.call('SREM', p .. ':g:' .. g, sid)
-end
-redis.call('DEL', sk, p .. ':sg:' .. sid)
-redis.call('SREM', p .. ':sessions', sid)
-redis.call('SREM', p .. ':n:' .. node .. ':s', sid)
-return 1
-"""
-
-# Claims one session of a dead node: only the caller whose SREM succeeds gets its fields back,
-# so the node-lost hooks run once in the cluster. ARGV: prefix, id, dead node.
-_CLAIM = (
-    """
-local p, sid, node = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('SREM', p .. ':n:' .. node .. ':s', sid) == 0 then return false end
-local sk = p .. ':s:' .. sid
-local fields = redis.call('HGETALL', sk)
-local groups = redis.call('SMEMBERS', p .. ':sg:' .. sid)
-"""
-    + _REMOVE.split("local sk = p .. ':s:' .. sid", 1)[1].replace("return 1", "")
-    + """
-return {fields, groups}
-"""
-)
+_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_LOST_CLOSE_CODE = 1012  # "service restart": the client may reconnect at once
+_CLAIM_BATCH = 200
 
 
 class RedisRegistry:
-    """Live sessions of every worker, in one Redis.
+    """Live sessions of every worker, in one Redis (standalone, or a primary behind Sentinel;
+    Redis Cluster is not supported).
 
     Args:
-        url: a Redis URL (``redis://127.0.0.1:6379/0``); or give ``client``.
-        client: a ready ``redis.asyncio.Redis`` (not closed by the registry).
-        prefix: namespace of every key and channel, so several apps can share one Redis.
-        heartbeat: seconds between lease renewals; dead workers are noticed within about two.
-        lease_ttl: seconds a lease lives without renewal (default 1.5 x ``heartbeat``); must
-            be longer than ``heartbeat``.
+        url: a Redis URL (``redis://127.0.0.1:6379/0``, ``rediss://``, ``unix://``); or give
+            ``client``.
+        client: a ready ``redis.asyncio.Redis`` made with ``decode_responses=True`` (not closed
+            by the registry).
+        prefix: namespace of every key and channel, so several apps can share one Redis (no
+            prefix may be another's prefix followed by ``:``).
+        heartbeat: seconds between lease renewals (the registry renews twice per heartbeat). A
+            worker that dies (kill -9, crash, OOM kill) is noticed within two heartbeats.
+        lease_ttl: seconds a lease lives without renewal (default 5 heartbeats; longer than
+            ``heartbeat``). A worker whose host vanishes, or that is cut off from Redis (or whose
+            event loop is blocked) for longer than this, is declared lost.
         node_id: this worker's id (default: random).
         max_connections: size of the connection pool made from ``url``; callers beyond it
             wait for a free connection (up to 10 s) instead of failing.
@@ -92,13 +77,27 @@ class RedisRegistry:
     Raises:
         ConfigurationError: bad arguments (named in the message).
 
-    Consistency notes: a session's data is stored when it is registered; call
-    :meth:`update_data` after changing it if other workers must see the change. During a Redis
-    outage local sessions keep working and local sends deliver; cluster-wide queries (``get`` of
-    a remote id, ``count``, ``sessions``, ``members``, ``user_sessions``) raise
-    :class:`~wsession.RegistryUnavailable`; group, user and broadcast sends reach the local
-    targets and skip (and log) the rest. When Redis is back, the worker writes its live
-    sessions again. A send to a session on another worker returns ``queued``.
+    Consistency notes:
+
+    - A session's data is stored when it is registered (after its connect hooks); call
+      :meth:`update_data` after changing it if other workers, or node-lost hooks, must see the
+      change. Remote sessions are read-only snapshots (:class:`~wsession.backends._redis_codec.
+      RemoteSession`): reach them through the manager.
+    - A send to a session on another worker returns ``queued`` once published to its worker, or
+      ``gone`` when the id is unknown or its worker is not listening. Messages published while a
+      worker reconnects to Redis are lost (Redis pub/sub keeps nothing).
+    - During a Redis outage local sessions keep working and local sends deliver; cluster-wide
+      queries (``get`` of a remote id, ``count``, ``sessions``, ``members``, ``user_sessions``),
+      sends and kicks aimed at another worker's session, and ``close_user`` (after closing the
+      local ones) raise :class:`~wsession.RegistryUnavailable`; group, user and broadcast sends
+      reach the local targets and return how many they reached. ``add`` and ``remove`` never
+      raise for an outage: the worker writes its live sessions again when Redis is back, and
+      answers cluster queries only once that is done.
+    - The node-lost hooks of a lost worker's sessions run on the worker that claimed them; if
+      that worker dies too before running them, they do not run (at most once). A worker that
+      was alive but declared lost (cut off from Redis or blocked past ``lease_ttl``) finds its
+      tombstone when it comes back: it closes those sessions with 1012, whose hooks then run a
+      second time there, and carries on under a new node id.
     """
 
     def __init__(
@@ -114,31 +113,54 @@ class RedisRegistry:
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("RedisRegistry: give exactly one of url and client")
-        if not prefix or any(c.isspace() for c in prefix):
+        if url is not None and (not isinstance(url, str) or not url.startswith(_URL_SCHEMES)):
+            raise ConfigurationError(
+                f"url: expected redis://, rediss:// or unix:// (a Redis URL), got {url!r}"
+            )
+        if client is not None and not _decodes(client):
+            raise ConfigurationError("client: RedisRegistry needs decode_responses=True")
+        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
             raise ConfigurationError(f"prefix: must be non-empty without spaces, got {prefix!r}")
-        if not heartbeat > 0:
+        if not isinstance(heartbeat, int | float) or not heartbeat > 0:
             raise ConfigurationError(f"heartbeat: must be > 0 seconds, got {heartbeat!r}")
-        if max_connections < 2:
+        if not isinstance(max_connections, int) or max_connections < 2:
             raise ConfigurationError(f"max_connections: must be >= 2, got {max_connections!r}")
-        ttl = 1.5 * heartbeat if lease_ttl is None else lease_ttl
-        if not ttl > heartbeat:
-            raise ConfigurationError(f"lease_ttl: must be longer than heartbeat, got {ttl!r}")
+        ttl = 5 * heartbeat if lease_ttl is None else lease_ttl
+        if not isinstance(ttl, int | float) or not ttl > heartbeat:
+            raise ConfigurationError(
+                f"lease_ttl: must be longer than heartbeat ({heartbeat}s), got {ttl!r}"
+            )
+        if node_id is not None and (
+            not isinstance(node_id, str) or not node_id or any(c.isspace() for c in node_id)
+        ):
+            raise ConfigurationError(f"node_id: must be non-empty without spaces, got {node_id!r}")
         self.url = url
         self.prefix = prefix
-        self.heartbeat = heartbeat
-        self.lease_ttl = ttl
+        self.heartbeat = float(heartbeat)
+        self.lease_ttl = float(ttl)
         self.node_id = node_id or secrets.token_hex(8)
+        """This worker's id in the cluster (``session.node`` of its sessions). It changes if the
+        cluster declared this worker lost while it was alive."""
         self.max_connections = max_connections
         self._pool: Any = None
         self._keys = Keys(prefix)
         self._external_client = client
         self._client: Any = client
+        self._scripts: dict[str, Any] = {}
         self._local = MemoryRegistry()
         self._manager: SessionManager | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._listener: asyncio.Task[None] | None = None
+        self._beater: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self._healing: dict[str, asyncio.Task[None]] = {}
+        self._available = False  # Redis reachable and every local session written there
+        self._recovered_at = float("-inf")  # when Redis came back after an outage (monotonic)
+        self._outage = False  # Redis failed since the last successful heartbeat
         self._dirty = False  # Redis missed writes: write every local session again
         self._pending_removals: set[str] = set()
-        self._reaped = 0
+        self._written: set[str] = set()  # ids registered in Redis under the current node id
+        self._token = 0
+        self._suspects: dict[str, tuple[str, float]] = {}  # node -> (lease token, first seen)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -156,25 +178,51 @@ class RedisRegistry:
             raise RegistryUnavailable("RedisRegistry is not open: enter it (async with) first")
         return self._client
 
+    @property
+    def available(self) -> bool:
+        """True while Redis answers and this worker's sessions are all written there: cluster
+        queries work. False during an outage (see :class:`~wsession.RegistryUnavailable`)."""
+        return self._available
+
     async def __aenter__(self) -> Self:
-        """Connect, take this worker's lease, heal sessions of dead workers, start listening."""
+        """Connect, take this worker's lease, heal sessions of dead workers, start listening.
+
+        Raises:
+            RegistryUnavailable: Redis cannot be reached at start-up.
+        """
         if self._client is None:
             from redis.asyncio import BlockingConnectionPool, Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialBackoff
 
             assert self.url is not None
             # A blocking pool: a burst of sessions waits for a connection instead of failing
-            # with "Too many connections" (redis-py's default pool raises at its limit).
+            # with "Too many connections" (redis-py's default pool raises at its limit). Few,
+            # quick retries: an outage must be noticed fast (local work goes on meanwhile).
             self._pool = BlockingConnectionPool.from_url(
-                self.url, decode_responses=True, max_connections=self.max_connections, timeout=10
+                self.url,
+                decode_responses=True,
+                max_connections=self.max_connections,
+                timeout=10,
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
             )
             self._client = Redis(connection_pool=self._pool)
+        client = self._client
+        self._scripts = {
+            name: client.register_script(getattr(scripts, name))
+            for name in ("REGISTER", "REMOVE", "CLAIM", "HEARTBEAT", "DECLARE_LOST", "SEND")
+        }
+        self._scripts["FORGET_NODE"] = client.register_script(scripts.FORGET_NODE)
         try:
-            await self._renew_lease()
-            await self._reap()
+            await self._tick()
         except _redis_errors() as exc:
             raise RegistryUnavailable(f"cannot reach Redis: {exc}") from exc
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._listen()), loop.create_task(self._beat())]
+        self._listener = loop.create_task(self._listen())
+        self._beater = loop.create_task(self._beat())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):  # sends to our sessions need the subscription
+                await self._subscribed.wait()
         return self
 
     async def __aexit__(
@@ -183,13 +231,20 @@ class RedisRegistry:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Stop listening, give up the lease, close the client the registry opened."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        """Stop listening, finish node-lost hooks under way, give up the lease, close the
+        client the registry opened."""
+        for task in (self._beater, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._beater = self._listener = None
+        if self._healing:
+            # Their sessions are claimed already: give their hooks time to run.
+            limit = self._manager.settings.drain_timeout if self._manager is not None else 10.0
+            _, late = await asyncio.wait(list(self._healing.values()), timeout=limit)
+            for task in late:
+                task.cancel()
         client = self._client
         if client is None:
             return
@@ -200,6 +255,7 @@ class RedisRegistry:
                     await self._remove_in_redis(session.id)
                 await client.delete(self._keys.lease(self.node_id))
                 await client.srem(self._keys.nodes, self.node_id)
+        self._available = False
         if self._external_client is None:
             with contextlib.suppress(*_redis_errors(), TimeoutError):
                 async with asyncio.timeout(5):
@@ -211,32 +267,54 @@ class RedisRegistry:
     # -- membership -----------------------------------------------------------------------
 
     async def add(self, session: Session) -> None:
-        """Register a local session here and in Redis (a Redis failure is logged, not raised:
-        the connection works, and the worker writes it again when Redis is back)."""
+        """Register a local session here and in Redis. Never raises because Redis is down (the
+        failure is logged: the connection works, and the worker writes the session when Redis
+        is back). Raises ``ValueError`` for an id already live here or on another worker."""
         await self._local.add(session)
         session.node = self.node_id
-        try:
-            await self._write_session(session)
-        except _redis_errors() as exc:
+        if not self._available:
             self._dirty = True
+            return
+        try:
+            await self._register(session)
+        except ValueError:
+            await self._local.remove(session)
+            raise
+        except _redis_errors() as exc:
+            self._unavailable(exc)
             log_warning(
                 session.id, "Redis unavailable, %s registered locally only: %s", session.id, exc
             )
 
     async def remove(self, session: Session) -> None:
-        """Forget a local session here and in Redis (retried later if Redis is down)."""
+        """Forget a local session here and in Redis (done later if Redis is down; never
+        raises for an outage)."""
+        if await self._local.get(session.id) is not session:
+            return
         await self._local.remove(session)
+        self._written.discard(session.id)
+        if not self._available:
+            self._pending_removals.add(session.id)
+            return
         try:
             await self._remove_in_redis(session.id)
-        except _redis_errors():
+        except _redis_errors() as exc:
+            self._unavailable(exc)
             self._pending_removals.add(session.id)
+            log_warning(session.id, "Redis unavailable, %s removed locally only", session.id)
 
     async def update_data(self, session: Session) -> None:
-        """Store ``session.data`` (and ``user_key``-independent metadata) again, for other
-        workers to read. Raises RegistryUnavailable during an outage."""
+        """Store this worker's ``session`` again (its ``data``, ``user_key``, ``subprotocol``
+        and groups), for other workers and node-lost hooks to read.
+
+        Raises:
+            ValueError: ``session`` is not a live session of this worker.
+            RegistryUnavailable: Redis is unreachable.
+        """
+        if await self._local.get(session.id) is not session:
+            raise ValueError(f"update_data: {session.id} is not a live session of this worker")
         async with self._cluster("update_data"):
-            fields = session_fields(session, self.node_id)
-            await self.redis.hset(self._keys.session(session.id), mapping=fields)
+            await self._register(session)
 
     async def get(self, session_id: str) -> Session | None:
         """The session with this id on any worker (remote ones are read-only snapshots)."""
@@ -253,10 +331,12 @@ class RedisRegistry:
             return int(await self.redis.scard(self._keys.all))
 
     async def sessions(self, where: SessionFilter | None = None) -> list[Session]:
-        """Live sessions of every worker (local ones live, remote ones as snapshots)."""
+        """Live sessions of every worker, oldest first (local ones live, remote ones as
+        snapshots), filtered by ``where`` when given."""
         async with self._cluster("sessions"):
-            ids = sorted(await self.redis.smembers(self._keys.all))
+            ids = list(await self.redis.smembers(self._keys.all))
             found = await self._read_sessions(ids)
+        found.sort(key=lambda s: (s.connected_at, s.id))
         return [s for s in found if where is None or where(s)]
 
     async def join(self, session_id: str, group: str) -> bool:
@@ -265,10 +345,7 @@ class RedisRegistry:
         if local is not None:
             if not await self._local.join(session_id, group):
                 return False
-            try:
-                await self._write_membership(session_id, group, join=True)
-            except _redis_errors():
-                self._dirty = True
+            await self._mirror_membership(session_id, group, join=True)
             return True
         async with self._cluster("join"):
             owner = await self.redis.hget(self._keys.session(session_id), "node")
@@ -283,10 +360,8 @@ class RedisRegistry:
         local = await self._local.get(session_id)
         if local is not None:
             left = await self._local.leave(session_id, group)
-            try:
-                await self._write_membership(session_id, group, join=False)
-            except _redis_errors():
-                self._dirty = True
+            if left:
+                await self._mirror_membership(session_id, group, join=False)
             return left
         async with self._cluster("leave"):
             owner = await self.redis.hget(self._keys.session(session_id), "node")
@@ -308,77 +383,117 @@ class RedisRegistry:
     # -- delivery ---------------------------------------------------------------------------
 
     async def send(self, session_id: str, message: Message) -> SendResult:
-        """Local sessions: delivered at once. Remote: published to the owner (``queued``).
-        Unknown: ``gone``."""
-        if await self._local.get(session_id) is not None:
+        """Local sessions: delivered at once, no Redis round trip. Another worker's session:
+        published to its worker in one round trip (``queued``). ``gone`` for an unknown id or
+        a worker that is not listening. Raises RegistryUnavailable for a non-local id during a
+        Redis outage."""
+        if session_id in self._local._sessions:
             return await self._local.send(session_id, message)
+        envelope = encode_envelope("send", ids=[session_id], message=message)
         async with self._cluster("send"):
-            owner = await self.redis.hget(self._keys.session(session_id), "node")
-            if owner is None:
-                self._stats_send(SendResult.GONE)
-                return SendResult.GONE
-            await self._publish(owner, "send", ids=[session_id], message=message)
-        self._stats_send(SendResult.QUEUED)
-        return SendResult.QUEUED
+            reply = await self._scripts["SEND"](args=[self.prefix, session_id, envelope])
+        result = SendResult.GONE
+        if reply and reply[0] != self.node_id and int(reply[1]) > 0:
+            result = SendResult.QUEUED
+        self._stats_send(result)
+        return result
 
     async def send_group(self, group: str, message: Message, exclude: str | None = None) -> int:
-        """Send to the members of ``group`` wherever they are."""
-        return await self._send_set(self._keys.group(group), message, exclude)
+        """Send to the members of ``group`` wherever they are (local ones first, at once)."""
+        local = self._local._groups.get(group, {})
+        return await self._fan_out(local, self._keys.group(group), message, exclude)
 
     async def send_user(self, user_key: str, message: Message) -> int:
-        """Send to every session of ``user_key`` wherever it is."""
-        return await self._send_set(self._keys.user(user_key), message, None)
+        """Send to every session of ``user_key`` wherever it is (local ones first, at once)."""
+        local = self._local._users.get(user_key, {})
+        return await self._fan_out(local, self._keys.user(user_key), message, None)
 
     async def broadcast(self, message: Message, exclude: str | None = None) -> int:
-        """Send to every open session of the cluster; local ones first, at once."""
+        """Send to every open session of the cluster; local ones first, at once. Returns how
+        many it reached (remote sessions counted as reached once published)."""
         reached = await self._local.broadcast(message, exclude)
+        if not self._available:
+            return reached
+        keys = self._keys
         try:
-            await self.redis.publish(
-                self._keys.broadcast,
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.publish(
+                keys.broadcast,
                 encode_envelope("broadcast", origin=self.node_id, exclude=exclude, message=message),
             )
-            remote = int(await self.redis.scard(self._keys.all)) - len(self._local._sessions)
+            pipe.scard(keys.all)
+            pipe.scard(keys.node_sessions(self.node_id))
+            if exclude is not None and exclude not in self._local._sessions:
+                pipe.sismember(keys.all, exclude)
+            _, total, mine, *excluded = await pipe.execute()
         except _redis_errors() as exc:
-            log_warning(None, "broadcast reached local sessions only (Redis unavailable): %s", exc)
+            self._unavailable(exc)
             return reached
+        remote = int(total) - int(mine) - (1 if excluded and excluded[0] else 0)
+        self._stats_send(SendResult.QUEUED, max(0, remote))
         return reached + max(0, remote)
 
     async def close(self, session_id: str, code: int = 1000, reason: str = "") -> bool:
-        """Close a session wherever it is; its disconnect hooks run once, on its worker."""
-        if await self._local.get(session_id) is not None:
+        """Close a session wherever it is; its disconnect hooks run once, on its worker. For
+        another worker's session: True once its worker was told."""
+        if session_id in self._local._sessions:
             return await self._local.close(session_id, code, reason)
+        envelope = encode_envelope("close", ids=[session_id], code=code, reason=reason)
         async with self._cluster("close"):
-            owner = await self.redis.hget(self._keys.session(session_id), "node")
-            if owner is None:
-                return False
-            await self._publish(owner, "close", ids=[session_id], code=code, reason=reason)
-        return True
+            reply = await self._scripts["SEND"](args=[self.prefix, session_id, envelope])
+        return bool(reply) and reply[0] != self.node_id and int(reply[1]) > 0
 
     async def close_user(self, user_key: str, code: int = 1000, reason: str = "") -> int:
-        """Close every session of ``user_key`` wherever it is."""
+        """Close every session of ``user_key`` wherever it is. The local ones are closed even
+        when Redis is unreachable; then RegistryUnavailable tells that the others were not."""
         closed = await self._local.close_user(user_key, code, reason)
         async with self._cluster("close_user"):
             ids = await self.redis.smembers(self._keys.user(user_key))
-            by_node = await self._remote_owners(ids)
-            for owner, owned in by_node.items():
+            for owner, owned in (await self._remote_owners(ids)).items():
                 await self._publish(owner, "close", ids=owned, code=code, reason=reason)
                 closed += len(owned)
         return closed
 
     # -- internals: writes ------------------------------------------------------------------
 
-    async def _write_session(self, session: Session) -> None:
-        keys = self._keys
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.session(session.id), mapping=session_fields(session, self.node_id))
-        pipe.sadd(keys.all, session.id)
-        pipe.sadd(keys.node_sessions(self.node_id), session.id)
-        if session.user_key is not None:
-            pipe.sadd(keys.user(session.user_key), session.id)
-        for group in session.groups:
-            pipe.sadd(keys.group(group), session.id)
-            pipe.sadd(keys.session_groups(session.id), group)
-        await pipe.execute()
+    async def _register(self, session: Session) -> None:
+        """Write ``session`` under this worker's id (a full rewrite: data, user key, groups)."""
+        for _ in range(2):
+            node = self.node_id
+            fields = session_fields(session, node)
+            groups = sorted(session.groups)
+            args: list[str | int] = [
+                self.prefix,
+                node,
+                session.id,
+                session.user_key or "",
+                len(groups),
+                *groups,
+            ]
+            for name, value in fields.items():
+                args += [name, value]
+            result = int(await self._scripts["REGISTER"](args=args))
+            if result == 1:
+                session.node = node
+                self._written.add(session.id)
+                return
+            if result == -2:
+                raise ValueError(
+                    f"connection id {session.id!r} is already in use on another worker"
+                )
+            self._declared_lost(node)  # -1: write it under the new id
+        raise RegistryUnavailable(
+            f"could not register {session.id}: this worker keeps being declared lost"
+        )
+
+    async def _mirror_membership(self, session_id: str, group: str, *, join: bool) -> None:
+        if not self._available:
+            self._dirty = True
+            return
+        try:
+            await self._write_membership(session_id, group, join=join)
+        except _redis_errors() as exc:
+            self._unavailable(exc)
 
     async def _write_membership(self, session_id: str, group: str, *, join: bool) -> int:
         keys = self._keys
@@ -393,12 +508,12 @@ class RedisRegistry:
         return int(changed)
 
     async def _remove_in_redis(self, session_id: str) -> None:
-        await self.redis.eval(_REMOVE, 0, self.prefix, session_id, self.node_id)
+        await self._scripts["REMOVE"](args=[self.prefix, session_id, self.node_id])
 
     async def _publish(self, node: str, op: str, **fields: Any) -> None:
         await self.redis.publish(self._keys.channel(node), encode_envelope(op, **fields))
 
-    # -- internals: reads -------------------------------------------------------------------
+    # -- internals: reads and fan-out ------------------------------------------------------
 
     async def _read_sessions(self, ids: list[str]) -> list[Session]:
         manager = self._bound()
@@ -433,52 +548,50 @@ class RedisRegistry:
                 by_node[owner].append(session_id)
         return by_node
 
-    async def _send_set(self, key: str, message: Message, exclude: str | None) -> int:
+    async def _fan_out(
+        self, local: dict[str, Session], key: str, message: Message, exclude: str | None
+    ) -> int:
+        reached = await self._local._send_all(list(local.values()), message, exclude)
+        if not self._available:
+            return reached
         try:
-            ids = await self.redis.smembers(key)
-        except _redis_errors() as exc:
-            log_warning(
-                None, "Redis unavailable: group/user send reached no remote session: %s", exc
-            )
-            ids = set()
-            if key.startswith(f"{self.prefix}:g:"):
-                local = self._local._groups.get(key.split(":g:", 1)[1], {})
-            else:
-                local = self._local._users.get(key.split(":u:", 1)[1], {})
-            return await self._local._send_all(list(local.values()), message, exclude)
-        ids.discard(exclude)
-        local_sessions = [self._local._sessions[i] for i in ids if i in self._local._sessions]
-        reached = await self._local._send_all(local_sessions, message, exclude)
-        try:
+            ids = set(await self.redis.smembers(key))
+            ids.discard(exclude)
             for owner, owned in (await self._remote_owners(ids)).items():
                 await self._publish(owner, "send", ids=owned, message=message)
                 reached += len(owned)
+                self._stats_send(SendResult.QUEUED, len(owned))
         except _redis_errors() as exc:
-            log_warning(None, "Redis unavailable: remote members skipped: %s", exc)
+            self._unavailable(exc)
         return reached
 
-    # -- internals: the listener, the heartbeat, healing ------------------------------------
+    # -- internals: the listener ------------------------------------------------------------
 
     async def _listen(self) -> None:
-        channels = (self._keys.channel(self.node_id), self._keys.broadcast)
-        backoff = 0.1
+        backoff = 0.05
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(*channels)
-                backoff = 0.1
+                await pubsub.subscribe(self._keys.channel(self.node_id), self._keys.broadcast)
+                self._subscribed.set()
+                backoff = 0.05
                 while True:
                     item = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if item is not None:
                         await self._on_envelope(item["data"])
             except _redis_errors() as exc:
-                self._dirty = True
-                log_warning(None, "Redis pub/sub lost (%s); retrying in %.1fs", exc, backoff)
+                log_warning(None, "Redis pub/sub lost (%s); retrying in %.2fs", exc, backoff)
             finally:
+                self._subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, self.heartbeat / 2)
+
+    def _restart_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _on_envelope(self, raw: str | bytes) -> None:
         try:
@@ -487,85 +600,206 @@ class RedisRegistry:
             log_error(None, "ignoring a malformed message on %s: %s", self.prefix, exc)
             return
         local = self._local
-        if op == "broadcast":
-            if fields.get("origin") != self.node_id and message is not None:
-                await local.broadcast(message, fields.get("exclude"))
-            return
-        ids = [i for i in fields.get("ids", ()) if i in local._sessions]
-        if op == "send" and message is not None:
-            await local._send_all([local._sessions[i] for i in ids], message, None)
-        elif op == "close":
-            for session_id in ids:
-                await local.close(
-                    session_id, int(fields.get("code", 1000)), str(fields.get("reason", ""))
-                )
-        elif op == "join":
-            for session_id in ids:
-                await local.join(session_id, str(fields["group"]))
-        elif op == "leave":
-            for session_id in ids:
-                await local.leave(session_id, str(fields["group"]))
+        try:
+            if op == "broadcast":
+                if fields.get("origin") != self.node_id and message is not None:
+                    await local.broadcast(message, fields.get("exclude"))
+                return
+            ids = [i for i in fields.get("ids", ()) if i in local._sessions]
+            if op == "send" and message is not None:
+                await local._send_all([local._sessions[i] for i in ids], message, None)
+            elif op == "close":
+                for session_id in ids:
+                    code, reason = int(fields.get("code", 1000)), str(fields.get("reason", ""))
+                    await local.close(session_id, code, reason)
+            elif op in ("join", "leave"):
+                group = str(fields["group"])
+                for session_id in ids:
+                    if op == "join":
+                        await local.join(session_id, group)
+                    else:
+                        await local.leave(session_id, group)
+        except Exception:
+            log_error(None, "failed to handle a %r message from the cluster", op, exc=True)
+
+    # -- internals: the heartbeat, noticing lost workers, healing ---------------------------
 
     async def _beat(self) -> None:
-        # Check twice per heartbeat, so a dead worker (lease 1.5 heartbeats) is noticed within
-        # two heartbeats of its last renewal.
-        failing = False
         while True:
-            await asyncio.sleep(self.heartbeat / 2)  # the heartbeat's period
+            await asyncio.sleep(self.heartbeat / 2)  # the renewal period
             try:
-                await self._renew_lease()
-                if self._dirty or self._pending_removals:
-                    await self._resync()
-                await self._reap()
-                if failing:
-                    log_warning(None, "Redis reachable again; sessions re-registered")
-                failing = False
+                await self._tick()
             except _redis_errors() as exc:
-                self._dirty = True
-                if not failing:
-                    log_warning(None, "Redis unavailable (%s): working locally", exc)
-                failing = True
+                self._unavailable(exc)
+            except Exception:
+                log_error(None, "Redis registry heartbeat failed", exc=True)
 
-    async def _renew_lease(self) -> None:
-        previous = await self.redis.set(
-            self._keys.lease(self.node_id), "1", px=int(self.lease_ttl * 1000), get=True
+    async def _tick(self) -> None:
+        """Renew the lease; write what Redis missed; look for lost workers."""
+        node = self.node_id
+        self._token += 1
+        state = int(
+            await self._scripts["HEARTBEAT"](
+                args=[self.prefix, node, self._token, int(self.lease_ttl * 1000)]
+            )
         )
-        added = await self.redis.sadd(self._keys.nodes, self.node_id)
-        if previous is None and added and self._local._sessions:
-            # Our lease and node entry were gone (Redis restarted empty): write everything.
-            self._dirty = True
+        if state == -1:
+            self._declared_lost(node)
+            await self._tick()  # take a lease under the new id
+            return
+        if state == 0 and self._local._sessions:
+            self._dirty = True  # our lease lapsed or Redis lost its data: write it all again
+        if self._dirty or self._pending_removals:
+            await self._resync()
+        if not self._available:
+            self._available = True
+            if self._outage:
+                self._outage = False
+                self._recovered_at = monotonic()
+                log_warning(None, "Redis reachable again; this worker's sessions re-registered")
+        await self._check_nodes()
+
+    def _unavailable(self, exc: BaseException) -> None:
+        self._dirty = True
+        self._outage = True
+        if self._available:
+            self._available = False
+            log_warning(
+                None,
+                "Redis unavailable (%s): working locally; cluster queries raise "
+                "RegistryUnavailable until it is back",
+                exc,
+            )
 
     async def _resync(self) -> None:
+        self._dirty = False
         for session_id in list(self._pending_removals):
             await self._remove_in_redis(session_id)
             self._pending_removals.discard(session_id)
         for session in list(self._local._sessions.values()):
-            if session.state is not SessionState.CLOSED:
-                await self._write_session(session)
-        self._dirty = False
+            if session.end_reason is not None or session.state is SessionState.CLOSED:
+                continue  # ending: its removal follows
+            try:
+                await self._register(session)
+            except ValueError as exc:
+                log_error(session.id, "cannot register %s again: %s", session.id, exc)
 
-    async def _reap(self) -> None:
+    def _declared_lost(self, node: str) -> None:
+        """The cluster declared this worker lost (it was cut off or blocked past its lease) and
+        ran the node-lost hooks of the sessions it had registered: close those, and carry on
+        under a new node id with the others."""
+        if node != self.node_id:
+            return  # handled already
+        victims = [s for i, s in self._local._sessions.items() if i in self._written]
+        self._written = set()
+        self.node_id = f"{node.split('~')[0]}~{secrets.token_hex(3)}"
+        for session in self._local._sessions.values():
+            session.node = self.node_id
+        self._dirty = True
+        self._restart_listener()
+        log_error(
+            None,
+            "this worker was declared lost by the cluster (cut off from Redis or blocked for "
+            "more than lease_ttl=%ss); closing %d session(s) whose node-lost hooks already ran; "
+            "new node id %s",
+            self.lease_ttl,
+            len(victims),
+            self.node_id,
+        )
+        manager = self._bound()
+        for session in victims:
+            log_warning(session.id, "%s was ended as node lost by the cluster: closing", session.id)
+            close_session(
+                manager, session, _LOST_CLOSE_CODE, "node lost", end_reason=EndReason.NODE_LOST
+            )
+
+    async def _check_nodes(self) -> None:
+        """Start healing each worker that is lost: lease expired, or (faster) no pub/sub
+        subscription and an unchanged lease token for a heartbeat."""
+        if monotonic() - self._recovered_at < self.lease_ttl:
+            return  # we were cut off ourselves: let the others renew before judging them
         redis = self.redis
-        for node in await redis.smembers(self._keys.nodes):
-            if node == self.node_id or await redis.exists(self._keys.lease(node)):
+        others = [n for n in await redis.smembers(self._keys.nodes) if n != self.node_id]
+        for node in list(self._suspects):
+            if node not in others:
+                del self._suspects[node]
+        if not others:
+            return
+        pipe = redis.pipeline(transaction=False)
+        for node in others:
+            pipe.get(self._keys.lease(node))
+        pipe.pubsub_numsub(*(self._keys.channel(n) for n in others))
+        *tokens, numsub = await pipe.execute()
+        subscribers = dict(numsub)
+        now = monotonic()
+        for node, token in zip(others, tokens, strict=True):
+            if node in self._healing:
                 continue
-            for session_id in await redis.smembers(self._keys.node_sessions(node)):
-                claimed = await redis.eval(_CLAIM, 0, self.prefix, session_id, node)
-                if claimed:
-                    await self._end_lost(session_id, claimed)
-            if not await redis.scard(self._keys.node_sessions(node)):
-                await redis.srem(self._keys.nodes, node)
+            if token is None:
+                expected = ""  # the lease expired
+            elif int(subscribers.get(self._keys.channel(node), 0)) == 0:
+                seen = self._suspects.get(node)
+                if seen is None or seen[0] != token:
+                    self._suspects[node] = (token, now)
+                    continue
+                if now - seen[1] < 0.75 * self.heartbeat:
+                    continue
+                expected = token  # not listening, not renewing: its process is gone
+            else:
+                self._suspects.pop(node, None)
+                continue
+            self._suspects.pop(node, None)
+            task = asyncio.get_running_loop().create_task(self._heal(node, expected))
+            self._healing[node] = task
+
+    async def _heal(self, node: str, expected: str) -> None:
+        """Declare ``node`` lost, claim its sessions, then run their node-lost hooks (in this
+        task: the heartbeat goes on meanwhile)."""
+        claimed: list[tuple[str, list[Any]]] = []
+        try:
+            declared = await self._scripts["DECLARE_LOST"](
+                args=[self.prefix, node, expected, self.node_id, scripts.TOMBSTONE_SECONDS]
+            )
+            if not int(declared):
+                return  # it renewed its lease meanwhile: alive
+            log_warning(None, "worker %s is lost: ending its sessions as node lost", node)
+            for _ in range(1000):  # bounded: each round empties what it saw
+                ids = list(await self.redis.smembers(self._keys.node_sessions(node)))
+                if not ids:
+                    break
+                for start in range(0, len(ids), _CLAIM_BATCH):
+                    batch = ids[start : start + _CLAIM_BATCH]
+                    pipe = self.redis.pipeline(transaction=False)
+                    for session_id in batch:
+                        await self._scripts["CLAIM"](
+                            args=[self.prefix, session_id, node], client=pipe
+                        )
+                    replies = await pipe.execute()
+                    claimed += [(i, r) for i, r in zip(batch, replies, strict=True) if r]
+            await self._scripts["FORGET_NODE"](args=[self.prefix, node])
+        except _redis_errors() as exc:
+            self._unavailable(exc)
+        except Exception:
+            log_error(None, "healing lost worker %s failed", node, exc=True)
+        finally:
+            try:
+                for session_id, reply in claimed:
+                    await self._end_lost(session_id, reply)
+            finally:
+                self._healing.pop(node, None)
 
     async def _end_lost(self, session_id: str, claimed: list[Any]) -> None:
-        flat, groups = claimed
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        manager = self._bound()
-        session = rebuild_session(manager, session_id, fields, set(groups))
-        session._end(EndReason.NODE_LOST, None, None)
-        session.state = SessionState.CLOSED
-        self._reaped += 1
-        count_ending(manager, session)
-        await run_shielded(run_disconnect_hooks(manager, session))
+        try:
+            flat, groups = claimed
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            manager = self._bound()
+            session = rebuild_session(manager, session_id, fields, set(groups))
+            session._end(EndReason.NODE_LOST, None, None)
+            session.state = SessionState.CLOSED
+            count_ending(manager, session)
+            await run_shielded(run_disconnect_hooks(manager, session))
+        except Exception:
+            log_error(session_id, "node-lost teardown of %s failed", session_id, exc=True)
 
     # -- small helpers -----------------------------------------------------------------------
 
@@ -574,16 +808,27 @@ class RedisRegistry:
             raise RuntimeError("registry not bound: give it to a SessionManager first")
         return self._manager
 
-    def _stats_send(self, result: SendResult) -> None:
-        if self._manager is not None:
-            self._manager.stats.sends[result] += 1
+    def _stats_send(self, result: SendResult, count: int = 1) -> None:
+        if self._manager is not None and count:
+            self._manager.stats.sends[result] += count
 
     @contextlib.asynccontextmanager
     async def _cluster(self, operation: str) -> Any:
+        if not self._available:
+            raise RegistryUnavailable(
+                f"{operation}: Redis is unreachable (or this worker is still writing its "
+                "sessions back after an outage)"
+            )
         try:
             yield
         except _redis_errors() as exc:
+            self._unavailable(exc)
             raise RegistryUnavailable(f"{operation}: Redis unavailable: {exc}") from exc
+
+
+def _decodes(client: Any) -> bool:
+    """Whether ``client`` answers with ``str`` (``decode_responses=True``)."""
+    return bool(client.get_connection_kwargs().get("decode_responses"))
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:

@@ -1,0 +1,264 @@
+"""Healing must never take a live worker for a dead one.
+
+Two ways the cluster could heal the wrong worker, each checked on a real redis-server:
+
+- the worker that heals a dead one runs the lost sessions' disconnect hooks; slow hooks must not
+  stop its own heartbeat (else its lease lapses and a third worker "heals" it too);
+- when every worker loses Redis for longer than the lease while Redis keeps running (a network
+  partition, not a restart), the leases expire in Redis; when the network returns, no worker may
+  end the others' live sessions as ``node lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection, connect
+
+from example_app.procs import free_port, start_worker, stop, wait_for_port
+from wsession import EndReason, RegistryUnavailable, Session, SessionManager, SessionState
+from wsession.backends.redis import RedisRegistry
+
+from .redis_support import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+HEARTBEAT = 0.2
+
+
+def live_session(manager: SessionManager, session_id: str) -> Session:
+    """An open session whose frames go nowhere: enough for the registry, no server needed."""
+
+    async def send(message: Any) -> None:
+        return None
+
+    session = Session(session_id, {"type": "websocket", "path": "/ws"}, send, manager.new_data())
+    session.state = SessionState.OPEN
+    return session
+
+
+class Recorder:
+    """Disconnect hooks that take ``delay`` seconds each and record which worker ran them."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str, EndReason | None]] = []
+
+    def install(self, manager: SessionManager, worker: str, delay: float = 0.0) -> None:
+        async def slow_hook(session: Session) -> None:
+            await asyncio.sleep(delay)  # the hook's own work, not synchronisation
+            self.ended.append((worker, session.id, session.end_reason))
+
+        manager.on_disconnect(slow_hook)
+
+    def node_lost(self) -> list[str]:
+        return [sid for _, sid, reason in self.ended if reason is EndReason.NODE_LOST]
+
+
+def manager_on(url: str, prefix: str) -> SessionManager:
+    return SessionManager(
+        registry=RedisRegistry(url, prefix=prefix, heartbeat=HEARTBEAT), drain_on_signal=False
+    )
+
+
+async def wait_for(condition: Any, timeout: float, what: str) -> None:
+    """Poll an async ``condition()`` until it is true (bounded by ``timeout``)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await condition():  # noqa: ASYNC110 (state of other workers / Redis)
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def cluster_count(manager: SessionManager) -> int | None:
+    try:
+        return await manager.count()
+    except RegistryUnavailable:
+        return None
+
+
+@pytest.mark.timeout(60)
+async def test_slow_node_lost_hooks_do_not_get_the_healer_healed(
+    redis_server: RedisServer,
+) -> None:
+    """B heals the killed worker A with hooks that take 0.15 s each (1.5 s in all, five leases
+    of B). C starts while B runs them: it must find B's lease renewed, not lapsed."""
+    prefix = f"heal-{secrets.token_hex(4)}"
+    lost_count = 10
+    recorder = Recorder()
+    port = free_port()
+    env = {
+        **os.environ,
+        "WSESSION_REDIS_URL": redis_server.url,
+        "WSESSION_REDIS_PREFIX": prefix,
+        "WSESSION_HEARTBEAT": str(HEARTBEAT),
+    }
+    worker = start_worker(port, env)
+    clients: list[ClientConnection] = []
+    b, c = manager_on(redis_server.url, prefix), manager_on(redis_server.url, prefix)
+    recorder.install(b, "b", delay=0.15)
+    recorder.install(c, "c")
+    try:
+        wait_for_port(port, worker, "example worker", timeout=20)
+        async with b:
+            await b.registry.add(live_session(b, "b-live"))
+            for i in range(lost_count):
+                ws = await connect(f"ws://127.0.0.1:{port}/ws?name=a{i}")
+                await ws.recv()  # welcome: registered cluster-wide
+                clients.append(ws)
+
+            async def everyone_listed() -> bool:
+                return await b.count() == lost_count + 1
+
+            await wait_for(everyone_listed, 10, "all sessions listed")
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+
+            async def claimed_by_b() -> bool:
+                return await b.count() == 1
+
+            await wait_for(claimed_by_b, 10, "B to claim the killed worker's sessions")
+            assert len(recorder.node_lost()) < lost_count, "hooks finished too soon to check"
+            async with c:  # C's first look at the cluster happens while B runs the hooks
+                await c.registry.add(live_session(c, "c-live"))
+
+                async def hooks_done() -> bool:
+                    return len(recorder.node_lost()) >= lost_count
+
+                await wait_for(hooks_done, 20, "the node-lost hooks of the killed worker")
+                lost = recorder.node_lost()
+                assert len(set(lost)) == len(lost) == lost_count  # once each
+                assert {w for w, _, _ in recorder.ended} == {"b"}
+                assert "b-live" not in lost
+                for manager in (b, c):
+                    listed = {s.id for s in await manager.sessions()}
+                    assert listed == {"b-live", "c-live"}, listed
+    finally:
+        for ws in clients:
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
+        stop(worker)
+
+
+class Proxy:
+    """A loopback TCP proxy in front of Redis that can cut every connection (a partition)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.cut_off = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cut(self) -> None:
+        self.cut_off = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def heal(self) -> None:
+        self.cut_off = False
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+
+
+@asynccontextmanager
+async def proxied(redis_server: RedisServer) -> AsyncIterator[Proxy]:
+    proxy = Proxy(redis_server.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_partition_longer_than_the_lease_ends_no_live_session(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"partition-{secrets.token_hex(4)}"
+    recorder = Recorder()
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    async with proxied(redis_server) as proxy:
+        a, b = manager_on(proxy.url, prefix), manager_on(proxy.url, prefix)
+        recorder.install(a, "a")
+        recorder.install(b, "b")
+        async with a, b:
+            await a.registry.add(live_session(a, "a-live"))
+            await b.registry.add(live_session(b, "b-live"))
+
+            async def both_listed() -> bool:
+                return await cluster_count(a) == await cluster_count(b) == 2
+
+            await wait_for(both_listed, 10, "both sessions listed")
+            proxy.cut()  # Redis keeps running: the leases expire there
+
+            async def leases_expired() -> bool:
+                return not await direct.keys(f"{prefix}:lease:*")
+
+            await wait_for(leases_expired, 10, "the leases to expire in Redis")
+            proxy.heal()
+            await wait_for(both_listed, 15, "both workers back, both sessions listed")
+
+            # Each worker has renewed its lease at least twice since: it ran its dead-worker
+            # check after the other was back, so a wrong verdict would have shown by now.
+            renewals = {n: 0 for n in (a.registry.node_id, b.registry.node_id)}  # type: ignore[attr-defined]
+            last_ttl: dict[str, int] = {}
+
+            async def renewed_twice() -> bool:
+                for node in renewals:
+                    ttl = int(await direct.pttl(f"{prefix}:lease:{node}"))
+                    if ttl > last_ttl.get(node, 1 << 30):
+                        renewals[node] += 1
+                    last_ttl[node] = ttl
+                return min(renewals.values()) >= 2
+
+            await wait_for(renewed_twice, 10, "two lease renewals of each worker")
+            assert recorder.node_lost() == []
+            assert await cluster_count(a) == await cluster_count(b) == 2
+            for manager in (a, b):
+                assert {s.id for s in await manager.sessions()} == {"a-live", "b-live"}
+    await direct.aclose()
