@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -29,6 +30,7 @@ from wsession import EndReason, RegistryUnavailable, Session, SessionManager, Se
 from wsession.backends.redis import RedisRegistry
 
 from .redis_support import RedisServer
+from .support import read_until_closed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 HEARTBEAT = 0.2
@@ -262,3 +264,64 @@ async def test_a_partition_longer_than_the_lease_ends_no_live_session(
             for manager in (a, b):
                 assert {s.id for s in await manager.sessions()} == {"a-live", "b-live"}
     await direct.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_stalled_worker_declared_lost_closes_those_sessions_and_rejoins(
+    redis_server: RedisServer,
+) -> None:
+    """SIGSTOP freezes worker A past its lease (its sockets stay open: only the lease tells).
+    B ends A's sessions as node lost, once. When A resumes it must not bring them back: it
+    closes them with 1012, and new connections to A are listed by the cluster again."""
+    prefix = f"stall-{secrets.token_hex(4)}"
+    recorder = Recorder()
+    port = free_port()
+    env = {
+        **os.environ,
+        "WSESSION_REDIS_URL": redis_server.url,
+        "WSESSION_REDIS_PREFIX": prefix,
+        "WSESSION_HEARTBEAT": str(HEARTBEAT),
+    }
+    worker = start_worker(port, env)
+    clients: list[ClientConnection] = []
+    b = manager_on(redis_server.url, prefix)
+    recorder.install(b, "b")
+    try:
+        wait_for_port(port, worker, "example worker", timeout=20)
+        async with b:
+            for i in range(3):
+                ws = await connect(f"ws://127.0.0.1:{port}/ws?name=a{i}")
+                await ws.recv()
+                clients.append(ws)
+            stalled_ids = {s.id for s in await b.sessions()}
+            assert len(stalled_ids) == 3
+            worker.send_signal(signal.SIGSTOP)
+            try:
+
+                async def healed() -> bool:
+                    return len(recorder.node_lost()) >= 3
+
+                await wait_for(healed, 15, "B to end the stalled worker's sessions")
+            finally:
+                worker.send_signal(signal.SIGCONT)
+            assert sorted(recorder.node_lost()) == sorted(stalled_ids)
+            assert await b.count() == 0
+            for ws in clients:
+                closed = await read_until_closed(ws)
+                assert closed is not None and closed.code == 1012, closed
+            fresh = await connect(f"ws://127.0.0.1:{port}/ws?name=again")
+            clients.append(fresh)
+            fresh_id = json.loads(await fresh.recv())["id"]
+
+            async def fresh_listed() -> bool:
+                return {s.id for s in await b.sessions()} == {fresh_id}
+
+            await wait_for(fresh_listed, 10, "the new connection on A to be listed")
+            assert sorted(recorder.node_lost()) == sorted(stalled_ids)  # still once each
+    finally:
+        for ws in clients:
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGCONT)
+        stop(worker)
