@@ -325,3 +325,48 @@ async def test_a_stalled_worker_declared_lost_closes_those_sessions_and_rejoins(
         if worker.poll() is None:
             worker.send_signal(signal.SIGCONT)
         stop(worker)
+
+
+@pytest.mark.timeout(60)
+async def test_a_connection_right_after_a_redis_restart_does_not_get_its_worker_healed(
+    own_redis_server: RedisServer,
+) -> None:
+    """Redis restarts empty. B (slow heartbeat: its next renewal is seconds away) registers a new
+    connection at once; A (fast heartbeat) looks at the cluster first. B must not look dead to
+    A. Two defences, each enough here: a registration takes a lease before it makes its worker
+    known, and a worker that finds its own lease gone waits one lease before judging others."""
+    prefix = f"restart-{secrets.token_hex(4)}"
+    url = own_redis_server.url
+    recorder = Recorder()
+    a = manager_on(url, prefix)
+    b = SessionManager(
+        registry=RedisRegistry(url, prefix=prefix, heartbeat=5.0), drain_on_signal=False
+    )
+    recorder.install(a, "a")
+    recorder.install(b, "b")
+    async with a, b:
+        await a.registry.add(live_session(a, "a-live"))
+        own_redis_server.restart()  # empty again: no persistence
+        await b.registry.add(live_session(b, "b-new"))
+        direct = Redis.from_url(url, decode_responses=True)
+        try:
+            renewals, last_ttl = 0, 1 << 30
+
+            async def a_renewed_three_times() -> bool:
+                nonlocal renewals, last_ttl
+                ttl = int(await direct.pttl(f"{prefix}:lease:{a.registry.node_id}"))  # type: ignore[attr-defined]
+                if ttl > last_ttl:
+                    renewals += 1
+                last_ttl = ttl
+                return renewals >= 3
+
+            await wait_for(a_renewed_three_times, 10, "three lease renewals of A")
+        finally:
+            await direct.aclose()
+
+        async def both_listed() -> bool:
+            return await cluster_count(a) == 2
+
+        await wait_for(both_listed, 10, "A's session written back")
+        assert recorder.node_lost() == []
+        assert {s.id for s in await a.sessions()} == {"a-live", "b-new"}

@@ -33,10 +33,12 @@ redis.call('SREM', p .. ':sessions', sid)
 
 REGISTER = """
 -- ARGV: prefix, node, id, user_key ('' for none), n, group_1..group_n, field, value, ...
--- Writes (or rewrites) a session of ``node``. -1: ``node`` was declared lost; -2: the id
--- belongs to another worker; 1: done.
+-- Writes (or rewrites) a session of ``node``. -1: ``node`` was declared lost; 0: ``node`` holds
+-- no lease (Redis restarted, or it lapsed): renew it first, else the others would take the node
+-- for dead; -2: the id belongs to another worker; 1: done.
 local p, node, sid, uk = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', p .. ':dead:' .. node) == 1 then return -1 end
+if redis.call('EXISTS', p .. ':lease:' .. node) == 0 then return 0 end
 local sk = p .. ':s:' .. sid
 local owner = redis.call('HGET', sk, 'node')
 if owner and owner ~= node then return -2 end

@@ -156,6 +156,7 @@ class RedisRegistry:
         self._available = False  # Redis reachable and every local session written there
         self._recovered_at = float("-inf")  # when Redis came back after an outage (monotonic)
         self._outage = False  # Redis failed since the last successful heartbeat
+        self._leased = False  # a lease was taken once: a missing one later means trouble
         self._dirty = False  # Redis missed writes: write every local session again
         self._pending_removals: set[str] = set()
         self._written: set[str] = set()  # ids registered in Redis under the current node id
@@ -458,7 +459,7 @@ class RedisRegistry:
 
     async def _register(self, session: Session) -> None:
         """Write ``session`` under this worker's id (a full rewrite: data, user key, groups)."""
-        for _ in range(2):
+        for _ in range(3):
             node = self.node_id
             fields = session_fields(session, node)
             groups = sorted(session.groups)
@@ -481,7 +482,10 @@ class RedisRegistry:
                 raise ValueError(
                     f"connection id {session.id!r} is already in use on another worker"
                 )
-            self._declared_lost(node)  # -1: write it under the new id
+            if result == 0:
+                await self._renew()  # no lease (Redis restarted): take it, then write
+            else:
+                self._declared_lost(node)  # -1: write it under the new id
         raise RegistryUnavailable(
             f"could not register {session.id}: this worker keeps being declared lost"
         )
@@ -636,19 +640,7 @@ class RedisRegistry:
 
     async def _tick(self) -> None:
         """Renew the lease; write what Redis missed; look for lost workers."""
-        node = self.node_id
-        self._token += 1
-        state = int(
-            await self._scripts["HEARTBEAT"](
-                args=[self.prefix, node, self._token, int(self.lease_ttl * 1000)]
-            )
-        )
-        if state == -1:
-            self._declared_lost(node)
-            await self._tick()  # take a lease under the new id
-            return
-        if state == 0 and self._local._sessions:
-            self._dirty = True  # our lease lapsed or Redis lost its data: write it all again
+        await self._renew()
         if self._dirty or self._pending_removals:
             await self._resync()
         if not self._available:
@@ -658,6 +650,27 @@ class RedisRegistry:
                 self._recovered_at = monotonic()
                 log_warning(None, "Redis reachable again; this worker's sessions re-registered")
         await self._check_nodes()
+
+    async def _renew(self) -> None:
+        """Renew this worker's lease (under a new node id if the cluster declared it lost)."""
+        state = 1
+        for _ in range(2):
+            node = self.node_id
+            self._token += 1
+            state = int(
+                await self._scripts["HEARTBEAT"](
+                    args=[self.prefix, node, self._token, int(self.lease_ttl * 1000)]
+                )
+            )
+            if state != -1:
+                break
+            self._declared_lost(node)  # then take a lease under the new id
+        if state == 0 and self._leased:
+            # Our lease was gone: Redis lost its data, or we were cut off or blocked past it.
+            # Write everything again, and give the others a lease to come back before judging.
+            self._dirty = True
+            self._recovered_at = monotonic()
+        self._leased = True
 
     def _unavailable(self, exc: BaseException) -> None:
         self._dirty = True
