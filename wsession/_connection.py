@@ -14,13 +14,13 @@ import anyio
 from ._context import SCOPE_KEY, current_session
 from ._delivery import close_session, force_end
 from ._exceptions import Refuse
+from ._lifecycle import count_ending, run_disconnect_hooks
 from ._log import log_error, log_warning
 from ._manager import SessionManager
 from ._session import EndReason, Session, SessionState
 from ._shield import run_shielded
 from ._timers import Deadline, call_later
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .backends import MemoryRegistry
 
 _DENIAL = "websocket.http.response"
 
@@ -300,62 +300,30 @@ async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
 
 
 async def _teardown(manager: SessionManager, session: Session) -> None:
-    """Disconnect hooks (reverse order) then unregister; runs exactly once per session."""
+    """Disconnect hooks (reverse order) then unregister; runs exactly once per session.
+
+    Nothing here may be skipped by a cancellation: hooks that return awaitables are shielded one
+    by one (see :func:`run_disconnect_hooks`), the registry removal is shielded, and the local
+    bookkeeping sits in ``finally`` blocks. Registries do their own bookkeeping before their
+    first ``await`` in ``remove`` and shield their I/O themselves.
+    """
     count_ending(manager, session)
-    if type(manager.registry) is MemoryRegistry and not manager._async_disconnect_hooks:
-        # Nothing here can suspend, so cancellation cannot interrupt it: skip the shield task.
-        await _finish(manager, session)
-    else:
-        await run_shielded(_finish(manager, session))
+    try:
+        await run_disconnect_hooks(manager, session)
+    finally:
+        try:
+            await _unregister(manager, session)
+        finally:
+            manager.admission.release(session)
+            manager._forget_local(session)
+            # Drop what ties a closed session to the server's connection object, so a session
+            # kept by user code does not keep the connection's buffers alive.
+            session._send = session._raw_send = None
+            session._task = None
 
 
-def count_ending(manager: SessionManager, session: Session) -> None:
-    """Count one ended session (``stats.ended`` and ``stats.ended_by``)."""
-    manager.stats.ended += 1
-    manager.stats.ended_by[str(session.end_reason)] += 1
-
-
-async def _finish(manager: SessionManager, session: Session) -> None:
-    await run_disconnect_hooks(manager, session)
+async def _unregister(manager: SessionManager, session: Session) -> None:
     try:
         await manager.registry.remove(session)
     except Exception:
         log_error(session.id, "registry could not remove %s", session.id, exc=True)
-    finally:
-        manager.admission.release(session)
-        manager._forget_local(session)
-        # Drop what ties a closed session to the server's connection object, so a session
-        # kept by user code does not keep the connection's buffers alive.
-        session._send = session._raw_send = None
-        session._task = None
-
-
-async def run_disconnect_hooks(manager: SessionManager, session: Session) -> None:
-    """Run the disconnect hooks in reverse order; each async one is bounded by
-    ``disconnect_timeout``; a failing or late hook is logged and counted, the others still run.
-
-    Used for local endings and by cluster registries for sessions of a lost worker (wrap it in
-    :func:`~wsession._shield.run_shielded` when it must survive cancellation).
-    """
-    timeout = manager.settings.disconnect_timeout
-    timings = manager.stats.hook_seconds["disconnect"]
-    for hook in reversed(manager.disconnect_hooks):
-        started = perf_counter()
-        try:
-            result = hook(session)
-            if result is not None and inspect.isawaitable(result):
-                with anyio.move_on_after(timeout) as scope:
-                    await result
-                if scope.cancelled_caught:
-                    manager.stats.hook_errors += 1
-                    log_warning(
-                        session.id,
-                        "disconnect hook %r abandoned after %ss for %s",
-                        hook,
-                        timeout,
-                        session.id,
-                    )
-        except Exception:
-            manager.stats.hook_errors += 1
-            log_error(session.id, "disconnect hook %r failed for %s", hook, session.id, exc=True)
-        timings.observe(perf_counter() - started)

@@ -26,12 +26,11 @@ from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from .._connection import count_ending, run_disconnect_hooks
 from .._delivery import SendResult, close_session
 from .._exceptions import ConfigurationError, RegistryUnavailable
+from .._lifecycle import end_without_connection
 from .._log import log_error, log_warning
 from .._session import EndReason, Session, SessionState
-from .._shield import run_shielded
 from .._types import Message
 from . import _redis_scripts as scripts
 from ._base import SessionFilter
@@ -807,10 +806,7 @@ class RedisRegistry:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
             manager = self._bound()
             session = rebuild_session(manager, session_id, fields, set(groups))
-            session._end(EndReason.NODE_LOST, None, None)
-            session.state = SessionState.CLOSED
-            count_ending(manager, session)
-            await run_shielded(run_disconnect_hooks(manager, session))
+            await end_without_connection(manager, session, EndReason.NODE_LOST)
         except Exception:
             log_error(session_id, "node-lost teardown of %s failed", session_id, exc=True)
 

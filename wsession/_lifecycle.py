@@ -1,0 +1,81 @@
+"""How a session ends: disconnect hooks exactly once, and the ending counted once.
+
+The one owner of "a session has ended". The connection code calls it for local endings; cluster
+registries call :func:`end_without_connection` for sessions whose worker died.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._log import log_error, log_warning
+from ._session import EndReason, Session, SessionState
+from ._shield import run_shielded
+
+if TYPE_CHECKING:
+    from ._manager import SessionManager
+
+
+def count_ending(manager: SessionManager, session: Session) -> None:
+    """Count one ended session (``stats.ended`` and ``stats.ended_by``)."""
+    manager.stats.ended += 1
+    manager.stats.ended_by[str(session.end_reason)] += 1
+
+
+async def run_disconnect_hooks(manager: SessionManager, session: Session) -> None:
+    """Run the disconnect hooks in reverse order, each at most once.
+
+    Whether a hook is async is decided per call, from what it returned (a sync callable may
+    return an awaitable). Each awaitable is bounded by ``disconnect_timeout`` and shielded from
+    cancellation of the caller; a failing or late hook is logged and counted, the others still
+    run. If the caller was cancelled meanwhile, the cancellation is re-raised after the last hook.
+    """
+    cancelled: BaseException | None = None
+    timeout = manager.settings.disconnect_timeout
+    timings = manager.stats.hook_seconds["disconnect"]
+    for hook in reversed(manager.disconnect_hooks):
+        started = perf_counter()
+        try:
+            result = hook(session)
+            if result is not None and inspect.isawaitable(result):
+                try:
+                    await run_shielded(_bounded(manager, session, hook, result, timeout))
+                except anyio.get_cancelled_exc_class() as exc:
+                    cancelled = exc  # the hook finished anyway; the others must run too
+        except Exception:
+            manager.stats.hook_errors += 1
+            log_error(session.id, "disconnect hook %r failed for %s", hook, session.id, exc=True)
+        timings.observe(perf_counter() - started)
+    if cancelled is not None:
+        raise cancelled
+
+
+async def _bounded(
+    manager: SessionManager, session: Session, hook: Any, result: Awaitable[Any], timeout: float
+) -> None:
+    with anyio.move_on_after(timeout) as scope:
+        await result
+    if scope.cancelled_caught:
+        manager.stats.hook_errors += 1
+        log_warning(
+            session.id, "disconnect hook %r abandoned after %ss for %s", hook, timeout, session.id
+        )
+
+
+async def end_without_connection(
+    manager: SessionManager, session: Session, reason: EndReason
+) -> None:
+    """End a session that has no connection in this process (its worker died): record
+    ``reason``, count the ending and run the disconnect hooks once, shielded from cancellation.
+
+    Used by cluster registries on the worker that claimed the session.
+    """
+    session._end(reason, None, None)
+    session.state = SessionState.CLOSED
+    count_ending(manager, session)
+    await run_shielded(run_disconnect_hooks(manager, session))
