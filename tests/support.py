@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -64,7 +65,7 @@ class HookRecorder:
 
     connected: list[str] = field(default_factory=list)
     ended: list[tuple[str, EndReason | None, int | None, str | None]] = field(default_factory=list)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: Any = None  # an anyio.Event while someone waits (works on asyncio and trio)
 
     def install(self, manager: SessionManager) -> SessionManager:
         manager.on_connect(self._on_connect)
@@ -73,19 +74,23 @@ class HookRecorder:
 
     def _on_connect(self, session: Session) -> None:
         self.connected.append(session.id)
-        self._changed.set()
+        self._notify()
 
     def _on_disconnect(self, session: Session) -> None:
         self.ended.append(
             (session.id, session.end_reason, session.close_code, session.close_reason)
         )
-        self._changed.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
 
     async def wait_ended(self, count: int, timeout: float = 10.0) -> None:
         """Wait until ``count`` disconnect hooks ran (fail after ``timeout`` seconds)."""
-        async with asyncio.timeout(timeout):
+        with anyio.fail_after(timeout):
             while len(self.ended) < count:
-                self._changed.clear()
+                self._changed = anyio.Event()
                 await self._changed.wait()
 
     def ended_ids(self) -> list[str]:

@@ -250,8 +250,7 @@ async def test_slow_consumer_is_bounded_and_closed() -> None:
             for _ in range(2000):  # bounded; the policy fires long before
                 result = await manager.send(sid, payload)
                 results.append(result)
-                backlog = session._backlog
-                biggest_backlog = max(biggest_backlog, len(backlog) if backlog else 0)
+                biggest_backlog = max(biggest_backlog, session.backlog)
                 if result is SendResult.GONE:
                     break
                 await asyncio.sleep(0)
@@ -283,8 +282,8 @@ async def test_drop_policy_drops_instead_of_growing() -> None:
                 await asyncio.sleep(0)
         assert manager.stats.dropped == 1
         session = await manager.get(sid)
-        assert session is not None and session._backlog is not None
-        assert len(session._backlog) == 4
+        assert session is not None
+        assert session.backlog == 4
         assert session.state.value == "open"  # dropping keeps the session
         reset_connection(ws)
         assert await manager.close(sid)  # the app never reads: end it so the server can stop

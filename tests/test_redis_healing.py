@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from example_app.procs import free_port, start_worker, stop, wait_for_port
 from wsession import EndReason, RegistryUnavailable, Session, SessionManager, SessionState
+from wsession._outbound import Outbound
 from wsession.backends.redis import RedisRegistry
 
 from .redis_support import RedisServer
@@ -42,7 +43,8 @@ def live_session(manager: SessionManager, session_id: str) -> Session:
     async def send(message: Any) -> None:
         return None
 
-    session = Session(session_id, {"type": "websocket", "path": "/ws"}, send, manager.new_data())
+    session = Session(session_id, {"type": "websocket", "path": "/ws"}, None, manager.new_data())
+    session._outbound = Outbound(session, send, 16, 1 << 20, track=False)
     session.state = SessionState.OPEN
     return session
 

@@ -10,10 +10,12 @@ from ._context import SCOPE_KEY, connection_id, current_session, get_current_ses
 from ._delivery import SendResult, SlowConsumerPolicy
 from ._exceptions import (
     ConfigurationError,
+    InvalidMessage,
     Refuse,
     RegistryUnavailable,
     SessionClosed,
     SessionNotAvailable,
+    SessionStateError,
     WSessionError,
 )
 from ._ids import new_connection_id
@@ -28,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "EndReason",
     "Hook",
+    "InvalidMessage",
     "MemoryRegistry",
     "Refuse",
     "RegistryUnavailable",
@@ -38,6 +41,7 @@ __all__ = [
     "SessionNotAvailable",
     "SessionRegistry",
     "SessionState",
+    "SessionStateError",
     "Settings",
     "SlowConsumerPolicy",
     "Stats",

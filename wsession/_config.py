@@ -40,6 +40,14 @@ class Settings(BaseModel):
         description="Out-of-band messages (send by id, group, user, broadcast) one session may "
         "have waiting while its client does not read; past it, slow_consumer applies.",
     )
+    max_backlog_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="Payload bytes (characters for text) of manager messages one session may "
+        "have waiting while its client does not read; past it, slow_consumer applies. A single "
+        "message is always accepted into an empty backlog, so a session holds at most "
+        "max(max_backlog_bytes, its largest message) waiting plus the frame being written.",
+    )
     slow_consumer: SlowConsumerPolicy = Field(
         default=SlowConsumerPolicy.CLOSE,
         description="What happens when a backlog is full: close, drop or wait.",
@@ -99,6 +107,12 @@ class Settings(BaseModel):
         description="Read the connection in a background task so a dropped client is noticed "
         "even when the app never calls receive() (costs one task per connection and one queue "
         "hop per received message).",
+    )
+    read_ahead: int = Field(
+        default=16,
+        ge=1,
+        description="With detect_disconnect: received messages read ahead of the app at most; "
+        "past it wsession stops reading, so the server's back-pressure on the client applies.",
     )
     # -- shutdown -----------------------------------------------------------------------------
     drain_timeout: float = Field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from contextlib import nullcontext
+from collections.abc import Awaitable
 from http import HTTPStatus
 from time import monotonic, perf_counter
 from typing import Any
@@ -17,8 +17,8 @@ from ._exceptions import Refuse
 from ._lifecycle import count_ending, run_disconnect_hooks
 from ._log import log_error, log_warning
 from ._manager import SessionManager
+from ._outbound import Outbound
 from ._session import EndReason, Session, SessionState
-from ._shield import run_shielded
 from ._timers import Deadline, call_later
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,16 +34,25 @@ async def serve_connection(
     awaits resumes through each frame between the server and the app, so fewer is faster.
     """
     first: Message | None = await receive()
-    assert first is not None
+    if first is None:
+        return await app(scope, receive, send)
     if first["type"] != "websocket.connect":
         # The client left before the handshake reached us: nothing to manage, pass it on.
         return await app(scope, _replay(first, receive), send)
 
     scope = dict(scope)  # never mutate the server's scope
+    settings = manager.settings
+    track = settings.idle_timeout is not None
     session = Session(manager.id_factory(), scope, None, manager.new_data())
+    outbound = Outbound(session, send, settings.max_backlog, settings.max_backlog_bytes, track)
+    session._outbound = outbound
     scope[SCOPE_KEY] = session
     current_session.set(session)  # the connection's own task: no token to keep
-    refusal = await _admit(manager, session, scope)
+    try:
+        refusal = await _admit(manager, session, scope)
+    except BaseException:
+        current_session.set(None)  # cancelled during the connect hooks: nothing was set up
+        raise
     if refusal is not None:
         manager.stats.refused += 1
         manager.stats.refused_by[refusal.label] += 1
@@ -51,11 +60,9 @@ async def serve_connection(
         await _refuse(scope, send, refusal)
         return None
 
-    settings = manager.settings
-    track = settings.idle_timeout is not None
     pump: asyncio.Task[None] | None = None
     if settings.detect_disconnect:
-        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        inbox: asyncio.Queue[Message] = asyncio.Queue(settings.read_ahead)
         pump = asyncio.get_running_loop().create_task(_pump(manager, session, receive, inbox))
         receive = inbox.get
 
@@ -71,31 +78,15 @@ async def serve_connection(
             session._last_activity = monotonic()
         return message
 
-    async def send_wrapper(message: Message) -> None:
-        if message["type"] != "websocket.send":
-            return await _send_control(session, send, message)
-        if track:
-            session._last_activity = monotonic()
-        try:
-            await send(message)
-        except OSError:
-            # uvicorn's ClientDisconnected: the peer is gone. Let the app see it unchanged.
-            session._end(EndReason.CONNECTION_LOST, 1006, None)
-            raise
-
-    session._send = send_wrapper
-    # Out-of-band data frames may skip the wrapper when the server's send is a coroutine
-    # function (it can be stepped by hand, see _delivery.py).
-    session._raw_send = send if inspect.iscoroutinefunction(send) else send_wrapper
     session._task = _current_task()
     manager.stats.accepted += 1
     manager.admission.acquire(session)
-    manager.local[session.id] = session
     if track:
         _arm_idle_timer(manager, session)
     try:
         await manager.registry.add(session)
-        return await app(scope, receive_wrapper, send_wrapper)
+        session._registered = True
+        return await app(scope, receive_wrapper, outbound.send)
     except BaseException as exc:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             if session._forced and _uncancel_own(session):
@@ -121,44 +112,44 @@ async def serve_connection(
 
 async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Refuse | None:
     """Admission checks and connect hooks; the refusal, if any."""
+    if session.id in manager.local:
+        # A custom id_factory repeated a live id: never let it replace that session.
+        log_error(session.id, "id_factory returned the id of a live session: refusing")
+        return Refuse(manager.settings.error_status, code=1011, label="duplicate_id")
     admission = manager.admission
     refusal = admission.before_hooks(session, scope, len(manager.local))
     if refusal is not None:
         return refusal
     refusal = await _run_connect_hooks(manager, session)
-    if refusal is None and (refusal := admission.after_hooks(session)) is not None:
+    if refusal is None:
+        refusal = admission.after_hooks(session)
+        if refusal is None and session.id in manager.local:
+            log_error(session.id, "id_factory returned the id of a live session: refusing")
+            refusal = Refuse(manager.settings.error_status, code=1011, label="duplicate_id")
+        if refusal is None:
+            manager.local[session.id] = session  # no await since the check: the id is ours
+            return None
         # The connect hooks completed, so their disconnect hooks are owed.
         session._end(EndReason.REFUSED, None, refusal.reason)
         session.state = SessionState.CLOSED
-        await run_shielded(run_disconnect_hooks(manager, session))
+        count_ending(manager, session)
+        await run_disconnect_hooks(manager, session)
     return refusal
-
-
-async def _send_control(session: Session, send: Send, message: Message) -> None:
-    """Send a non-data message (accept, close, denial), tracking the session's state."""
-    kind = message["type"]
-    if kind == "websocket.close":
-        session._end(EndReason.APP_CLOSED, int(message.get("code", 1000)), message.get("reason"))
-    elif kind == "websocket.http.response.start":
-        session._end(EndReason.APP_CLOSED, None, f"HTTP {message.get('status')}")
-    try:
-        await send(message)
-    except OSError:
-        session._end(EndReason.CONNECTION_LOST, 1006, None)
-        raise
-    if kind == "websocket.accept" and session.state is SessionState.CONNECTING:
-        session.subprotocol = message.get("subprotocol")
-        session.state = SessionState.OPEN
 
 
 async def _pump(
     manager: SessionManager, session: Session, receive: Receive, inbox: asyncio.Queue[Message]
 ) -> None:
     """Read the connection ahead of the app (``detect_disconnect``), so a dropped client is
-    noticed even when the app never reads; an app that does not end is then ended."""
+    noticed even when the app never reads; an app that does not end is then ended.
+
+    At most ``read_ahead`` messages wait for the app: past that the pump stops reading, so the
+    server's own back-pressure on the client still applies (a client that floods an app that
+    never reads is then noticed only when the app reads or the session ends otherwise).
+    """
     while True:
         message = await receive()
-        inbox.put_nowait(message)
+        await inbox.put(message)
         if message["type"] == "websocket.disconnect":
             session._client_disconnected(message)
             session._force_end = call_later(manager.settings.close_timeout, force_end, session)
@@ -177,7 +168,11 @@ def _check_idle(manager: SessionManager, session: Session, timeout: float) -> No
     # cycle keeping every closed session alive until the garbage collector runs.
     if session.end_reason is not None:
         return
-    remaining = session._last_activity + timeout - monotonic()
+    outbound = session._outbound
+    last = session._last_activity
+    if outbound is not None and outbound.last_write > last:
+        last = outbound.last_write
+    remaining = last + timeout - monotonic()
     if remaining > 0:
         session._idle_timer = call_later(remaining, _check_idle, manager, session, timeout)
     else:
@@ -198,16 +193,6 @@ def _uncancel_own(session: Session) -> bool:
     return task is not None and task.uncancel() == 0
 
 
-def _connect_deadline(timeout: float | None, manager: SessionManager) -> Any:
-    # Sync hooks cannot be interrupted, so only async ones get a timer; on asyncio a timer that
-    # does not capture the connection's context (see _timers.py).
-    if timeout is None or not manager._async_connect_hooks:
-        return nullcontext()
-    if _current_task() is None:
-        return anyio.fail_after(timeout)
-    return Deadline(timeout)
-
-
 def _replay(first: Message, receive: Receive) -> Receive:
     pending: Message | None = first
 
@@ -225,19 +210,36 @@ def _replay(first: Message, receive: Receive) -> Receive:
 
 
 async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refuse | None:
-    """Run every connect hook in order; return the refusal, if any."""
+    """Run every connect hook in order; return the refusal, if any.
+
+    Whether a hook is async is decided per call, from what it returned: a sync callable that
+    returns an awaitable (``functools.partial``, a lambda, a decorator) is awaited and bounded
+    by ``connect_timeout`` like an ``async def`` hook.
+    """
     timeout = manager.settings.connect_timeout
+    deadline = None if timeout is None else perf_counter() + timeout
+    timings = manager.stats.hook_seconds["connect"]
     try:
-        timings = manager.stats.hook_seconds["connect"]
-        with _connect_deadline(timeout, manager):
-            for hook in manager.connect_hooks:
-                started = perf_counter()
-                try:
-                    result = hook(session)
-                    if result is not None and inspect.isawaitable(result):
+        for hook in manager.connect_hooks:
+            started = perf_counter()
+            try:
+                result = hook(session)
+                if result is not None and inspect.isawaitable(result):
+                    if deadline is None:
                         await result
-                finally:
-                    timings.observe(perf_counter() - started)
+                    elif await _timed_out(result, deadline - started):
+                        manager.stats.hook_errors += 1
+                        log_warning(
+                            session.id,
+                            "connect hooks exceeded %ss: refusing %s",
+                            timeout,
+                            session.id,
+                        )
+                        return Refuse(
+                            manager.settings.error_status, code=1011, label="hook_timeout"
+                        )
+            finally:
+                timings.observe(perf_counter() - started)
         if manager.data_model is not None and not isinstance(session.data, manager.data_model):
             raise TypeError(
                 f"session.data must stay a {manager.data_model.__name__}, "
@@ -245,15 +247,28 @@ async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refus
             )
     except Refuse as refusal:
         return refusal
-    except TimeoutError:
-        manager.stats.hook_errors += 1
-        log_warning(session.id, "connect hooks exceeded %ss: refusing %s", timeout, session.id)
-        return Refuse(manager.settings.error_status, code=1011, label="hook_timeout")
-    except Exception:
+    except Exception:  # a hook's own TimeoutError included: it is the hook's error, not ours
         manager.stats.hook_errors += 1
         log_error(session.id, "connect hook failed for %s: refusing", session.id, exc=True)
         return Refuse(manager.settings.error_status, code=1011, label="hook_error")
     return None
+
+
+async def _timed_out(awaitable: Awaitable[Any], remaining: float) -> bool:
+    """Await ``awaitable`` for at most ``remaining`` seconds; True if our deadline cut it."""
+    if _current_task() is None:  # trio
+        with anyio.move_on_after(remaining) as scope:
+            await awaitable
+        return scope.cancelled_caught
+    deadline = Deadline(max(remaining, 0.0))
+    try:
+        with deadline:
+            await awaitable
+    except TimeoutError:
+        if deadline.expired:
+            return True
+        raise
+    return False
 
 
 async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
@@ -307,6 +322,9 @@ async def _teardown(manager: SessionManager, session: Session) -> None:
     bookkeeping sits in ``finally`` blocks. Registries do their own bookkeeping before their
     first ``await`` in ``remove`` and shield their I/O themselves.
     """
+    outbound = session._outbound
+    if outbound is not None:
+        await outbound.finish()
     count_ending(manager, session)
     try:
         await run_disconnect_hooks(manager, session)
@@ -318,7 +336,9 @@ async def _teardown(manager: SessionManager, session: Session) -> None:
             manager._forget_local(session)
             # Drop what ties a closed session to the server's connection object, so a session
             # kept by user code does not keep the connection's buffers alive.
-            session._send = session._raw_send = None
+            outbound, session._outbound = session._outbound, None
+            if outbound is not None:
+                outbound.shutdown()
             session._task = None
 
 

@@ -1,27 +1,21 @@
-"""Sending to a session from any task: ordered, bounded, never blocking the caller on a
-slow client, and never raising the server's send-after-close errors.
+"""Sending to sessions from any code: ordered, bounded, never blocking the caller on a slow
+client, and never raising the server's send-after-close errors.
 
-The fast path awaits nothing extra: the session's ``send`` is *stepped* once by hand. With
-uvicorn a writable connection completes the send in that step (no task, no queue). Only when the
-step suspends (the client is not reading and the server applied back-pressure) does the rest of
-that send, and every later out-of-band message, go to a per-session backlog drained by one task:
-later senders never overtake it, and the backlog's length is bounded by the slow-consumer policy.
+The mechanics (one ordered outbound path per session) are in ``_outbound.py``; this module
+applies the policies: what a full backlog means (``slow_consumer``), how results are counted,
+and how wsession closes a session from outside its task.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-from collections import deque
-from collections.abc import Coroutine
 from enum import StrEnum
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from ._json import check_text, encode_json
 from ._log import log_warning
+from ._outbound import Offer, Outbound, carry
 from ._session import EndReason, Session, SessionState
 from ._timers import call_later
 from ._types import Message
@@ -56,123 +50,127 @@ class SlowConsumerPolicy(StrEnum):
 
 def to_message(data: Any) -> Message:
     """Build a ``websocket.send`` message: ``str`` as text, ``bytes`` as binary, anything else as
-    JSON text (pydantic models with ``model_dump_json``)."""
+    JSON text (pydantic models at any depth).
+
+    Raises:
+        InvalidMessage: JSON with ``NaN``/``Infinity``, or text that is not valid UTF-8.
+    """
     if isinstance(data, str):
-        return {"type": "websocket.send", "text": data}
+        return {"type": "websocket.send", "text": check_text(data)}
     if isinstance(data, bytes | bytearray | memoryview):
         return {"type": "websocket.send", "bytes": bytes(data)}
     if isinstance(data, BaseModel):
-        return {"type": "websocket.send", "text": data.model_dump_json()}
-    return {"type": "websocket.send", "text": json.dumps(data, separators=(",", ":"))}
+        return {"type": "websocket.send", "text": check_text(data.model_dump_json())}
+    return {"type": "websocket.send", "text": encode_json(data)}
 
 
-def try_deliver(manager: SessionManager, session: Session, message: Message) -> SendResult | None:
-    """Send without awaiting: the result, or ``None`` when the ``wait`` policy must wait."""
-    if session.state is not SessionState.OPEN or session._send is None:
-        return SendResult.GONE
-    backlog = session._backlog
-    if backlog is None:
-        return _send_eagerly(session, message)
-    settings = manager.settings
-    if len(backlog) < settings.max_backlog:
-        backlog.append(message)
-        return SendResult.QUEUED
-    if settings.slow_consumer is SlowConsumerPolicy.DROP:
-        manager.stats.dropped += 1
-        return SendResult.DROPPED
-    if settings.slow_consumer is SlowConsumerPolicy.WAIT:
+def message_size(message: Message) -> int:
+    """The payload size counted against ``max_backlog_bytes`` (characters for text)."""
+    text = message.get("text")
+    return len(text) if text is not None else len(message.get("bytes") or b"")
+
+
+def _outbound(session: Session) -> Outbound | None:
+    if session.state is not SessionState.OPEN:
         return None
-    _close_slow_consumer(manager, session)
-    return SendResult.GONE
+    return session._outbound
 
 
 async def deliver(manager: SessionManager, session: Session, message: Message) -> SendResult:
     """Send ``message`` on ``session`` from any task; see :class:`SendResult`. Never raises for
     a closed or vanished connection. Counted in ``stats.sends``."""
-    result = try_deliver(manager, session, message)
-    while result is None:
-        if not await _wait_for_room(session, manager.settings.send_timeout):
-            _close_slow_consumer(manager, session)
-            result = SendResult.GONE
-            break
-        result = try_deliver(manager, session, message)
+    result = await _deliver_one(manager, session, message, message_size(message))
     manager.stats.sends[result] += 1
     return result
+
+
+async def _deliver_one(
+    manager: SessionManager, session: Session, message: Message, nbytes: int
+) -> SendResult:
+    for _ in range(1000):  # bounded: each round waits for room or ends
+        outbound = _outbound(session)
+        if outbound is None:
+            return SendResult.GONE
+        offer = outbound.offer(message, nbytes)
+        if offer is Offer.WRITE:
+            carried = await carry([(outbound, message)])
+            if carried.written:
+                return SendResult.DELIVERED
+            return SendResult.QUEUED if carried.pending else SendResult.GONE
+        if offer is not Offer.FULL:
+            return SendResult.QUEUED if offer is Offer.QUEUED else SendResult.GONE
+        policy = manager.settings.slow_consumer
+        if policy is SlowConsumerPolicy.DROP:
+            manager.stats.dropped += 1
+            return SendResult.DROPPED
+        if policy is SlowConsumerPolicy.CLOSE or not await outbound.wait_for_room(
+            manager.settings.send_timeout
+        ):
+            _close_slow_consumer(manager, session)
+            return SendResult.GONE
+    return SendResult.GONE
+
+
+async def deliver_all(
+    manager: SessionManager, targets: list[Session], message: Message, exclude: str | None
+) -> int:
+    """Send ``message`` to every session in ``targets`` but ``exclude``; return how many it
+    reached (delivered or queued). A slow client never delays the others (except under the
+    ``wait`` policy, which waits for room by design)."""
+    nbytes = message_size(message)
+    writes: list[tuple[Outbound, Message]] = []
+    waiting: list[Session] = []
+    queued = dropped = gone = 0
+    policy = manager.settings.slow_consumer
+    for session in targets:
+        if session.id == exclude:
+            continue
+        outbound = _outbound(session)
+        if outbound is None:
+            gone += 1
+            continue
+        offer = outbound.offer(message, nbytes)
+        if offer is Offer.WRITE:
+            writes.append((outbound, message))
+        elif offer is Offer.QUEUED:
+            queued += 1
+        elif offer is Offer.GONE:
+            gone += 1
+        elif policy is SlowConsumerPolicy.DROP:
+            dropped += 1
+        elif policy is SlowConsumerPolicy.CLOSE:
+            _close_slow_consumer(manager, session)
+            gone += 1
+        else:
+            waiting.append(session)
+    delivered = 0
+    if writes:
+        carried = await carry(writes)
+        delivered, gone = carried.written, gone + carried.failed
+        queued += carried.pending
+    sends = manager.stats.sends
+    for session in waiting:
+        result = await _deliver_one(manager, session, message, nbytes)
+        delivered += result is SendResult.DELIVERED
+        queued += result is SendResult.QUEUED
+        gone += result is SendResult.GONE
+    # Counted once per call, not once per connection.
+    for result, count in (
+        (SendResult.DELIVERED, delivered),
+        (SendResult.QUEUED, queued),
+        (SendResult.GONE, gone),
+        (SendResult.DROPPED, dropped),
+    ):
+        if count:
+            sends[result] += count
+    manager.stats.dropped += dropped
+    return delivered + queued
 
 
 def _close_slow_consumer(manager: SessionManager, session: Session) -> None:
     manager.stats.slow_consumers += 1
     log_warning(session.id, "slow consumer %s: backlog full, closing", session.id)
-    close_session(manager, session, manager.settings.slow_consumer_code, "slow consumer", grace=0.0)
-
-
-def _send_eagerly(session: Session, message: Message) -> SendResult:
-    send = session._raw_send or session._send
-    assert send is not None
-    if session._idle_timer is not None:
-        session._last_activity = monotonic()  # outgoing frames count as activity too
-    coro = send(message)
-    try:
-        yielded = coro.send(None)
-    except StopIteration:
-        return SendResult.DELIVERED
-    except (OSError, RuntimeError):
-        return SendResult.GONE
-    # The server applied back-pressure: finish this send, then the backlog, in one task.
-    session._backlog = deque()
-    task = asyncio.get_running_loop().create_task(_drain(session, coro, yielded))
-    session._drainer = task
-    return SendResult.QUEUED
-
-
-async def _drain(session: Session, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-    backlog = session._backlog
-    try:
-        await _resume(coro, yielded)
-        while backlog and (send := session._send) is not None:
-            message = backlog.popleft()
-            if session._room is not None:
-                session._room.set()
-            await send(message)
-    except (OSError, RuntimeError):
-        pass  # the client left: the session's own task sees that and ends it
-    finally:
-        session._backlog = None
-        session._drainer = None
-        if session._room is not None:
-            session._room.set()
-
-
-async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-    """Drive a coroutine that already ran up to its first suspension (what a Task would do)."""
-    while True:
-        if yielded is None:
-            await asyncio.sleep(0)
-        else:
-            try:
-                # Wait for the future the coroutine is blocked on without taking its result:
-                # the coroutine reads that itself when resumed.
-                await asyncio.wait({yielded})
-            except asyncio.CancelledError:
-                coro.throw(asyncio.CancelledError())
-                raise
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return
-
-
-async def _wait_for_room(session: Session, timeout: float) -> bool:
-    if session._room is None:
-        session._room = asyncio.Event()
-    room = session._room
-    room.clear()
-    try:
-        async with asyncio.timeout(timeout):
-            await room.wait()
-    except TimeoutError:
-        return False
-    return True
+    close_session(manager, session, manager.settings.slow_consumer_code, "slow consumer")
 
 
 def close_session(
@@ -186,41 +184,26 @@ def close_session(
 ) -> bool:
     """Close ``session`` from outside its task (kick, limits, slow consumer, drain).
 
-    Records ``end_reason`` first (so disconnect hooks see it), sends the close frame without
-    waiting on a stuck client, and ends the app's task if it has not finished within ``grace``
-    seconds (``close_timeout`` by default): its disconnect hooks then run exactly once as for any
-    other ending. Returns False when the session was already ending.
+    Records ``end_reason`` first (so disconnect hooks see it) and queues the close frame behind
+    the write in progress, so a client that is slow (not dead) still reads why. A session not
+    accepted yet is accepted first, so the client can read the code. The app's later sends fail
+    like a client disconnect. If the app has not ended within ``grace`` seconds
+    (``close_timeout`` by default) its task is cancelled; its disconnect hooks then run exactly
+    once as for any other ending. Returns False when the session was already ending.
     """
-    if session.state not in (SessionState.OPEN, SessionState.CONNECTING) or session._send is None:
+    if session.state not in (SessionState.OPEN, SessionState.CONNECTING):
         return False
-    was_open = session.state is SessionState.OPEN
+    outbound = session._outbound
+    if outbound is None:
+        return False
+    accept_first = session.state is SessionState.CONNECTING
+    delay = manager.settings.close_timeout if grace is None else grace
     session._end(end_reason, code, reason)
-    if session._backlog is not None:
-        session._backlog.clear()
-    if session._room is not None:
-        session._room.set()  # wake senders waiting for room: they will find it closed
-    if was_open:
-        _send_eagerly_ignoring(session, {"type": "websocket.close", "code": code, "reason": reason})
+    outbound.close(code, reason, accept_first=accept_first, timeout=delay)
     task = session._task
     if task is not None and not task.done():
-        delay = manager.settings.close_timeout if grace is None else grace
         session._force_end = call_later(delay, force_end, session)
     return True
-
-
-def _send_eagerly_ignoring(session: Session, message: Message) -> None:
-    assert session._send is not None
-    coro = session._send(message)
-    try:
-        yielded = coro.send(None)
-    except (StopIteration, OSError, RuntimeError):
-        return
-    asyncio.get_running_loop().create_task(_finish_quietly(coro, yielded))
-
-
-async def _finish_quietly(coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-    with contextlib.suppress(OSError, RuntimeError):
-        await _resume(coro, yielded)
 
 
 def force_end(session: Session) -> None:

@@ -65,8 +65,12 @@ class Refuse(WSessionError):
         self.label = label
 
 
-class SessionClosed(WSessionError):
+class SessionClosed(WSessionError, OSError):
     """The session has ended (or is ending), so nothing can be sent on it.
+
+    An ``OSError``, like a server's "client disconnected" error: when wsession has closed a
+    session (kick, idle, slow consumer, drain), the app's own ``send`` raises it, and Starlette
+    turns it into ``WebSocketDisconnect`` as for a client that left.
 
     Attributes:
         session_id: the connection id of the closed session.
@@ -88,3 +92,16 @@ class RegistryUnavailable(WSessionError):
     Raised by cluster-wide operations (``get`` of a remote id, ``count``, ``sessions``,
     ``members``, ``user_sessions``, remote sends and kicks). Local sessions keep working.
     """
+
+
+class InvalidMessage(WSessionError, ValueError):
+    """Data that cannot be sent as a WebSocket message, refused before anything was sent.
+
+    Raised for JSON that browsers cannot parse (``NaN``, ``Infinity``), text that is not valid
+    UTF-8 (lone surrogates such as ``"\\ud800"``), and objects JSON cannot represent.
+    """
+
+
+class SessionStateError(WSessionError, RuntimeError):
+    """An operation is not allowed in the session's current state (for example changing
+    ``user_key`` once the session is registered)."""

@@ -91,26 +91,18 @@ class SessionManager:
             _check_hook(hook, f"on_disconnect[{i}]") for i, hook in enumerate(on_disconnect)
         )
         """Disconnect hooks, in registration order (they run in reverse)."""
-        self._update_hook_flags()
 
     # -- hook registration ------------------------------------------------------------------
 
     def on_connect(self, hook: H) -> H:
         """Decorator: add a connect hook (after those already registered)."""
         self.connect_hooks = (*self.connect_hooks, _check_hook(hook, "on_connect"))
-        self._update_hook_flags()
         return hook
 
     def on_disconnect(self, hook: H) -> H:
         """Decorator: add a disconnect hook (it runs before those already registered)."""
         self.disconnect_hooks = (*self.disconnect_hooks, _check_hook(hook, "on_disconnect"))
-        self._update_hook_flags()
         return hook
-
-    def _update_hook_flags(self) -> None:
-        # Read on every connection: decide once, at registration, whether any hook is async.
-        self._async_connect_hooks = any(_is_async(h) for h in self.connect_hooks)
-        self._async_disconnect_hooks = any(_is_async(h) for h in self.disconnect_hooks)
 
     # -- lifespan -----------------------------------------------------------------------------
 
@@ -303,11 +295,6 @@ class SessionManager:
     def new_data(self) -> Any:
         """Fresh ``session.data``: a default instance of ``data_model``, else an empty dict."""
         return self.data_model() if self.data_model is not None else {}
-
-
-def _is_async(hook: Any) -> bool:
-    call = getattr(hook, "__call__", None)  # noqa: B004 - callable objects with async __call__
-    return inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(call)
 
 
 def _check_hook(hook: Any, name: str) -> Hook:

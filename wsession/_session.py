@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections import deque
-from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
 
-from ._exceptions import SessionClosed
+from ._exceptions import SessionClosed, SessionStateError
+from ._json import check_text, encode_json
 from ._types import Message, Scope
 
-# The middleware's send wrapper: an ``async def``, so delivery can step its coroutine.
-SessionSend = Callable[[Message], Coroutine[Any, Any, None]]
+if TYPE_CHECKING:
+    from ._outbound import Outbound
 
 
 class SessionState(StrEnum):
@@ -90,26 +87,26 @@ class Session:
         state: a :class:`SessionState`.
         close_code, close_reason: once known.
         end_reason: an :class:`EndReason` once the session ended.
-        user_key: optional key grouping one user's connections (set it in a connect hook).
+        user_key: optional key grouping one user's connections. Set it in a connect hook; once
+            the session is registered it cannot change (limits and indexes count it), and
+            assigning raises :class:`~wsession.SessionStateError`.
         node: the id of the worker that owns the session (``None`` for a local registry).
     """
 
     __slots__ = (
         "__weakref__",
-        "_backlog",
-        "_drainer",
         "_force_end",
         "_forced",
         "_idle_timer",
         "_ip",
         "_last_activity",
+        "_outbound",
         "_query_string",
         "_raw_headers",
-        "_raw_send",
-        "_room",
-        "_send",
+        "_registered",
         "_subprotocols",
         "_task",
+        "_user_key",
         "client",
         "close_code",
         "close_reason",
@@ -122,10 +119,9 @@ class Session:
         "path",
         "state",
         "subprotocol",
-        "user_key",
     )
 
-    def __init__(self, session_id: str, scope: Scope, send: SessionSend | None, data: Any) -> None:
+    def __init__(self, session_id: str, scope: Scope, outbound: Outbound | None, data: Any) -> None:
         self.id = session_id
         self.connected_at = _now()
         client = scope.get("client")
@@ -136,7 +132,8 @@ class Session:
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.end_reason: EndReason | None = None
-        self.user_key: str | None = None
+        self._user_key: str | None = None
+        self._registered = False
         self.node: str | None = None
         self.groups: set[str] | frozenset[str] = NO_GROUPS  # a set once it joins one
         self.data: Any = data
@@ -145,12 +142,8 @@ class Session:
         self._raw_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
         self._query_string: bytes = scope.get("query_string", b"")
         self._subprotocols: tuple[str, ...] = tuple(scope.get("subprotocols", ()))
-        self._send = send
-        self._raw_send: SessionSend | None = None  # the server's send, for out-of-band frames
-        # Out-of-band delivery state (see _delivery.py); None until first needed.
-        self._backlog: deque[Message] | None = None
-        self._drainer: asyncio.Task[None] | None = None
-        self._room: asyncio.Event | None = None
+        # Every frame to the client goes through this (see _outbound.py); None once ended.
+        self._outbound = outbound
         self._task: asyncio.Task[Any] | None = None
         self._force_end: asyncio.TimerHandle | None = None
         self._forced = False
@@ -177,6 +170,32 @@ class Session:
         return self._subprotocols
 
     @property
+    def user_key(self) -> str | None:
+        """The key grouping one user's connections (see the class docstring)."""
+        return self._user_key
+
+    @user_key.setter
+    def user_key(self, key: str | None) -> None:
+        if self._registered and key != self._user_key:
+            raise SessionStateError(
+                f"session {self.id}: user_key cannot change once the session is registered "
+                "(set it in a connect hook; limits and the user index count it)"
+            )
+        self._user_key = key
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting to be written behind the one in progress (0 when the client reads)."""
+        out = self._outbound
+        return out.backlog if out is not None else 0
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Payload bytes of the manager frames waiting in the backlog."""
+        out = self._outbound
+        return out.queued_bytes if out is not None else 0
+
+    @property
     def is_closed(self) -> bool:
         """True once the session has ended (disconnect hooks are running or have run)."""
         return self.state is SessionState.CLOSED
@@ -184,30 +203,38 @@ class Session:
     # -- sending ---------------------------------------------------------------------------
 
     async def send_text(self, text: str) -> None:
-        """Send a text frame. Raises :class:`~wsession.SessionClosed` if the session is not open."""
-        await self.send_message({"type": "websocket.send", "text": text})
+        """Send a text frame. Raises :class:`~wsession.SessionClosed` if the session is not open,
+        :class:`~wsession.InvalidMessage` if ``text`` is not valid UTF-8."""
+        await self.send_message({"type": "websocket.send", "text": check_text(text)})
 
     async def send_bytes(self, data: bytes) -> None:
         """Send a binary frame. Raises :class:`~wsession.SessionClosed` if not open."""
         await self.send_message({"type": "websocket.send", "bytes": data})
 
     async def send_json(self, obj: Any) -> None:
-        """Send ``obj`` as JSON text (pydantic models are serialised with ``model_dump_json``).
+        """Send ``obj`` as JSON text, encoded as every wsession send encodes JSON (compact,
+        UTF-8, pydantic models at any depth).
 
-        Raises :class:`~wsession.SessionClosed` if the session is not open.
+        Raises :class:`~wsession.SessionClosed` if the session is not open,
+        :class:`~wsession.InvalidMessage` for ``NaN``/``Infinity`` or text that is not UTF-8.
         """
         await self.send_text(encode_json(obj))
 
     async def send_message(self, message: Message) -> None:
-        """Send a raw ASGI ``websocket.*`` message on this connection.
+        """Send a raw ASGI ``websocket.*`` message on this connection, in order with every other
+        frame for it (it waits for its turn behind frames already queued). May be called from
+        any task.
 
         Raises:
             SessionClosed: the session is not open, or the client left while sending.
         """
-        if self.state is not SessionState.OPEN or self._send is None:
+        out = self._outbound
+        if self.state is not SessionState.OPEN or out is None:
             raise SessionClosed(self.id, self.state.value)
         try:
-            await self._send(message)
+            await out.send(message)
+        except SessionClosed:
+            raise SessionClosed(self.id, "closed") from None
         except (OSError, RuntimeError) as exc:
             # The server's own errors (ClientDisconnected, "send after close") become ours.
             raise SessionClosed(self.id, "gone") from exc
@@ -222,6 +249,24 @@ class Session:
             self.close_reason = close_reason
             if self.state is not SessionState.CLOSED:
                 self.state = SessionState.CLOSING
+
+    def _app_sends(self, message: Message) -> None:
+        """The app sends a control message (called before it is written)."""
+        kind = message["type"]
+        if kind == "websocket.close":
+            self._end(EndReason.APP_CLOSED, int(message.get("code", 1000)), message.get("reason"))
+        elif kind == "websocket.http.response.start":
+            self._end(EndReason.APP_CLOSED, None, f"HTTP {message.get('status')}")
+
+    def _accepted(self, message: Message) -> None:
+        """An accept was written: the session is open (unless it is already ending)."""
+        if self.state is SessionState.CONNECTING:
+            self.subprotocol = message.get("subprotocol")
+            self.state = SessionState.OPEN
+
+    def _connection_lost(self) -> None:
+        """A write found the client gone."""
+        self._end(EndReason.CONNECTION_LOST, 1006, None)
 
     def _client_disconnected(self, message: Message) -> None:
         code = message.get("code", 1005)
@@ -238,10 +283,3 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.state.value} {self.path!r}>"
-
-
-def encode_json(obj: Any) -> str:
-    """Serialise ``obj`` for a text frame: pydantic models via ``model_dump_json``."""
-    if isinstance(obj, BaseModel):
-        return obj.model_dump_json()
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)

@@ -24,13 +24,16 @@ async def run_shielded(coro: Coroutine[Any, Any, None]) -> None:
         return
     task = loop.create_task(coro)
     cancelled: BaseException | None = None
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as exc:
-            if task.done():
-                break
-            cancelled = exc  # keep waiting: cleanup must finish
+    # The anyio shield stops anyio cancel scopes from re-delivering their cancellation on every
+    # loop iteration (a busy loop here); the task and asyncio.shield survive a native cancel().
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if task.done():
+                    break
+                cancelled = exc  # keep waiting: cleanup must finish
     if cancelled is not None:
         raise cancelled
     task.result()

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-_EMPTY = contextvars.Context()
+EMPTY_CONTEXT = contextvars.Context()
+"""An empty context for callbacks that must not keep a connection's context alive."""
 
 
 def call_later(delay: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
     """``loop.call_later`` in an empty context (see the module docstring)."""
-    return asyncio.get_running_loop().call_later(delay, callback, *args, context=_EMPTY)
+    return asyncio.get_running_loop().call_later(delay, callback, *args, context=EMPTY_CONTEXT)
 
 
 class Deadline:
@@ -28,7 +29,9 @@ class Deadline:
 
     def __init__(self, delay: float) -> None:
         self._delay = delay
-        self._expired = False
+        self.expired = False
+        """True once the deadline fired (so a ``TimeoutError`` from the block itself can be told
+        apart from ours)."""
         self._task: asyncio.Task[Any] | None = None
         self._handle: asyncio.TimerHandle | None = None
 
@@ -37,7 +40,7 @@ class Deadline:
         self._handle = call_later(self._delay, self._expire)
 
     def _expire(self) -> None:
-        self._expired = True
+        self.expired = True
         if self._task is not None:
             self._task.cancel()
 
@@ -51,7 +54,7 @@ class Deadline:
             self._handle.cancel()
         task, self._task = self._task, None
         if (
-            self._expired
+            self.expired
             and exc_type is asyncio.CancelledError
             and task is not None
             and task.uncancel() == 0

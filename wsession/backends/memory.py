@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from .._delivery import SendResult, close_session, deliver, try_deliver
+from .._delivery import SendResult, close_session, deliver, deliver_all
 from .._session import NO_GROUPS, Session, SessionState
 from .._types import Message
 from ._base import SessionFilter
@@ -136,22 +136,9 @@ class MemoryRegistry:
         return await self._send_all(list(self._sessions.values()), message, exclude)
 
     async def _send_all(self, targets: list[Session], message: Message, exclude: str | None) -> int:
-        # Straight to each connection's send, one step each, no task per message: a slow
-        # client cannot hold the loop up (see _delivery.py).
-        manager = self.manager
-        counts: dict[SendResult, int] = {}
-        waited = 0  # reached through the "wait" policy (deliver() counts those itself)
-        for session in targets:
-            if session.id == exclude:
-                continue
-            result = try_deliver(manager, session, message)
-            if result is None:
-                result = await deliver(manager, session, message)
-                waited += result is SendResult.DELIVERED or result is SendResult.QUEUED
-            else:
-                counts[result] = counts.get(result, 0) + 1
-        manager.stats.sends.update(counts)  # once per call, not once per connection
-        return counts.get(SendResult.DELIVERED, 0) + counts.get(SendResult.QUEUED, 0) + waited
+        # Straight to each connection's outbound path, no task per connection: a slow client
+        # cannot hold the others up (see _delivery.py).
+        return await deliver_all(self.manager, targets, message, exclude)
 
     async def close(self, session_id: str, code: int = 1000, reason: str = "") -> bool:
         """Close one session from outside."""

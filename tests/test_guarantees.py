@@ -1,0 +1,529 @@
+"""Guarantees under concurrency, cancellation and server faults (issue 11, issue 12 items 1, 5).
+
+Each test drives wsession through the deterministic fake server (tests/fake_server.py), so a race
+is reproduced step by step instead of by chance. Most run under asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from anyio import wait_all_tasks_blocked
+from pydantic import BaseModel
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from wsession import (
+    EndReason,
+    InvalidMessage,
+    SendResult,
+    Session,
+    SessionClosed,
+    SessionManager,
+    SessionStateError,
+    SlowConsumerPolicy,
+)
+
+from .fake_server import FakeClient, FakeServer
+from .support import HookRecorder, mount, recorded
+
+pytestmark = pytest.mark.anyio
+
+BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+
+
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            await websocket.send_text(await websocket.receive_text())
+    except WebSocketDisconnect:
+        pass
+
+
+async def accept_and_wait(websocket: WebSocket) -> None:
+    """Accept, then read until the client leaves (sends come from outside)."""
+    await websocket.accept()
+    try:
+        while True:
+            await websocket.receive_text()
+    except WebSocketDisconnect:
+        pass
+
+
+async def only_session(manager: SessionManager) -> Session:
+    with anyio.fail_after(5):
+        while not manager.local:
+            await wait_all_tasks_blocked()
+    (session,) = manager.local.values()
+    return session
+
+
+async def open_session(
+    manager: SessionManager, server: FakeServer, tg: Any
+) -> tuple[FakeClient, Session]:
+    client = await server.connect(tg)
+    await client.wait_for(lambda: client.accepted)
+    return client, await only_session(manager)
+
+
+# -- item 6: one sender's order across every path ------------------------------------------------
+
+
+@BOTH
+async def test_order_holds_across_manager_session_and_app_sends() -> None:
+    manager = SessionManager()
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        assert await manager.send(session.id, "1") in (SendResult.DELIVERED, SendResult.QUEUED)
+        assert await manager.send(session.id, "2") is SendResult.QUEUED
+        tg.start_soon(session.send_text, "3")
+        await wait_all_tasks_blocked()
+        assert await manager.send(session.id, "4") is SendResult.QUEUED
+        client.resume()
+        await client.wait_for(lambda: len(client.data) == 4)
+        assert client.data == ["1", "2", "3", "4"]
+        client.close()
+
+
+@BOTH
+async def test_app_send_waits_behind_queued_frames() -> None:
+    release = anyio.Event()
+
+    async def app(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await release.wait()
+        await websocket.send_text("app")
+        await websocket.receive_text()
+
+    manager = SessionManager()
+    server = FakeServer(mount(app, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        await manager.send(session.id, "a")
+        await manager.send(session.id, "b")
+        release.set()
+        await wait_all_tasks_blocked()
+        client.resume()
+        await client.wait_for(lambda: len(client.data) == 3)
+        assert client.data == ["a", "b", "app"]
+        client.close()
+
+
+# -- item 7: no server coroutine is driven from a task other than its own --------------------------
+
+
+@BOTH
+async def test_task_bound_server_send_loses_nothing() -> None:
+    manager = SessionManager()
+    server = FakeServer(mount(accept_and_wait, manager), task_bound=True)
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        results = [await manager.send(session.id, str(i)) for i in range(5)]
+        assert SendResult.GONE not in results
+        await manager.broadcast("all")
+        client.resume()
+        await client.wait_for(lambda: len(client.data) == 6)
+        assert client.data == ["0", "1", "2", "3", "4", "all"]
+        assert client.foreign_resumes == 0 and client.lost == []
+        client.close()
+
+
+# -- item 8: a kick or drain before the app accepted keeps its close code -------------------------
+
+
+@pytest.mark.parametrize(
+    ("anyio_backend", "how"),
+    [("asyncio", "kick"), ("trio", "kick"), ("asyncio", "drain")],  # drain is asyncio-only
+)
+async def test_close_before_accept_reaches_the_client(how: str) -> None:
+    may_accept = anyio.Event()
+
+    async def slow_accept(websocket: WebSocket) -> None:
+        await may_accept.wait()
+        await websocket.accept()
+        message = await websocket.receive()  # the client's answer to wsession's close
+        assert message["type"] == "websocket.disconnect"
+
+    manager, recorder = recorded(close_timeout=30)
+    server = FakeServer(mount(slow_accept, manager))
+    async with anyio.create_task_group() as tg:
+        client = await server.connect(tg)
+        session = await only_session(manager)
+        if how == "kick":
+            assert await manager.close(session.id, 4000, "kicked")
+            expected = (4000, "kicked")
+        else:
+            tg.start_soon(manager.drain)
+            expected = (1001, "server shutting down")
+        with anyio.fail_after(2):  # far below close_timeout: nobody waited for it
+            await client.wait_for(lambda: client.close_frame is not None)
+        frame = client.close_frame
+        assert frame is not None and (frame["code"], frame["reason"]) == expected
+        assert client.frames[0]["type"] == "websocket.accept"
+        may_accept.set()  # the app's own accept comes late: it must not reach the server
+        client.close(expected[0])
+        await client.done.wait()
+        assert [f["type"] for f in client.frames] == ["websocket.accept", "websocket.close"]
+        assert client.raised is None
+    assert len(recorder.ended) == 1
+
+
+# -- item 9: a server-side close never shows the app a protocol error ----------------------------
+
+
+@BOTH
+async def test_app_still_sending_sees_an_ordinary_disconnect_after_a_kick() -> None:
+    seen: list[BaseException] = []
+    sending = anyio.Event()
+
+    async def chatty(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            for i in range(100_000):  # bounded
+                await websocket.send_text(str(i))
+                sending.set()
+                await anyio.lowlevel.checkpoint()
+        except Exception as exc:
+            seen.append(exc)
+
+    manager, recorder = recorded()
+    server = FakeServer(mount(chatty, manager))
+    async with anyio.create_task_group() as tg:
+        client = await server.connect(tg)
+        await sending.wait()
+        session = await only_session(manager)
+        assert await manager.close(session.id, 4000, "kicked")
+        await client.done.wait()
+    assert len(seen) == 1 and isinstance(seen[0], WebSocketDisconnect), seen
+    assert client.raised is None
+    assert client.close_frame is not None and client.close_frame["code"] == 4000
+    assert client.frames[-1]["type"] == "websocket.close"
+    assert recorder.reasons() == [EndReason.SERVER_CLOSED]
+
+
+async def test_raw_asgi_app_sending_after_a_kick_gets_an_oserror() -> None:
+    seen: list[BaseException] = []
+    manager = SessionManager()
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        session = scope["wsession"]
+        await manager.close(session.id, 4000, "kicked")
+        try:
+            await send({"type": "websocket.send", "text": "late"})
+        except OSError as exc:
+            seen.append(exc)
+        await send({"type": "websocket.close", "code": 1000})  # harmless after our close
+
+    from wsession import WSessionMiddleware
+
+    server = FakeServer(WSessionMiddleware(raw, manager=manager))
+    async with anyio.create_task_group() as tg:
+        client = await server.connect(tg)
+        await client.done.wait()
+    assert len(seen) == 1 and isinstance(seen[0], SessionClosed)
+    assert client.raised is None
+    assert [f["type"] for f in client.frames] == ["websocket.accept", "websocket.close"]
+
+
+# -- item 18: a close code the server refuses is contained ---------------------------------------
+
+
+async def test_refused_close_code_still_ends_the_session_once() -> None:
+    manager, recorder = recorded(close_timeout=0.5)
+    server = FakeServer(mount(accept_and_wait, manager), refuse_close_codes={1001})
+    async with anyio.create_task_group() as tg:
+        clients = [await server.connect(tg) for _ in range(3)]
+        for client in clients:
+            await client.wait_for(lambda c=client: c.accepted)  # type: ignore[misc]
+        kicked = next(iter(manager.local))
+        assert await manager.close(kicked, 1001, "bye") is True  # no exception escapes
+        await recorder.wait_ended(1)
+        await manager.drain()  # continues past the first refused close
+        assert not manager.local
+    assert sorted(recorder.ended_ids()) == sorted(set(recorder.connected))
+    assert len(recorder.ended) == 3
+    for client in clients:
+        # The server refused 1001; wsession fell back to 1000 so the client still learns it.
+        assert client.close_frame is not None and client.close_frame["code"] == 1000
+
+
+# -- items 3, 14, 15: hooks, timeouts and ids --------------------------------------------------
+
+
+async def _slow(session: Session) -> None:
+    await anyio.sleep(math.inf)
+
+
+@BOTH
+@pytest.mark.parametrize(
+    "make_hook",
+    [
+        lambda: functools.partial(_slow),
+        lambda: lambda session: _slow(session),
+        lambda: functools.wraps(_slow)(lambda session: _slow(session)),
+    ],
+    ids=["partial", "lambda", "wraps"],
+)
+async def test_sync_callable_returning_awaitable_is_bounded_by_connect_timeout(
+    make_hook: Callable[[], Any],
+) -> None:
+    manager = SessionManager(on_connect=[make_hook()], connect_timeout=0.2)
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client = await server.connect(tg)
+        with anyio.fail_after(5):
+            await client.done.wait()
+    assert client.frames[0]["type"] == "websocket.http.response.start"
+    assert client.frames[0]["status"] == 500
+    assert manager.stats.refused_by["hook_timeout"] == 1
+
+
+@BOTH
+async def test_cancelled_during_a_sync_callable_hook_leaves_nothing_behind() -> None:
+    gate = anyio.Event()
+
+    async def waits(session: Session) -> None:
+        session.user_key = "u"
+        if not gate.is_set():  # only the first connection hangs
+            gate.set()
+            await anyio.sleep(math.inf)
+
+    manager = SessionManager(
+        on_connect=[lambda s: waits(s)], max_sessions_per_ip=1, max_sessions_per_user=1
+    )
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client = await server.connect(tg)
+        await gate.wait()
+        client.cancel()
+        await client.done.wait()
+        assert not manager.local and await manager.count() == 0
+        # The slot is free again: the next connection from the same IP is admitted.
+        again, _ = await open_session(manager, server, tg)
+        again.close()
+
+
+@BOTH
+async def test_sync_callable_disconnect_hook_survives_cancellation() -> None:
+    finished: list[str] = []
+    started, proceed = anyio.Event(), anyio.Event()
+
+    async def cleanup(session: Session) -> None:
+        started.set()
+        await proceed.wait()
+        finished.append(session.id)
+
+    manager = SessionManager(on_disconnect=[lambda s: cleanup(s)])
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.drop()
+        await started.wait()
+        client.cancel()  # the server gives up on the connection while the hook runs
+        await wait_all_tasks_blocked()  # the cancellation reached the connection's task
+        proceed.set()
+        await client.done.wait()
+    assert finished == [session.id]
+    assert not manager.local
+
+
+async def test_a_connect_hooks_own_timeout_error_is_a_hook_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def db_timeout(session: Session) -> None:
+        raise TimeoutError("database did not answer")
+
+    manager = SessionManager(on_connect=[db_timeout], connect_timeout=5)
+    server = FakeServer(mount(accept_and_wait, manager))
+    with caplog.at_level(logging.ERROR, logger="wsession"):
+        async with anyio.create_task_group() as tg:
+            client = await server.connect(tg)
+            await client.done.wait()
+    assert manager.stats.refused_by == {"hook_error": 1}
+    record = next(r for r in caplog.records if r.name == "wsession")
+    assert record.exc_info is not None and isinstance(record.exc_info[1], TimeoutError)
+    assert "exceeded" not in record.getMessage()
+
+
+async def test_duplicate_id_from_id_factory_never_evicts_a_live_session() -> None:
+    manager, recorder = recorded(id_factory=lambda: "same-id")
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        first, session = await open_session(manager, server, tg)
+        second = await server.connect(tg)
+        await second.done.wait()
+        assert second.frames[0]["type"] == "websocket.http.response.start"
+        assert manager.local == {"same-id": session}
+        assert await manager.get("same-id") is session
+        assert await manager.send("same-id", "still here") is SendResult.DELIVERED
+        assert first.data == ["still here"]
+        first.close()
+    assert recorder.connected == ["same-id"]  # the duplicate was refused before its hooks
+    assert len(recorder.ended) == 1
+
+
+async def test_user_key_cannot_change_after_registration() -> None:
+    manager = SessionManager(max_sessions_per_user=1)
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        with pytest.raises(SessionStateError, match="user_key"):
+            session.user_key = "later"
+        assert session.user_key is None
+        client.close()
+
+
+# -- item 5: bounded read-ahead with detect_disconnect -------------------------------------------
+
+
+async def test_detect_disconnect_reads_ahead_a_bounded_amount() -> None:
+    may_read = anyio.Event()
+    got: list[str] = []
+
+    async def slow_reader(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await may_read.wait()
+        try:
+            while True:
+                got.append(await websocket.receive_text())
+        except WebSocketDisconnect:
+            pass
+
+    manager = SessionManager(detect_disconnect=True)
+    server = FakeServer(mount(slow_reader, manager))
+    async with anyio.create_task_group() as tg:
+        client, _ = await open_session(manager, server, tg)
+        for i in range(2000):
+            client.say(str(i))
+        await wait_all_tasks_blocked()
+        left_in_server = len(client.inbox)
+        # Read ahead by wsession, not yet by the app: read_ahead, plus one in the pump's hand.
+        assert 2000 - left_in_server <= 16 + 1
+        may_read.set()
+        client.close()
+        await client.done.wait()
+    assert got == [str(i) for i in range(2000)]
+
+
+# -- item 17: one JSON policy --------------------------------------------------------------------
+
+
+class Inner(BaseModel):
+    when: str
+    n: int
+
+
+@BOTH
+async def test_one_json_encoder_for_every_path() -> None:
+    manager = SessionManager()
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        payload = {"name": "Zoë", "inner": Inner(when="now", n=1), "list": [Inner(when="x", n=2)]}
+        await manager.send(session.id, payload)
+        await session.send_json(payload)
+        await client.wait_for(lambda: len(client.data) == 2)
+        assert client.data[0] == client.data[1]
+        assert client.data[0] == (
+            '{"name":"Zoë","inner":{"when":"now","n":1},"list":[{"when":"x","n":2}]}'
+        )
+        for bad in ({"x": math.nan}, {"x": math.inf}, [-math.inf], "\ud800", {"k": "\udfff"}):
+            with pytest.raises(InvalidMessage):
+                await manager.send(session.id, bad)
+            with pytest.raises(InvalidMessage):
+                await session.send_json(bad)
+        with pytest.raises(InvalidMessage):
+            await session.send_text("\ud800")
+        with pytest.raises(InvalidMessage):
+            await manager.broadcast({"x": math.nan})
+        assert session.state.value == "open"  # nothing was sent, nothing broke
+        await manager.send(session.id, "after")
+        await client.wait_for(lambda: len(client.data) == 3)
+        assert client.data[2] == "after"
+        client.close()
+
+
+# -- issue 12 items 1 and 5: slow consumers learn why, memory bounded by bytes ------------------
+
+
+@BOTH
+async def test_slow_consumer_close_frame_follows_the_data_it_got() -> None:
+    manager, recorder = recorded(max_backlog=2, close_timeout=30)
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        results = [await manager.send(session.id, str(i)) for i in range(4)]
+        assert results[-1] is SendResult.GONE
+        assert manager.stats.slow_consumers == 1
+        client.resume()  # a slow reader, not a dead one: it gets the close frame
+        with anyio.fail_after(2):
+            await client.wait_for(lambda: client.close_frame is not None)
+        assert client.close_frame is not None and client.close_frame["code"] == 1013
+        assert client.frames[-1]["type"] == "websocket.close"
+        client.close(1013)
+        await client.done.wait()
+    assert recorder.ended[0][1:3] == (EndReason.SERVER_CLOSED, 1013)
+
+
+@BOTH
+async def test_backlog_is_bounded_by_bytes() -> None:
+    manager = SessionManager(max_backlog=1000, max_backlog_bytes=1000)
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        results = [await manager.send(session.id, "x" * 600) for _ in range(4)]
+        # One frame in flight, one queued (600 B); the next would pass 1000 B queued.
+        assert results[:2] in (
+            [SendResult.DELIVERED, SendResult.QUEUED],
+            [SendResult.QUEUED, SendResult.QUEUED],
+        )
+        assert results[2] is SendResult.GONE
+        assert session.backlog_bytes <= 1000
+        assert manager.stats.slow_consumers == 1
+        client.resume()
+        client.close()
+
+
+@BOTH
+async def test_drop_policy_keeps_the_session_and_its_order() -> None:
+    manager = SessionManager(max_backlog=2, slow_consumer=SlowConsumerPolicy.DROP)
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        results = [await manager.send(session.id, str(i)) for i in range(5)]
+        assert results.count(SendResult.DROPPED) == 2
+        assert session.backlog == 2
+        client.resume()
+        await client.wait_for(lambda: len(client.data) == 3)
+        assert client.data == ["0", "1", "2"]
+        client.close()
+
+
+async def test_recorder_sees_each_connection_once() -> None:
+    # A guard for the helpers above: the recorder counts one ending per connection.
+    recorder = HookRecorder()
+    manager = recorder.install(SessionManager())
+    server = FakeServer(mount(echo, manager))
+    async with anyio.create_task_group() as tg:
+        client, _ = await open_session(manager, server, tg)
+        client.say("hi")
+        await client.wait_for(lambda: client.data == ["hi"])
+        client.close()
+        await client.done.wait()
+    assert len(recorder.connected) == 1 and len(recorder.ended) == 1

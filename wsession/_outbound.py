@@ -1,0 +1,534 @@
+"""One session's outbound path: every frame, whoever sends it, in one order.
+
+Frames come from the app's own ``send``, from ``Session.send_*`` and from the manager (send by
+id, group, user, broadcast, close). The rule is simple:
+
+- while nothing is being written, a frame is written at once;
+- while a write is pending, every later frame waits in one queue, written in order by whichever
+  task holds the *writer* role (the one whose write is pending). The role is handed on, never
+  shared, so frames never overtake each other.
+
+A server's ``send`` coroutine always runs to completion in the task that started it (no
+coroutine is stepped by hand), so servers whose ``send`` enters a task-bound scope work.
+
+The app's own frames wait for their turn (the app feels back-pressure, as without wsession);
+manager frames never wait for a slow client: :func:`carry` writes them from a helper task that
+hands the rest of its list to a fresh task whenever one client's write blocks.
+
+Works on asyncio and on trio (through anyio). This module owns the queue, the writer role and
+the close sequence; the policy (what to do when the queue is full) is in ``_delivery.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._exceptions import SessionClosed
+from ._log import log_warning
+from ._timers import EMPTY_CONTEXT
+from ._types import Message, Send
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+
+class Offer(Enum):
+    """What :meth:`Outbound.offer` did with a frame."""
+
+    WRITE = "write"  # the caller holds the writer role now: it must call carry()
+    QUEUED = "queued"
+    FULL = "full"
+    GONE = "gone"
+
+
+class _Waiter:
+    """An app frame waiting in the queue; its sender awaits ``done``."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
+_Entry = tuple[Message, "_Waiter | None", int]
+
+
+class Outbound:
+    """The outbound path of one connection (see the module docstring).
+
+    Concurrency: every method may be called from any task of the connection's event loop.
+    ``send`` waits for its own frame; ``offer`` and ``close`` never wait.
+    """
+
+    __slots__ = (
+        "_driver",
+        "_queue",
+        "_room",
+        "_server_send",
+        "_session",
+        "accepted",
+        "busy",
+        "close_deadline",
+        "closed",
+        "closing",
+        "ended",
+        "last_write",
+        "max_bytes",
+        "max_frames",
+        "queued_bytes",
+        "reserved",
+        "track",
+    )
+
+    def __init__(
+        self, session: Session, server_send: Send, max_frames: int, max_bytes: int, track: bool
+    ) -> None:
+        self._session = session  # told about accept, the app's close and a lost client
+        self._server_send = server_send
+        self._queue: deque[_Entry] = deque()
+        self._room: anyio.Event | None = None
+        self._driver: Callable[[], Any] | None = None  # cancels a helper task stuck writing
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.track = track
+        self.last_write = 0.0
+        self.queued_bytes = 0
+        self.busy = False  # a write is pending: the writer role is taken
+        # The role is taken by a task that has not started writing yet. Frames queued then are
+        # in transit, not waiting for a slow client: the bounds apply only once a write is
+        # under way and others still see it (it blocked on the client).
+        self.reserved = False
+        self.accepted = False  # a websocket.accept was handed to the server (or is pending)
+        self.closing = False  # wsession is closing: no more data, our close frame is queued
+        self.close_deadline = 0.0  # when finish() stops waiting for our close frame (monotonic)
+        self.closed = False  # a close frame (ours or the app's) or a denial was written
+        self.ended = False  # nothing more can be written (closed, or the client left)
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting behind the pending write."""
+        return len(self._queue)
+
+    # -- the app's own frames (and Session.send_*) ---------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        """The app's ``send`` (and ``Session.send_message``): write ``message`` in order,
+        waiting for its turn; raise what the server raised.
+
+        After wsession closed the session, data frames raise :class:`SessionClosed` (an
+        ``OSError``, so Starlette turns it into ``WebSocketDisconnect``) and the app's own close,
+        accept or denial is dropped: the client already has wsession's close.
+        """
+        if message["type"] != "websocket.send" or self.busy or self.closing:
+            await self._send_other(message)
+            return
+        # The hot path: a data frame on a writable connection, written at once.
+        if self.track:
+            self.last_write = monotonic()
+        self.busy = True
+        try:
+            await self._server_send(message)
+        except OSError:
+            self._lost()
+            raise
+        finally:
+            if self._queue:
+                self._release()
+            else:
+                self.busy = False
+
+    async def _send_other(self, message: Message) -> None:
+        if self.closing and (swallow := _after_our_close(message)) is not None:
+            if swallow:
+                return
+            raise SessionClosed(self._session.id, "closed by the server")
+        self._session._app_sends(message)
+        if self.busy:
+            await self._send_in_turn(message)
+            return
+        self.busy = True
+        try:
+            await self._write(message)
+        finally:
+            self._release()
+
+    async def _send_in_turn(self, message: Message) -> None:
+        waiter = _Waiter()
+        entry: _Entry = (message, waiter, 0)
+        self._queue.append(entry)
+        try:
+            await waiter.done.wait()
+        except BaseException:
+            if not waiter.done.is_set():
+                _remove(self._queue, entry)  # cancelled before its turn: never written
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+
+    # -- manager frames ----------------------------------------------------------------------------
+
+    def offer(self, message: Message, nbytes: int) -> Offer:
+        """Take a manager frame without waiting. ``WRITE``: the caller now holds the writer
+        role and must pass the frame to :func:`carry`. ``FULL``: the queue is at its bounds
+        (``max_frames`` frames, or ``max_bytes`` bytes once it holds anything)."""
+        if self.ended or self.closing:
+            return Offer.GONE
+        if self.track:
+            self.last_write = monotonic()
+        if not self.busy:
+            self.busy = self.reserved = True
+            return Offer.WRITE
+        queue = self._queue
+        if not self.reserved and (
+            len(queue) >= self.max_frames or (queue and self.queued_bytes + nbytes > self.max_bytes)
+        ):
+            return Offer.FULL
+        queue.append((message, None, nbytes))
+        self.queued_bytes += nbytes
+        return Offer.QUEUED
+
+    async def wait_for_room(self, timeout: float) -> bool:
+        """Wait until the queue shrinks or the path ends; False after ``timeout``."""
+        if self._room is None:
+            self._room = anyio.Event()
+        room = self._room
+        with anyio.move_on_after(timeout):
+            await room.wait()
+            return True
+        return False
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close(self, code: int, reason: str, *, accept_first: bool, timeout: float) -> None:
+        """Queue wsession's close frame behind the write in progress (data already queued is
+        dropped; the app's frames waiting for their turn fail with :class:`SessionClosed`).
+
+        ``accept_first``: the handshake is not accepted yet; accept it so the client can read
+        the close code (a close before accept only gives it HTTP 403). ``timeout``: how long
+        :meth:`finish` may wait for the close frame to be written.
+        """
+        if self.closing or self.ended:
+            return
+        self.closing = True
+        self.close_deadline = monotonic() + timeout
+        kept: deque[_Entry] = deque()
+        for entry in self._queue:
+            message, waiter, _ = entry
+            if waiter is None:
+                continue
+            swallow = _after_our_close(message)
+            if message["type"] == "websocket.accept" and accept_first:
+                kept.append(entry)  # the app's own accept (it may name a subprotocol)
+                accept_first = False
+            elif swallow is None or swallow:
+                waiter.done.set()
+            else:
+                waiter.error = SessionClosed("", "closed by the server")
+                waiter.done.set()
+        if accept_first and not self.accepted:
+            kept.append(({"type": "websocket.accept"}, None, 0))
+        kept.append(({"type": "websocket.close", "code": code, "reason": reason}, None, -1))
+        self._queue = kept
+        self.queued_bytes = 0
+        self._wake_room()
+        if not self.busy:
+            self.busy = self.reserved = True
+            spawn(self._write_queue)
+
+    async def finish(self) -> None:
+        """Let wsession's queued close frame reach the server before the connection ends (the
+        app may return before the writer task wrote it), until the close's deadline."""
+        if not self.closing or self.ended:
+            return
+        with anyio.move_on_after(self.close_deadline - monotonic()):
+            while not self.ended:
+                if self._room is None:
+                    self._room = anyio.Event()
+                await self._room.wait()
+
+    def shutdown(self) -> None:
+        """The connection is over: fail every waiting frame and stop a helper task stuck on a
+        client that will never read again."""
+        self.ended = True
+        self._fail_waiting(SessionClosed("", "gone"))
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            driver()
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    async def _write(self, message: Message) -> None:
+        """Hand one frame to the server (the caller holds the writer role)."""
+        self.reserved = False
+        kind = message["type"]
+        if kind == "websocket.accept":
+            self.accepted = True
+        elif self.track and kind == "websocket.send":
+            self.last_write = monotonic()
+        try:
+            await self._server_send(message)
+        except OSError:
+            self._lost()
+            raise
+        if kind == "websocket.accept":
+            self._session._accepted(message)
+        elif kind == "websocket.close" or kind == "websocket.http.response.body":
+            self.closed = self.ended = True
+            self._wake_room()
+
+    def _lost(self) -> None:
+        self.ended = True
+        self._wake_room()
+        self._session._connection_lost()
+
+    async def _write_ours(self, message: Message, nbytes: int) -> None:
+        """Write a frame wsession originated: errors end the path, they never escape."""
+        if nbytes == -1:
+            await self._write_our_close(message)
+            return
+        try:
+            await self._write(message)
+        except Exception:  # the client left, or the server refused the frame
+            self.ended = True
+            self._wake_room()
+
+    async def _write_our_close(self, message: Message) -> None:
+        try:
+            await self._write(message)
+        except OSError:
+            self.ended = True
+        except Exception as exc:
+            # Some servers refuse some codes (daphne/autobahn: 1001 from a server). The client
+            # should still learn that the server closed: fall back to 1000, once.
+            log_warning(
+                None,
+                "server refused close code %s (%s): closing with 1000",
+                message.get("code"),
+                exc,
+            )
+            try:
+                await self._write({**message, "code": 1000})
+            except Exception:
+                self.ended = True
+        self.closed = self.ended = True
+        self._wake_room()
+
+    async def _write_queue(self) -> None:
+        """Write the queue in order (the caller holds the writer role; it is released here)."""
+        self._driver = _canceller()
+        try:
+            await self._drain()
+        finally:
+            self._driver = None
+            self._release()
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        while queue and not self.ended:
+            message, waiter, nbytes = queue.popleft()
+            if nbytes > 0:
+                self.queued_bytes -= nbytes
+            self._wake_room()
+            if waiter is None:
+                await self._write_ours(message, nbytes)
+                continue
+            try:
+                await self._write(message)
+            except BaseException as exc:
+                waiter.error = exc
+                waiter.done.set()
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            waiter.done.set()
+        if self.ended:
+            self._fail_waiting(SessionClosed("", "gone"))
+
+    def _release(self) -> None:
+        """Give the writer role up; if frames queued up meanwhile, hand it to a new task."""
+        if self._queue and not self.ended:
+            self.reserved = True  # busy stays True: the role passes to that task
+            spawn(self._write_queue)
+            return
+        self.busy = self.reserved = False
+        if self.ended:
+            self._fail_waiting(SessionClosed("", "gone"))
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        for message, waiter, _ in self._queue:
+            if waiter is not None and not waiter.done.is_set():
+                if _after_our_close(message) is True or message["type"] == "websocket.close":
+                    waiter.done.set()  # nothing left to close
+                    continue
+                waiter.error = error
+                waiter.done.set()
+        self._queue.clear()
+        self.queued_bytes = 0
+        self._wake_room()
+
+    def _wake_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
+
+
+def _after_our_close(message: Message) -> bool | None:
+    """For an app frame that comes after wsession's close: True to drop it silently (accept,
+    close, denial), False to refuse it (data), None if not decided here."""
+    kind = message["type"]
+    if kind == "websocket.send":
+        return False
+    if kind in ("websocket.accept", "websocket.close") or kind.startswith("websocket.http."):
+        return True
+    return None
+
+
+def _remove(queue: deque[_Entry], entry: _Entry) -> None:
+    for i, queued in enumerate(queue):
+        if queued is entry:
+            del queue[i]
+            return
+
+
+# -- manager frames: carry a list of writes without blocking on any one client -----------------
+
+
+class Carried:
+    """How a :func:`carry` went: ``written`` frames completed, ``pending`` still being written,
+    ``failed`` refused because the client had left."""
+
+    __slots__ = ("done", "failed", "pending", "written")
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.pending = 0
+        self.failed = 0
+        self.done = anyio.Event()
+
+
+async def carry(writes: list[tuple[Outbound, Message]]) -> Carried:
+    """Write frames whose writer role the caller took with :meth:`Outbound.offer`, from helper
+    tasks, and return once each is written or pending (never waits for a slow client).
+
+    One helper task writes them one after the other; when a client's write blocks, the rest of
+    the list passes to a fresh task and the blocked one stays that client's writer.
+    """
+    result = Carried()
+    spawn(_carry, writes, 0, result)
+    await result.done.wait()
+    return result
+
+
+async def _carry(writes: list[tuple[Outbound, Message]], start: int, result: Carried) -> None:
+    handed_on = False
+    current = start
+    finished = False
+    me = _canceller()
+
+    def hand_on() -> None:
+        # Runs only while this task is blocked in a write: the rest of the list goes to a new
+        # task, and this one stays the blocked client's writer.
+        nonlocal handed_on
+        if finished or handed_on:
+            return
+        handed_on = True
+        writes[current][0]._driver = me
+        result.pending += 1
+        if current + 1 < len(writes):
+            spawn(_carry, writes, current + 1, result)
+        else:
+            result.done.set()
+
+    cancel_hand_on = call_soon(hand_on)
+    try:
+        for current in range(start, len(writes)):
+            outbound, message = writes[current]
+            try:
+                await outbound._write_ours(message, 0)
+            except BaseException:  # cancelled (the connection ended): give the role back
+                outbound._driver = None
+                outbound._release()
+                raise
+            if handed_on:
+                await outbound._write_queue()  # what queued up behind the blocked write
+                return
+            outbound._release()
+            if outbound.ended and not outbound.closed:
+                result.failed += 1
+            else:
+                result.written += 1
+    finally:
+        finished = True
+        cancel_hand_on()
+        if not handed_on:
+            result.done.set()
+
+
+# -- the event loop, whichever it is ---------------------------------------------------------------
+
+
+def spawn(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Run ``function(*args)`` in a new task that nobody waits for (asyncio or trio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        trio.lowlevel.spawn_system_task(_quietly, function, *args)
+        return
+    task = loop.create_task(_quietly(function, *args))
+    _TASKS.add(task)  # the loop keeps tasks only weakly
+    task.add_done_callback(_TASKS.discard)
+
+
+_TASKS: set[asyncio.Task[Any]] = set()
+
+
+async def _quietly(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    try:
+        await function(*args)
+    except anyio.get_cancelled_exc_class():
+        pass
+    except Exception:
+        from ._log import log_error
+
+        log_error(None, "wsession writer task failed", exc=True)
+
+
+def call_soon(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run ``callback`` once the event loop next gets control; returns a canceller."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        cancelled = False
+
+        def guarded() -> None:
+            if not cancelled:
+                callback()
+
+        def cancel() -> None:
+            nonlocal cancelled
+            cancelled = True
+
+        trio.lowlevel.current_trio_token().run_sync_soon(guarded)
+        return cancel
+    return loop.call_soon(callback, context=EMPTY_CONTEXT).cancel
+
+
+def _canceller() -> Callable[[], Any] | None:
+    """Something that cancels the current helper task (asyncio only; None on trio)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return None
+    return task.cancel if task is not None else None
