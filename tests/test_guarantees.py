@@ -527,3 +527,42 @@ async def test_recorder_sees_each_connection_once() -> None:
         client.close()
         await client.done.wait()
     assert len(recorder.connected) == 1 and len(recorder.ended) == 1
+
+
+# -- issue 12 item 6: drain_timeout bounds the whole drain ---------------------------------------
+
+
+async def test_drain_returns_within_drain_timeout_even_with_stuck_clients_and_slow_hooks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = anyio.Event()
+
+    async def slow_cleanup(session: Session) -> None:
+        await release.wait()  # a hook that outlives the drain (until the test releases it)
+
+    async def never_reads(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await anyio.sleep(math.inf)
+
+    manager = SessionManager(
+        drain_timeout=1.0, disconnect_timeout=30, on_disconnect=[slow_cleanup]
+    )
+    server = FakeServer(mount(never_reads, manager))
+    async with anyio.create_task_group() as tg:
+        clients = [await server.connect(tg) for _ in range(5)]
+        for client in clients:
+            await client.wait_for(lambda c=client: c.accepted)  # type: ignore[misc]
+            client.pause()  # a client that stopped reading: no close frame can be written
+        await manager.broadcast("stuck")
+        started = anyio.current_time()
+        with caplog.at_level(logging.WARNING, logger="wsession"):
+            await manager.drain()
+        elapsed = anyio.current_time() - started
+        assert elapsed < 1.0 + 0.5, elapsed  # the deadline, plus scheduling slack
+        assert any("drain_timeout" in r.getMessage() for r in caplog.records)
+        release.set()
+        with anyio.fail_after(5):
+            while manager.local:
+                await wait_all_tasks_blocked()
+                await anyio.lowlevel.checkpoint()
+    assert manager.stats.ended == 5
