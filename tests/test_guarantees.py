@@ -544,9 +544,7 @@ async def test_drain_returns_within_drain_timeout_even_with_stuck_clients_and_sl
         await websocket.accept()
         await anyio.sleep(math.inf)
 
-    manager = SessionManager(
-        drain_timeout=1.0, disconnect_timeout=30, on_disconnect=[slow_cleanup]
-    )
+    manager = SessionManager(drain_timeout=1.0, disconnect_timeout=30, on_disconnect=[slow_cleanup])
     server = FakeServer(mount(never_reads, manager))
     async with anyio.create_task_group() as tg:
         clients = [await server.connect(tg) for _ in range(5)]

@@ -12,8 +12,9 @@ import socket
 
 import pytest
 from starlette.websockets import WebSocket, WebSocketDisconnect
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
 
 from wsession import EndReason, SendResult, get_session
 
@@ -29,6 +30,16 @@ def never_reads() -> object:
         await asyncio.Event().wait()
 
     return endpoint
+
+
+async def read_numbered_until_closed(ws: ClientConnection, into: list[int]) -> Close | None:
+    """Read frames numbered in their first 6 characters until the server closes."""
+    async with asyncio.timeout(15):
+        try:
+            while True:
+                into.append(int(str(await ws.recv())[:6]))
+        except ConnectionClosed as closed:
+            return closed.rcvd
 
 
 async def test_slow_reader_gets_the_slow_consumer_close_after_its_data() -> None:
@@ -52,11 +63,8 @@ async def test_slow_reader_gets_the_slow_consumer_close_after_its_data() -> None
             assert results[-1] is SendResult.GONE and manager.stats.slow_consumers == 1
             # The client was slow, not dead: it reads on and learns why it was closed.
             received: list[int] = []
-            with pytest.raises(ConnectionClosed) as closed:
-                async with asyncio.timeout(15):
-                    while True:
-                        received.append(int(str(await ws.recv())[:6]))
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+            frame = await read_numbered_until_closed(ws, received)
+            assert frame is not None and frame.code == 1013
             assert received == list(range(len(received)))  # in order, none lost before it
         await recorder.wait_ended(1, timeout=15)
     assert recorder.ended[0][1:3] == (EndReason.SERVER_CLOSED, 1013)
@@ -75,11 +83,11 @@ async def test_kick_before_accept_reaches_the_client_with_its_code() -> None:
             pass
 
     manager, recorder = recorded(close_timeout=20)
+    connected = asyncio.Event()
+    manager.on_connect(lambda session: connected.set())
     async with run_server(mount(slow_accept, manager)) as server:
         opening = asyncio.ensure_future(connect(f"{server.ws}/ws"))
-        async with asyncio.timeout(5):
-            while not manager.local:
-                await asyncio.sleep(0.01)  # polls for the handshake to reach the manager
+        await asyncio.wait_for(connected.wait(), 5)  # registration follows without an await
         (sid,) = manager.local
         assert await manager.close(sid, 4000, "kicked")
         ws = await asyncio.wait_for(opening, 5)
