@@ -17,6 +17,16 @@ Contract (outside checks rely on it; extend it, never rename it):
   - ``{"type": "group", "group": G, "text": T}`` -> ``{"type": "group", "group": G, "from":
     SENDER_ID, "name": SENDER_NAME, "text": T}`` to every member of G.
 
+  Input the example cannot use never drops the connection without a close frame:
+
+  - a text message that is not a JSON object, nests deeper than 32 levels, contains
+    ``NaN``/``Infinity`` or a string that is not valid Unicode (a lone surrogate such as
+    ``"\\ud800"``), or has an unknown ``type`` -> ``{"type": "error", "error": TEXT}`` to the
+    sender; the connection stays open;
+  - a binary frame -> close 1003 (unsupported data, RFC 6455 7.4.1);
+  - a text frame that is not UTF-8 -> close 1007 (invalid payload; uvicorn's protocol layer
+    does it before the app sees the frame).
+
   Every connection is told when another one comes or goes: ``{"type": "presence", "event":
   "online" | "offline", "id": ID, "name": NAME}``. Connections with the same NAME share a user
   key, so ``send_user`` reaches all of one person's tabs.
@@ -25,7 +35,8 @@ Contract (outside checks rely on it; extend it, never rename it):
 - ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``.
   (With Redis, ``/api/sessions`` and ``/api/stats`` answer 503 while Redis is unreachable.)
 - ``POST /api/send/{id}`` with ``{"text": T}``: delivers ``{"type": "dm", "from": "server",
-  "text": T}``; 200, or 404 for an unknown or closed id (400 for a bad body).
+  "text": T}``; 200, or 404 for an unknown or closed id; 400 with ``{"error": TEXT}`` for a body
+  that is not UTF-8 JSON of that shape (the same rules as WebSocket messages above).
 - ``POST /api/kick/{id}``: closes that connection (code 4000, reason "kicked"); 200, or 404.
 - ``GET /metrics``: Prometheus metrics of this app's manager (``wsession_*``, see
   ``wsession.metrics``) from a registry of its own; absent when ``prometheus-client`` is not
@@ -41,7 +52,6 @@ default the page's own origin); limits, idle timeout and drain deadline come fro
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -67,6 +77,8 @@ from wsession import (
     WSessionMiddleware,
     get_session,
 )
+
+from .messages import UnusableMessage, parse_json_object
 
 
 class Member(BaseModel):
@@ -134,10 +146,14 @@ def registry_from_env(environ: Mapping[str, str] = os.environ) -> SessionRegistr
     )
 
 
-def create_app(manager: SessionManager | None = None) -> Starlette:
-    """Build the example app around ``manager`` (a new in-memory one by default)."""
+def create_app(
+    manager: SessionManager | None = None, *, environ: Mapping[str, str] | None = None
+) -> Starlette:
+    """Build the example app around ``manager`` (by default a new one configured from
+    ``environ``, which defaults to ``os.environ``)."""
+    env = os.environ if environ is None else environ
     sessions = manager or SessionManager(
-        data_model=Member, registry=registry_from_env(), **settings_from_env()
+        data_model=Member, registry=registry_from_env(env), **settings_from_env(env)
     )
     sessions.on_connect(_check_name)
 
@@ -163,9 +179,15 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
         await sessions.broadcast(_presence("online", session), exclude=session.id)
         try:
             while True:
-                message = await websocket.receive_text()
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:  # RFC 6455 1003: a type of data this endpoint cannot accept
+                    await websocket.close(1003, "binary frames are not supported: send JSON text")
+                    break
                 try:
-                    await _handle(sessions, session, message)
+                    await _handle(sessions, session, text)
                 except RegistryUnavailable as exc:
                     await session.send_json({"type": "error", "error": str(exc)})
         except WebSocketDisconnect:
@@ -188,10 +210,12 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
 
     async def send_to(request: Request) -> JSONResponse:
         try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+            body = parse_json_object((await request.body()).decode("utf-8"))
+        except UnicodeDecodeError:
+            return JSONResponse({"error": "the body must be UTF-8"}, status_code=400)
+        except UnusableMessage as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        if not isinstance(body.get("text"), str):
             return JSONResponse({"error": 'body must be {"text": "..."}'}, status_code=400)
         message = {"type": "dm", "from": "server", "text": body["text"]}
         result = await sessions.send(request.path_params["id"], message)
@@ -222,7 +246,7 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
             Route("/api/send/{id}", send_to, methods=["POST"]),
             Route("/api/kick/{id}", kick, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
-            *_operator_routes(sessions),
+            *_operator_routes(sessions, env),
         ],
         middleware=[Middleware(WSessionMiddleware, manager=sessions)],
         lifespan=lifespan,
@@ -231,7 +255,7 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
     return app
 
 
-def _operator_routes(sessions: SessionManager) -> list[BaseRoute]:
+def _operator_routes(sessions: SessionManager, environ: Mapping[str, str]) -> list[BaseRoute]:
     """``/metrics`` (when prometheus-client is installed) and, when ``WSESSION_ADMIN_TOKEN`` is
     set, the admin API under ``/admin``."""
     routes: list[BaseRoute] = []
@@ -245,7 +269,7 @@ def _operator_routes(sessions: SessionManager) -> list[BaseRoute]:
         registry = CollectorRegistry()  # one per app: several apps in one process never clash
         register_metrics(sessions, registry)
         routes.append(metrics_route("/metrics", registry=registry))
-    token = os.environ.get("WSESSION_ADMIN_TOKEN")
+    token = environ.get("WSESSION_ADMIN_TOKEN")
     if token:
         from wsession.admin import admin_app
 
@@ -264,11 +288,9 @@ def _presence(event: str, session: Session) -> dict[str, Any]:
 
 async def _handle(sessions: SessionManager, session: Session, raw: str) -> None:
     try:
-        message: Any = json.loads(raw)
-    except ValueError:
-        message = None
-    if not isinstance(message, dict):
-        await session.send_json({"type": "error", "error": "messages must be JSON objects"})
+        message = parse_json_object(raw)
+    except UnusableMessage as exc:
+        await session.send_json({"type": "error", "error": str(exc)})
         return
     kind, text, group = message.get("type"), message.get("text"), message.get("group")
     sender = {"from": session.id, "name": session.data.name}
