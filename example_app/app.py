@@ -38,6 +38,12 @@ Contract (outside checks rely on it; extend it, never rename it):
   "text": T}``; 200, or 404 for an unknown or closed id; 400 with ``{"error": TEXT}`` for a body
   that is not UTF-8 JSON of that shape (the same rules as WebSocket messages above).
 - ``POST /api/kick/{id}``: closes that connection (code 4000, reason "kicked"); 200, or 404.
+- ``/api/*`` is a demo surface without authentication (the authenticated one is the admin API
+  below). So that a foreign page cannot drive it from a visitor's browser, every ``POST`` under
+  ``/api/`` is refused with 403 ``{"error": TEXT}`` when it carries an ``Origin`` header that is
+  neither the page's own origin nor in ``WSESSION_ALLOWED_ORIGINS`` (requests without
+  ``Origin``, from scripts and curl, pass), and with 415 when it has a body whose
+  ``Content-Type`` is not ``application/json``.
 - ``GET /metrics``: Prometheus metrics of this app's manager (``wsession_*``, see
   ``wsession.metrics``) from a registry of its own; absent when ``prometheus-client`` is not
   installed.
@@ -78,6 +84,7 @@ from wsession import (
     get_session,
 )
 
+from .api_guard import ApiGuard
 from .messages import UnusableMessage, parse_json_object
 
 
@@ -248,7 +255,10 @@ def create_app(
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
             *_operator_routes(sessions, env),
         ],
-        middleware=[Middleware(WSessionMiddleware, manager=sessions)],
+        middleware=[
+            Middleware(ApiGuard, allowed_origins=settings_from_env(env)["allowed_origins"]),
+            Middleware(WSessionMiddleware, manager=sessions),
+        ],
         lifespan=lifespan,
     )
     app.state.sessions = sessions

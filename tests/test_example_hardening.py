@@ -108,3 +108,73 @@ async def test_api_send_answers_400_with_json_for_bodies_it_cannot_use(body: byt
         assert isinstance(response.json()["error"], str)
         await echo_works(ws)
         await ws.close()
+
+
+# -- item 3: the demo API cannot be driven cross-site ----------------------------------------
+
+
+async def test_cross_site_posts_are_refused_403() -> None:
+    async with example() as server:
+        ws, sid = await join_as(server, "victim")
+        async with httpx.AsyncClient() as http:
+            attempts = [
+                http.post(
+                    f"{server.http}/api/kick/{sid}",
+                    content=b"x",
+                    headers={"origin": FOREIGN, "content-type": "text/plain"},
+                ),
+                http.post(f"{server.http}/api/kick/{sid}", headers={"origin": FOREIGN}),
+                http.post(f"{server.http}/api/kick/{sid}", headers={"origin": "null"}),
+                http.post(
+                    f"{server.http}/api/send/{sid}",
+                    json={"text": "forged"},
+                    headers={"origin": FOREIGN},
+                ),
+            ]
+            for attempt in attempts:
+                response = await attempt
+                assert response.status_code == 403, response.text
+                assert isinstance(response.json()["error"], str)
+        await echo_works(ws)  # neither kicked nor sent to
+        await ws.close()
+
+
+async def test_same_origin_and_allowed_origins_may_post() -> None:
+    env = {"WSESSION_ALLOWED_ORIGINS": "same-origin, https://admin.example"}
+    async with example(env) as server:
+        ws, sid = await join_as(server, "friend")
+        async with httpx.AsyncClient() as http:
+            own = f"http://127.0.0.1:{server.port}"
+            sent = await http.post(
+                f"{server.http}/api/send/{sid}", json={"text": "hi"}, headers={"origin": own}
+            )
+            assert sent.status_code == 200, sent.text
+            assert (await next_of(ws, "dm"))["text"] == "hi"
+            kicked = await http.post(
+                f"{server.http}/api/kick/{sid}", headers={"origin": "https://admin.example"}
+            )
+            assert kicked.status_code == 200, kicked.text
+        close = await read_until_closed(ws)
+        assert close is not None and close.code == 4000
+
+
+async def test_post_bodies_must_be_json_415() -> None:
+    async with example() as server:
+        ws, sid = await join_as(server, "typed")
+        async with httpx.AsyncClient() as http:
+            for path in (f"/api/send/{sid}", f"/api/kick/{sid}"):
+                for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+                    headers = {"content-type": content_type} if content_type else {}
+                    response = await http.post(
+                        f"{server.http}{path}", content=b'{"text": "x"}', headers=headers
+                    )
+                    assert response.status_code == 415, (path, content_type, response.text)
+            # A charset parameter is still JSON.
+            ok = await http.post(
+                f"{server.http}/api/send/{sid}",
+                content=b'{"text": "typed"}',
+                headers={"content-type": "application/json; charset=utf-8"},
+            )
+            assert ok.status_code == 200, ok.text
+        assert (await next_of(ws, "dm"))["text"] == "typed"
+        await ws.close()

@@ -1,0 +1,99 @@
+"""A guard in front of the example's demo HTTP API (``POST /api/...``).
+
+The demo API has no authentication (the admin API under ``/admin`` is the authenticated one),
+so the least it needs is to refuse what a browser can be tricked into sending: a cross-site
+``<form>`` or ``fetch(..., {mode: "no-cors"})`` POST carries a foreign ``Origin`` and a
+``text/plain`` or form body, needs no CORS preflight, and would otherwise be obeyed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def parse_origin(origin: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an Origin header value or an allow-list entry, lower-cased
+    with the scheme's default port filled in; None for ``null`` or anything unparsable."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+class ApiGuard:
+    """Pure ASGI middleware refusing state-changing requests under ``prefix`` that a foreign
+    page could send.
+
+    For every POST under ``prefix``: an ``Origin`` header (browsers send one on every POST)
+    must be the request's own origin (when ``"same-origin"`` is in ``allowed_origins``) or
+    one of ``allowed_origins``, else 403; requests without one (curl, scripts) pass. A request
+    that has a body must say ``Content-Type: application/json``, else 415. Refusals answer
+    ``{"error": TEXT}`` and close the connection without reading the body.
+
+    Args:
+        app: the ASGI app to guard.
+        allowed_origins: ``"same-origin"`` and/or exact origins (``"https://admin.example"``).
+        prefix: the path prefix guarded.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, allowed_origins: Iterable[str], prefix: str = "/api/"
+    ) -> None:
+        self.app = app
+        self.prefix = prefix
+        allowed = [o.strip() for o in allowed_origins]
+        self.same_origin = "same-origin" in allowed
+        self.origins = {parse_origin(o) for o in allowed if o != "same-origin"} - {None}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or not scope["path"].startswith(self.prefix)
+        ):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origins = headers.getlist("origin")
+        if origins and (len(origins) > 1 or not self._allowed(origins[0], scope, headers)):
+            await _refuse(403, "cross-origin requests are refused", scope, receive, send)
+            return
+        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if has_body and media_type != "application/json":
+            await _refuse(415, "the body must be application/json", scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, origin: str, scope: Scope, headers: Headers) -> bool:
+        parsed = parse_origin(origin)
+        if parsed is None:
+            return False  # "null" (sandboxed frames, file: pages) or garbage
+        if parsed in self.origins:
+            return True
+        host = headers.get("host")
+        # Same-origin trusts the Host header: a DNS-rebinding page passes (issue 12 item 7);
+        # list explicit origins in WSESSION_ALLOWED_ORIGINS where that matters.
+        return (
+            self.same_origin
+            and host is not None
+            and parsed == parse_origin(f"{scope.get('scheme', 'http')}://{host}")
+        )
+
+
+async def _refuse(status: int, error: str, scope: Scope, receive: Receive, send: Send) -> None:
+    # Connection: close, so an unread body never becomes the next request on this connection.
+    response = JSONResponse({"error": error}, status_code=status, headers={"connection": "close"})
+    await response(scope, receive, send)
