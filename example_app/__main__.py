@@ -1,18 +1,44 @@
-"""``python -m example_app``: serve the example on 127.0.0.1:$PORT (default 8000)."""
+"""``python -m example_app``: serve the example on 127.0.0.1:$PORT (default 8000).
+
+The launcher is where the server-side caps live that the app cannot set itself; see
+``uvicorn_options``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import uvicorn
+
+from .limits import Limits
+
+
+def uvicorn_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """uvicorn settings of the example, from the environment.
+
+    - ``ws_max_size``: ``WSESSION_MAX_MESSAGE`` (default 65536 bytes); a larger message is
+      closed with 1009 by the protocol layer before it is buffered whole.
+    - ``log_level``: ``WSESSION_LOG_LEVEL`` (default ``info``).
+
+    Raises:
+        ConfigurationError: a value is malformed.
+    """
+    limits = Limits.from_env(environ)
+    return {
+        "ws_max_size": limits.max_message,
+        "log_level": environ.get("WSESSION_LOG_LEVEL", "info"),
+    }
 
 
 def main() -> None:
     """Run the example app under uvicorn; ``HOST`` and ``PORT`` override the address."""
     host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ.get("PORT", "8000"))
+    options = uvicorn_options()
     print(f"wsession example app: open http://{host}:{port}/", flush=True)
-    uvicorn.run("example_app.app:app", host=host, port=port)
+    uvicorn.run("example_app.app:app", host=host, port=port, **options)
 
 
 if __name__ == "__main__":

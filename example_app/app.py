@@ -24,6 +24,9 @@ Contract (outside checks rely on it; extend it, never rename it):
     ``"\\ud800"``), or has an unknown ``type`` -> ``{"type": "error", "error": TEXT}`` to the
     sender; the connection stays open;
   - a binary frame -> close 1003 (unsupported data, RFC 6455 7.4.1);
+  - a message over ``WSESSION_MAX_MESSAGE`` bytes (default 65536) -> close 1009 (message too
+    big; ``python -m example_app`` also sets uvicorn's ``ws_max_size`` to it, so the protocol
+    layer stops reading such a frame early);
   - a text frame that is not UTF-8 -> close 1007 (invalid payload; uvicorn's protocol layer
     does it before the app sees the frame).
 
@@ -43,7 +46,9 @@ Contract (outside checks rely on it; extend it, never rename it):
   ``/api/`` is refused with 403 ``{"error": TEXT}`` when it carries an ``Origin`` header that is
   neither the page's own origin nor in ``WSESSION_ALLOWED_ORIGINS`` (requests without
   ``Origin``, from scripts and curl, pass), and with 415 when it has a body whose
-  ``Content-Type`` is not ``application/json``.
+  ``Content-Type`` is not ``application/json``. Request bodies under ``/api/`` are capped at
+  ``WSESSION_MAX_BODY`` bytes (default 65536): a larger one is answered 413 ``{"error": TEXT}``
+  without being read (the connection is then closed).
 - ``GET /metrics``: Prometheus metrics of this app's manager (``wsession_*``, see
   ``wsession.metrics``) from a registry of its own; absent when ``prometheus-client`` is not
   installed.
@@ -85,6 +90,7 @@ from wsession import (
 )
 
 from .api_guard import ApiGuard
+from .limits import Limits
 from .messages import UnusableMessage, parse_json_object
 
 
@@ -159,6 +165,7 @@ def create_app(
     """Build the example app around ``manager`` (by default a new one configured from
     ``environ``, which defaults to ``os.environ``)."""
     env = os.environ if environ is None else environ
+    limits = Limits.from_env(env)
     sessions = manager or SessionManager(
         data_model=Member, registry=registry_from_env(env), **settings_from_env(env)
     )
@@ -192,6 +199,9 @@ def create_app(
                 text = message.get("text")
                 if text is None:  # RFC 6455 1003: a type of data this endpoint cannot accept
                     await websocket.close(1003, "binary frames are not supported: send JSON text")
+                    break
+                if limits.message_too_big(text):  # whatever the server's own frame limit
+                    await websocket.close(1009, f"messages are limited to {limits.max_message} B")
                     break
                 try:
                     await _handle(sessions, session, text)
@@ -256,7 +266,11 @@ def create_app(
             *_operator_routes(sessions, env),
         ],
         middleware=[
-            Middleware(ApiGuard, allowed_origins=settings_from_env(env)["allowed_origins"]),
+            Middleware(
+                ApiGuard,
+                allowed_origins=settings_from_env(env)["allowed_origins"],
+                max_body=limits.max_body,
+            ),
             Middleware(WSessionMiddleware, manager=sessions),
         ],
         lifespan=lifespan,

@@ -4,16 +4,22 @@ Redis error text, and a bounded shutdown. Real uvicorn, real clients."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from example_app import create_app
+from example_app.procs import free_port, stop, wait_for_port
 
 from .support import Server, next_of, read_until_closed, run_server
 
@@ -41,7 +47,7 @@ async def echo_works(ws: ClientConnection, text: str = "still here") -> None:
     assert (await next_of(ws, "echo"))["text"] == text
 
 
-# -- item 2: frames and bodies the example cannot use ----------------------------------------
+# -- item 2: frames and bodies the example cannot use ---------------------------------------------
 
 
 async def test_binary_frame_is_closed_with_1003_and_the_server_goes_on() -> None:
@@ -110,7 +116,7 @@ async def test_api_send_answers_400_with_json_for_bodies_it_cannot_use(body: byt
         await ws.close()
 
 
-# -- item 3: the demo API cannot be driven cross-site ----------------------------------------
+# -- item 3: the demo API cannot be driven cross-site ---------------------------------------------
 
 
 async def test_cross_site_posts_are_refused_403() -> None:
@@ -178,3 +184,106 @@ async def test_post_bodies_must_be_json_415() -> None:
             assert ok.status_code == 200, ok.text
         assert (await next_of(ws, "dm"))["text"] == "typed"
         await ws.close()
+
+
+# -- item 8: size caps ----------------------------------------------------------------------------
+
+
+async def raw_post(port: int, head: str, body: bytes = b"", timeout: float = 5) -> bytes:
+    """Send a hand-made HTTP request (perhaps with less body than it declares); return the
+    status line and headers of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.encode("latin-1") + body)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+async def test_declared_oversized_body_is_answered_413_without_reading_it() -> None:
+    async with example() as server:
+        head = (
+            "POST /api/send/nobody HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\nContent-Length: 52428800\r\n\r\n"
+        )
+        # 1 KiB of a declared 50 MB: the answer must come without the other 49.99 MB.
+        answer = await raw_post(server.port, head, b"{" + b" " * 1023)
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+async def test_streamed_body_over_the_configured_cap_is_413() -> None:
+    async with example({"WSESSION_MAX_BODY": "1000"}) as server:
+        ws, sid = await join_as(server, "capped")
+
+        async def chunks(size: int) -> AsyncIterator[bytes]:
+            text = json.dumps({"text": "y" * size}).encode()
+            for i in range(0, len(text), 100):
+                yield text[i : i + 100]
+
+        # Sent whole, so the server's early answer is not lost to a reset of a client that is
+        # still writing (stopping to read is the point; such a client may see a reset).
+        text = json.dumps({"text": "y" * 2000}).encode()
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (text[:1500], text[1500:]))
+        head = (
+            f"POST /api/send/{sid} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        answer = await raw_post(server.port, head, chunked + b"0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        async with httpx.AsyncClient() as http:
+            headers = {"content-type": "application/json"}
+            url = f"{server.http}/api/send/{sid}"
+            small = await http.post(url, content=chunks(900), headers=headers)
+            assert small.status_code == 200, small.text
+        assert (await next_of(ws, "dm"))["text"] == "y" * 900
+        await ws.close()
+
+
+async def test_oversized_websocket_message_is_closed_1009_by_the_app() -> None:
+    # run_server leaves uvicorn's own 16 MiB limit: the app's check must catch it.
+    async with example({"WSESSION_MAX_MESSAGE": "4096"}) as server:
+        ws, _ = await join_as(server, "big")
+        await echo_works(ws, "z" * 3000)
+        await ws.send(json.dumps({"type": "echo", "text": "z" * 5000}))
+        close = await read_until_closed(ws)
+        assert close is not None and close.code == 1009, close
+        assert close.reason.startswith("messages are limited"), close
+
+
+async def test_long_names_are_refused_403() -> None:
+    async with example() as server:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"{server.ws}/ws?name={'n' * 1000}")
+        assert refused.value.response.status_code == 403
+
+
+# -- item 8, the launcher (python -m example_app) -------------------------------------------------
+
+
+@contextmanager
+def launched(env: Mapping[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``python -m example_app`` on a free port, stopped at the end."""
+    port = free_port()
+    full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env}
+    full.setdefault("WSESSION_LOG_LEVEL", "warning")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "example_app"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port, proc, "the example's launcher")
+        yield proc, port
+    finally:
+        stop(proc)
+
+
+async def test_launcher_caps_websocket_messages_at_the_protocol_layer() -> None:
+    with launched({"WSESSION_MAX_MESSAGE": "4096"}) as (_, port):
+        ws = await connect(f"ws://127.0.0.1:{port}/ws?name=big")
+        await ws.recv()
+        await ws.send("q" * 8192)
+        close = await read_until_closed(ws)
+    assert close is not None and close.code == 1009, close
+    # uvicorn's ws_max_size stopped it, not the app's own check (which says "messages are...").
+    assert not close.reason.startswith("messages"), close
