@@ -20,14 +20,22 @@ def uvicorn_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
 
     - ``ws_max_size``: ``WSESSION_MAX_MESSAGE`` (default 65536 bytes); a larger message is
       closed with 1009 by the protocol layer before it is buffered whole.
+    - ``proxy_headers``/``forwarded_allow_ips``: off unless ``WSESSION_FORWARDED_ALLOW_IPS``
+      names the proxies (comma-separated addresses or networks, as uvicorn's
+      ``--forwarded-allow-ips``). uvicorn's own default trusts ``X-Forwarded-For`` from
+      127.0.0.1, so with no proxy in front any local process could claim any client address
+      and walk past the per-IP limit.
     - ``log_level``: ``WSESSION_LOG_LEVEL`` (default ``info``).
 
     Raises:
         ConfigurationError: a value is malformed.
     """
     limits = Limits.from_env(environ)
+    proxies = environ.get("WSESSION_FORWARDED_ALLOW_IPS", "").strip()
     return {
         "ws_max_size": limits.max_message,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or None,
         "log_level": environ.get("WSESSION_LOG_LEVEL", "info"),
     }
 

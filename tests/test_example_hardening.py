@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from example_app import create_app
-from example_app.procs import free_port, stop, wait_for_port
+from example_app.procs import free_port, start_worker, stop, wait_for_port
 
 from .support import Server, next_of, read_until_closed, run_server
 
@@ -264,13 +263,9 @@ async def test_long_names_are_refused_403() -> None:
 
 @contextmanager
 def launched(env: Mapping[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``python -m example_app`` on a free port, stopped at the end."""
+    """The example's launcher (``python -m example_app``, via procs) on a free port."""
     port = free_port()
-    full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env}
-    full.setdefault("WSESSION_LOG_LEVEL", "warning")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "example_app"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL
-    )
+    proc = start_worker(port, {**os.environ, **env})
     try:
         wait_for_port(port, proc, "the example's launcher")
         yield proc, port
@@ -287,3 +282,35 @@ async def test_launcher_caps_websocket_messages_at_the_protocol_layer() -> None:
     assert close is not None and close.code == 1009, close
     # uvicorn's ws_max_size stopped it, not the app's own check (which says "messages are...").
     assert not close.reason.startswith("messages"), close
+
+
+# -- item 9: X-Forwarded-For is ignored unless a proxy is named -----------------------------------
+
+
+async def admitted_with_forwarded_for(port: int, count: int) -> tuple[int, list[int]]:
+    clients: list[ClientConnection] = []
+    refused: list[int] = []
+    try:
+        for i in range(count):
+            url = f"ws://127.0.0.1:{port}/ws?name=p{i}"
+            try:
+                ws = await connect(url, additional_headers={"X-Forwarded-For": f"203.0.113.{i}"})
+            except InvalidStatus as exc:
+                refused.append(exc.response.status_code)
+            else:
+                await ws.recv()
+                clients.append(ws)
+        return len(clients), refused
+    finally:
+        for ws in clients:
+            await ws.close()
+
+
+async def test_launcher_ignores_forwarded_for_unless_a_proxy_is_named() -> None:
+    with launched({"WSESSION_MAX_PER_IP": "2"}) as (_, port):
+        admitted, refused = await admitted_with_forwarded_for(port, 5)
+    assert (admitted, refused) == (2, [429, 429, 429])
+    env = {"WSESSION_MAX_PER_IP": "2", "WSESSION_FORWARDED_ALLOW_IPS": "127.0.0.1"}
+    with launched(env) as (_, port):  # now the header names the client: 5 distinct IPs
+        admitted, refused = await admitted_with_forwarded_for(port, 5)
+    assert (admitted, refused) == (5, [])
