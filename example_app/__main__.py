@@ -12,7 +12,11 @@ from typing import Any
 
 import uvicorn
 
-from .limits import Limits
+from .limits import Limits, env_number
+
+SHUTDOWN_MARGIN = 2.0
+"""Seconds uvicorn's graceful shutdown may take after the manager's drain: time for the last
+closes and disconnect hooks before uvicorn cancels what is left."""
 
 
 def uvicorn_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -25,6 +29,12 @@ def uvicorn_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
       ``--forwarded-allow-ips``). uvicorn's own default trusts ``X-Forwarded-For`` from
       127.0.0.1, so with no proxy in front any local process could claim any client address
       and walk past the per-IP limit.
+    - ``timeout_graceful_shutdown``: ``WSESSION_GRACEFUL_SHUTDOWN`` seconds (default
+      ``SHUTDOWN_MARGIN``). Without it uvicorn waits for every connection to finish, for ever
+      when a client never reads; with it, what is still running is cancelled and the process
+      exits. uvicorn starts this wait only after the manager's drain, which runs in front of
+      uvicorn's signal handler (``drain_on_signal``), so a shutdown takes at most
+      ``WSESSION_DRAIN_TIMEOUT`` (default 10) plus this.
     - ``log_level``: ``WSESSION_LOG_LEVEL`` (default ``info``).
 
     Raises:
@@ -32,10 +42,12 @@ def uvicorn_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """
     limits = Limits.from_env(environ)
     proxies = environ.get("WSESSION_FORWARDED_ALLOW_IPS", "").strip()
+    graceful = env_number(environ, "WSESSION_GRACEFUL_SHUTDOWN", SHUTDOWN_MARGIN, minimum=0)
     return {
         "ws_max_size": limits.max_message,
         "proxy_headers": bool(proxies),
         "forwarded_allow_ips": proxies or None,
+        "timeout_graceful_shutdown": graceful,
         "log_level": environ.get("WSESSION_LOG_LEVEL", "info"),
     }
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -18,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from example_app import create_app
+from example_app.__main__ import SHUTDOWN_MARGIN
 from example_app.procs import free_port, start_worker, stop, wait_for_port
 
 from .support import Server, next_of, read_until_closed, run_server
@@ -314,3 +318,40 @@ async def test_launcher_ignores_forwarded_for_unless_a_proxy_is_named() -> None:
     with launched(env) as (_, port):  # now the header names the client: 5 distinct IPs
         admitted, refused = await admitted_with_forwarded_for(port, 5)
     assert (admitted, refused) == (5, [])
+
+
+# -- item 6: shutdown is bounded ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_shutdown_is_bounded_with_clients_that_never_read() -> None:
+    drain = 2.0
+    env = {"WSESSION_DRAIN_TIMEOUT": str(drain), "WSESSION_MAX_BODY": "200000"}
+    with launched(env) as (proc, port):
+        stuck: list[ClientConnection] = []
+        for i in range(5):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # no autotuning
+            sock.connect(("127.0.0.1", port))
+            ws = await connect(
+                f"ws://127.0.0.1:{port}/ws?name=stuck{i}", sock=sock, max_queue=1, compression=None
+            )
+            stuck.append(ws)  # never read from again: their buffers fill up
+        talker = await connect(f"ws://127.0.0.1:{port}/ws?name=talker", compression=None)
+        await talker.recv()
+        text = "b" * 60_000
+        for _ in range(120):  # 7 MB to each silent client, far beyond its socket buffers
+            await talker.send(json.dumps({"type": "broadcast", "text": text}))
+            await next_of(talker, "broadcast", timeout=10)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, drain + SHUTDOWN_MARGIN + 6)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {time.monotonic() - started:.1f}s after SIGTERM")
+        took = time.monotonic() - started
+        for ws in [*stuck, talker]:
+            ws.transport.abort()  # the server is gone; drop what the clients still hold
+    print(f"exited {took:.2f}s after SIGTERM (drain_timeout {drain}s)")
+    # The drain, then uvicorn's graceful window, then a little for lifespan shutdown and exit.
+    assert took < drain + SHUTDOWN_MARGIN + 1.5, took
