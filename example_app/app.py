@@ -58,7 +58,8 @@ Contract (outside checks rely on it; extend it, never rename it):
 
 Browser handshakes from another origin are refused with 403 (``WSESSION_ALLOWED_ORIGINS``,
 default the page's own origin); limits, idle timeout and drain deadline come from
-``WSESSION_*`` environment variables (see ``settings_from_env``).
+``WSESSION_*`` environment variables (see ``settings_from_env``). Refused handshakes get their
+HTTP status and are not logged as errors (see ``example_app/log_noise.py``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ from wsession import (
 
 from .api_guard import ApiGuard
 from .limits import Limits
+from .log_noise import DenialMarker, quiet_refused_handshakes
 from .messages import UnusableMessage, parse_json_object
 
 
@@ -170,6 +172,7 @@ def create_app(
         data_model=Member, registry=registry_from_env(env), **settings_from_env(env)
     )
     sessions.on_connect(_check_name)
+    quiet_refused_handshakes()
 
     @sessions.on_disconnect
     async def announce_offline(session: Session) -> None:
@@ -266,6 +269,7 @@ def create_app(
             *_operator_routes(sessions, env),
         ],
         middleware=[
+            Middleware(DenialMarker),
             Middleware(
                 ApiGuard,
                 allowed_origins=settings_from_env(env)["allowed_origins"],

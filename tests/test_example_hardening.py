@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -355,3 +356,55 @@ async def test_shutdown_is_bounded_with_clients_that_never_read() -> None:
     print(f"exited {took:.2f}s after SIGTERM (drain_timeout {drain}s)")
     # The drain, then uvicorn's graceful window, then a little for lifespan shutdown and exit.
     assert took < drain + SHUTDOWN_MARGIN + 1.5, took
+
+
+# -- item 10: refused handshakes do not log errors ------------------------------------------------
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_refused_handshakes_log_no_error() -> None:
+    collect = Collect()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    try:
+        async with example({"WSESSION_MAX_PER_IP": "1"}) as server:
+            uvicorn_log.addHandler(collect)  # after uvicorn configured its loggers
+            statuses = []
+            for url in [f"{server.ws}/ws?name=", f"{server.ws}/ws"] * 3:
+                with pytest.raises(InvalidStatus) as refused:
+                    await connect(url)
+                statuses.append(refused.value.response.status_code)
+            ws, _ = await join_as(server, "first")
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(f"{server.ws}/ws?name=second")  # per-IP limit
+            statuses.append(refused.value.response.status_code)
+            await ws.close()
+        # The server has stopped: every connection task has finished and logged.
+    finally:
+        uvicorn_log.removeHandler(collect)
+    assert statuses == [403] * 6 + [429]
+    errors = [r.getMessage() for r in collect.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+
+def test_the_quiet_filter_keeps_the_line_when_no_denial_was_sent() -> None:
+    """An app that really returns without a handshake is still reported."""
+    from example_app.log_noise import HandshakeNoiseFilter
+
+    record = logging.LogRecord(
+        "uvicorn.error",
+        logging.ERROR,
+        __file__,
+        1,
+        "ASGI callable returned without completing handshake.",
+        None,
+        None,
+    )
+    assert HandshakeNoiseFilter().filter(record) is True
