@@ -36,7 +36,10 @@ Contract (outside checks rely on it; extend it, never rename it):
 - ``GET /``: the single-page demo (static/index.html).
 - ``GET /api/sessions``: ``{"sessions": [{"id", "name", "connected_at"}, ...]}``.
 - ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``.
-  (With Redis, ``/api/sessions`` and ``/api/stats`` answer 503 while Redis is unreachable.)
+  (With Redis, ``/api/sessions`` and ``/api/stats`` answer 503 ``{"error": "registry
+  unavailable", "detail": "temporarily unavailable"}`` while Redis is unreachable; WebSocket
+  actions that need the cluster answer ``{"type": "error", "error": "temporarily
+  unavailable"}``. The cause is logged by the server, never sent to clients.)
 - ``POST /api/send/{id}`` with ``{"text": T}``: delivers ``{"type": "dm", "from": "server",
   "text": T}``; 200, or 404 for an unknown or closed id; 400 with ``{"error": TEXT}`` for a body
   that is not UTF-8 JSON of that shape (the same rules as WebSocket messages above).
@@ -64,6 +67,7 @@ HTTP status and are not logged as errors (see ``example_app/log_noise.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -103,6 +107,8 @@ class Member(BaseModel):
 
 
 STATIC = Path(__file__).parent / "static"
+UNAVAILABLE = "temporarily unavailable"
+logger = logging.getLogger("example_app")
 KICK_CODE = 4000
 
 
@@ -209,7 +215,9 @@ def create_app(
                 try:
                     await _handle(sessions, session, text)
                 except RegistryUnavailable as exc:
-                    await session.send_json({"type": "error", "error": str(exc)})
+                    # The details (host:port, redis-py's text) are for operators, not clients.
+                    logger.warning("cluster registry unavailable: %s", exc)
+                    await session.send_json({"type": "error", "error": UNAVAILABLE})
         except WebSocketDisconnect:
             pass
 
@@ -306,8 +314,10 @@ def _operator_routes(sessions: SessionManager, environ: Mapping[str, str]) -> li
 
 
 async def _registry_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    # A cluster registry lost its store (Redis down): say so, instead of a bare 500.
-    return JSONResponse({"error": "registry unavailable", "detail": str(exc)}, status_code=503)
+    # A cluster registry lost its store (Redis down): say so, instead of a bare 500, and keep
+    # the details (host:port, redis-py's text) in the server log.
+    logger.warning("cluster registry unavailable: %s", exc)
+    return JSONResponse({"error": "registry unavailable", "detail": UNAVAILABLE}, status_code=503)
 
 
 def _presence(event: str, session: Session) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from example_app import create_app
 from example_app.__main__ import SHUTDOWN_MARGIN
 from example_app.procs import free_port, start_worker, stop, wait_for_port
 
+from .redis_support import RedisServer
 from .support import Server, next_of, read_until_closed, run_server
 
 pytestmark = pytest.mark.anyio
@@ -408,3 +409,31 @@ def test_the_quiet_filter_keeps_the_line_when_no_denial_was_sent() -> None:
         None,
     )
     assert HandshakeNoiseFilter().filter(record) is True
+
+
+# -- item 13: Redis error text stays in the server log --------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+async def test_redis_outage_reaches_clients_as_temporarily_unavailable(
+    own_redis_server: RedisServer,
+) -> None:
+    env = {
+        "WSESSION_REDIS_URL": own_redis_server.url,
+        "WSESSION_REDIS_PREFIX": f"hardening-{os.getpid()}-{time.monotonic_ns()}",
+        "WSESSION_HEARTBEAT": "0.2",
+    }
+    async with example(env) as server:
+        ws, _ = await join_as(server, "outage")
+        own_redis_server.stop()
+        await ws.send(json.dumps({"type": "dm", "to": "somewhere-else", "text": "x"}))
+        error = await next_of(ws, "error", timeout=20)
+        assert error["error"] == "temporarily unavailable", error
+        assert str(own_redis_server.port) not in json.dumps(error)
+        async with httpx.AsyncClient() as http:
+            stats = await http.get(f"{server.http}/api/stats", timeout=20)
+        assert stats.status_code == 503
+        assert str(own_redis_server.port) not in stats.text
+        await echo_works(ws)
+        await ws.close()
