@@ -17,16 +17,41 @@ Contract (outside checks rely on it; extend it, never rename it):
   - ``{"type": "group", "group": G, "text": T}`` -> ``{"type": "group", "group": G, "from":
     SENDER_ID, "name": SENDER_NAME, "text": T}`` to every member of G.
 
+  Input the example cannot use never drops the connection without a close frame:
+
+  - a text message that is not a JSON object, nests deeper than 32 levels, contains
+    ``NaN``/``Infinity`` or a string that is not valid Unicode (a lone surrogate such as
+    ``"\\ud800"``), or has an unknown ``type`` -> ``{"type": "error", "error": TEXT}`` to the
+    sender; the connection stays open;
+  - a binary frame -> close 1003 (unsupported data, RFC 6455 7.4.1);
+  - a message over ``WSESSION_MAX_MESSAGE`` bytes (default 65536) -> close 1009 (message too
+    big; ``python -m example_app`` also sets uvicorn's ``ws_max_size`` to it, so the protocol
+    layer stops reading such a frame early);
+  - a text frame that is not UTF-8 -> close 1007 (invalid payload; uvicorn's protocol layer
+    does it before the app sees the frame).
+
   Every connection is told when another one comes or goes: ``{"type": "presence", "event":
   "online" | "offline", "id": ID, "name": NAME}``. Connections with the same NAME share a user
   key, so ``send_user`` reaches all of one person's tabs.
 - ``GET /``: the single-page demo (static/index.html).
 - ``GET /api/sessions``: ``{"sessions": [{"id", "name", "connected_at"}, ...]}``.
 - ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``.
-  (With Redis, ``/api/sessions`` and ``/api/stats`` answer 503 while Redis is unreachable.)
+  (With Redis, ``/api/sessions`` and ``/api/stats`` answer 503 ``{"error": "registry
+  unavailable", "detail": "temporarily unavailable"}`` while Redis is unreachable; WebSocket
+  actions that need the cluster answer ``{"type": "error", "error": "temporarily
+  unavailable"}``. The cause is logged by the server, never sent to clients.)
 - ``POST /api/send/{id}`` with ``{"text": T}``: delivers ``{"type": "dm", "from": "server",
-  "text": T}``; 200, or 404 for an unknown or closed id (400 for a bad body).
+  "text": T}``; 200, or 404 for an unknown or closed id; 400 with ``{"error": TEXT}`` for a body
+  that is not UTF-8 JSON of that shape (the same rules as WebSocket messages above).
 - ``POST /api/kick/{id}``: closes that connection (code 4000, reason "kicked"); 200, or 404.
+- ``/api/*`` is a demo surface without authentication (the authenticated one is the admin API
+  below). So that a foreign page cannot drive it from a visitor's browser, every ``POST`` under
+  ``/api/`` is refused with 403 ``{"error": TEXT}`` when it carries an ``Origin`` header that is
+  neither the page's own origin nor in ``WSESSION_ALLOWED_ORIGINS`` (requests without
+  ``Origin``, from scripts and curl, pass), and with 415 when it has a body whose
+  ``Content-Type`` is not ``application/json``. Request bodies under ``/api/`` are capped at
+  ``WSESSION_MAX_BODY`` bytes (default 65536): a larger one is answered 413 ``{"error": TEXT}``
+  without being read (the connection is then closed).
 - ``GET /metrics``: Prometheus metrics of this app's manager (``wsession_*``, see
   ``wsession.metrics``) from a registry of its own; absent when ``prometheus-client`` is not
   installed.
@@ -36,12 +61,13 @@ Contract (outside checks rely on it; extend it, never rename it):
 
 Browser handshakes from another origin are refused with 403 (``WSESSION_ALLOWED_ORIGINS``,
 default the page's own origin); limits, idle timeout and drain deadline come from
-``WSESSION_*`` environment variables (see ``settings_from_env``).
+``WSESSION_*`` environment variables (see ``settings_from_env``). Refused handshakes get their
+HTTP status and are not logged as errors (see ``example_app/log_noise.py``).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -68,6 +94,11 @@ from wsession import (
     get_session,
 )
 
+from .api_guard import ApiGuard
+from .limits import Limits
+from .log_noise import DenialMarker, quiet_refused_handshakes
+from .messages import UnusableMessage, parse_json_object
+
 
 class Member(BaseModel):
     """What the example keeps per connection."""
@@ -76,6 +107,8 @@ class Member(BaseModel):
 
 
 STATIC = Path(__file__).parent / "static"
+UNAVAILABLE = "temporarily unavailable"
+logger = logging.getLogger("example_app")
 KICK_CODE = 4000
 
 
@@ -134,12 +167,18 @@ def registry_from_env(environ: Mapping[str, str] = os.environ) -> SessionRegistr
     )
 
 
-def create_app(manager: SessionManager | None = None) -> Starlette:
-    """Build the example app around ``manager`` (a new in-memory one by default)."""
+def create_app(
+    manager: SessionManager | None = None, *, environ: Mapping[str, str] | None = None
+) -> Starlette:
+    """Build the example app around ``manager`` (by default a new one configured from
+    ``environ``, which defaults to ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    limits = Limits.from_env(env)
     sessions = manager or SessionManager(
-        data_model=Member, registry=registry_from_env(), **settings_from_env()
+        data_model=Member, registry=registry_from_env(env), **settings_from_env(env)
     )
     sessions.on_connect(_check_name)
+    quiet_refused_handshakes()
 
     @sessions.on_disconnect
     async def announce_offline(session: Session) -> None:
@@ -163,11 +202,22 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
         await sessions.broadcast(_presence("online", session), exclude=session.id)
         try:
             while True:
-                message = await websocket.receive_text()
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:  # RFC 6455 1003: a type of data this endpoint cannot accept
+                    await websocket.close(1003, "binary frames are not supported: send JSON text")
+                    break
+                if limits.message_too_big(text):  # whatever the server's own frame limit
+                    await websocket.close(1009, f"messages are limited to {limits.max_message} B")
+                    break
                 try:
-                    await _handle(sessions, session, message)
+                    await _handle(sessions, session, text)
                 except RegistryUnavailable as exc:
-                    await session.send_json({"type": "error", "error": str(exc)})
+                    # The details (host:port, redis-py's text) are for operators, not clients.
+                    logger.warning("cluster registry unavailable: %s", exc)
+                    await session.send_json({"type": "error", "error": UNAVAILABLE})
         except WebSocketDisconnect:
             pass
 
@@ -188,10 +238,12 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
 
     async def send_to(request: Request) -> JSONResponse:
         try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+            body = parse_json_object((await request.body()).decode("utf-8"))
+        except UnicodeDecodeError:
+            return JSONResponse({"error": "the body must be UTF-8"}, status_code=400)
+        except UnusableMessage as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        if not isinstance(body.get("text"), str):
             return JSONResponse({"error": 'body must be {"text": "..."}'}, status_code=400)
         message = {"type": "dm", "from": "server", "text": body["text"]}
         result = await sessions.send(request.path_params["id"], message)
@@ -222,16 +274,24 @@ def create_app(manager: SessionManager | None = None) -> Starlette:
             Route("/api/send/{id}", send_to, methods=["POST"]),
             Route("/api/kick/{id}", kick, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
-            *_operator_routes(sessions),
+            *_operator_routes(sessions, env),
         ],
-        middleware=[Middleware(WSessionMiddleware, manager=sessions)],
+        middleware=[
+            Middleware(DenialMarker),
+            Middleware(
+                ApiGuard,
+                allowed_origins=settings_from_env(env)["allowed_origins"],
+                max_body=limits.max_body,
+            ),
+            Middleware(WSessionMiddleware, manager=sessions),
+        ],
         lifespan=lifespan,
     )
     app.state.sessions = sessions
     return app
 
 
-def _operator_routes(sessions: SessionManager) -> list[BaseRoute]:
+def _operator_routes(sessions: SessionManager, environ: Mapping[str, str]) -> list[BaseRoute]:
     """``/metrics`` (when prometheus-client is installed) and, when ``WSESSION_ADMIN_TOKEN`` is
     set, the admin API under ``/admin``."""
     routes: list[BaseRoute] = []
@@ -245,7 +305,7 @@ def _operator_routes(sessions: SessionManager) -> list[BaseRoute]:
         registry = CollectorRegistry()  # one per app: several apps in one process never clash
         register_metrics(sessions, registry)
         routes.append(metrics_route("/metrics", registry=registry))
-    token = os.environ.get("WSESSION_ADMIN_TOKEN")
+    token = environ.get("WSESSION_ADMIN_TOKEN")
     if token:
         from wsession.admin import admin_app
 
@@ -254,8 +314,10 @@ def _operator_routes(sessions: SessionManager) -> list[BaseRoute]:
 
 
 async def _registry_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    # A cluster registry lost its store (Redis down): say so, instead of a bare 500.
-    return JSONResponse({"error": "registry unavailable", "detail": str(exc)}, status_code=503)
+    # A cluster registry lost its store (Redis down): say so, instead of a bare 500, and keep
+    # the details (host:port, redis-py's text) in the server log.
+    logger.warning("cluster registry unavailable: %s", exc)
+    return JSONResponse({"error": "registry unavailable", "detail": UNAVAILABLE}, status_code=503)
 
 
 def _presence(event: str, session: Session) -> dict[str, Any]:
@@ -264,11 +326,9 @@ def _presence(event: str, session: Session) -> dict[str, Any]:
 
 async def _handle(sessions: SessionManager, session: Session, raw: str) -> None:
     try:
-        message: Any = json.loads(raw)
-    except ValueError:
-        message = None
-    if not isinstance(message, dict):
-        await session.send_json({"type": "error", "error": "messages must be JSON objects"})
+        message = parse_json_object(raw)
+    except UnusableMessage as exc:
+        await session.send_json({"type": "error", "error": str(exc)})
         return
     kind, text, group = message.get("type"), message.get("text"), message.get("group")
     sender = {"from": session.id, "name": session.data.name}

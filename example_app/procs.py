@@ -65,20 +65,13 @@ def start_redis(binary: str, port: int, folder: Path | str) -> subprocess.Popen[
 
 
 def start_worker(port: int, env: dict[str, str], *, quiet: bool = True) -> subprocess.Popen[bytes]:
-    """One uvicorn process of the example app on 127.0.0.1:``port`` (not yet listening)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "example_app.app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    """One process of the example app on 127.0.0.1:``port`` (not yet listening), started by
+    its own launcher (``python -m example_app``), so it runs with the launcher's caps."""
+    env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
     if quiet:
-        argv += ["--log-level", "warning"]
-    return subprocess.Popen(argv, cwd=ROOT, env=env)
+        env["WSESSION_LOG_LEVEL"] = "warning"
+    argv = [sys.executable, "-m", "example_app"]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL if quiet else None)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
