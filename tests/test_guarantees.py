@@ -564,3 +564,19 @@ async def test_drain_returns_within_drain_timeout_even_with_stuck_clients_and_sl
                 await wait_all_tasks_blocked()
                 await anyio.lowlevel.checkpoint()
     assert manager.stats.ended == 5
+
+
+async def test_drain_cuts_sessions_already_closing_on_a_stuck_client() -> None:
+    manager, recorder = recorded(max_backlog=1, close_timeout=30, drain_timeout=1.0)
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        for i in range(3):
+            await manager.send(session.id, str(i))
+        assert manager.stats.slow_consumers == 1  # closing, its close frame stuck behind data
+        started = anyio.current_time()
+        await manager.drain()
+        assert anyio.current_time() - started < 1.0 + 0.5
+        assert not manager.local
+    assert recorder.ended[0][1:3] == (EndReason.SERVER_CLOSED, 1013)

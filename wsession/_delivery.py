@@ -207,7 +207,11 @@ def close_session(
 
 
 def force_end(session: Session) -> None:
-    """Cancel the app of a session wsession has closed, so its teardown runs now."""
+    """End a session wsession has closed, now: stop waiting for a client that does not read
+    its close frame, and cancel the app if it is still running, so its teardown runs."""
+    outbound = session._outbound
+    if outbound is not None and outbound.closing:
+        outbound.shutdown()
     task = session._task
     if task is not None and not task.done() and session.state is not SessionState.CLOSED:
         session._forced = True
