@@ -55,7 +55,9 @@ class Worker:
 
     async def join(self, name: str) -> tuple[ClientConnection, str]:
         ws = await connect(f"ws://127.0.0.1:{self.port}/ws?name={name}")
-        welcome = json.loads(await ws.recv())
+        # Not simply the first message: another worker's presence broadcast may arrive while
+        # the app prepares the welcome (it awaits a cluster query first).
+        welcome = await next_of(ws, "welcome")
         return ws, str(welcome["id"])
 
     def stop(self) -> None:
