@@ -140,7 +140,7 @@ async def test_only_allow_listed_headers_reach_redis(
                 additional_headers={"X-Api-Key": f"{SECRET}-header"},
                 user_agent_header="probe/1.0",
             )
-            live_id = await ws.recv()
+            live_id = str(await ws.recv())
             dump = []
             for key in await direct.keys(f"{prefix}:*"):
                 kind = await direct.type(key)
