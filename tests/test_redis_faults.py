@@ -123,7 +123,7 @@ async def test_redis_out_of_memory_leaves_connections_local_only_then_writes_the
 
                 await wait_for(lease_lapsed, 10, "the lease to lapse under OOM")
                 ws = await connect(f"{server.ws}/ws")
-                session_id = await ws.recv()  # not a 500 / 1011
+                session_id = str(await ws.recv())  # not a 500 / 1011
                 await ws.send("hi")
                 assert await ws.recv() == "echo:hi"
                 assert not registry.available
