@@ -159,7 +159,9 @@ async def test_metrics_endpoint_content_negotiation_and_methods() -> None:
         plain = await http.get(f"{server.http}/m")
         assert plain.status_code == 200
         assert plain.headers["content-type"].startswith("text/plain")
-        assert "chat_sessions_live 3.0" in plain.text
+        # live is len(manager.local) (no connection here), not accepted - ended
+        assert "chat_sessions_live 0.0" in plain.text
+        assert "chat_sessions_accepted_total 5.0" in plain.text
         assert 'chat_sessions_refused_total{reason="too_many"} 1.0' in plain.text
         om = await http.get(f"{server.http}/m", headers={"Accept": "application/openmetrics-text"})
         assert om.headers["content-type"].startswith("application/openmetrics-text")

@@ -14,7 +14,7 @@ Endpoints (every request needs ``Authorization: Bearer TOKEN``, else 401):
   (``user_key``) and ``group``; 400 for a bad value. Oldest sessions first.
 - ``GET /sessions/{id}``: one session, or 404.
 - ``GET /stats``: ``manager.stats.as_dict()`` plus ``live`` (the registry's count: the whole
-  cluster with a cluster registry) and ``local_live`` (this process).
+  cluster with a cluster registry) and ``local_live`` (this process's open connections).
 - ``POST /sessions/{id}/kick``: close one session; optional JSON body ``{"code": 4000,
   "reason": "kicked by admin"}`` (those are the defaults); 200, 400 for a bad body, or 404 for
   an unknown or already ending id. Its disconnect hooks run once, as ``server closed``.
@@ -123,7 +123,9 @@ def admin_app(manager: SessionManager, *, token: str, show_data: bool = False) -
             {
                 **counters.as_dict(),
                 "live": await manager.count(),
-                "local_live": max(0, counters.accepted - counters.ended),
+                # This process's connections; not accepted - ended, which node-lost endings
+                # of another worker's sessions (healed here) would skew.
+                "local_live": len(manager.local),
             }
         )
 

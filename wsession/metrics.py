@@ -12,7 +12,8 @@ that reads them when Prometheus scrapes, so sending and connecting cost nothing 
 
 Exported metrics (``wsession`` is the default namespace):
 
-- ``wsession_sessions_live`` (gauge): sessions open in this process now.
+- ``wsession_sessions_live`` (gauge): sessions open in this process now (``len(manager.local)``;
+  endings of a lost worker's sessions healed here do not lower it).
 - ``wsession_sessions_accepted_total`` (counter): connections whose connect hooks completed.
 - ``wsession_sessions_refused_total{reason}``: refusals by label (``Refuse(label=...)``,
   ``hook_error``, ``hook_timeout``, limits...).
@@ -106,8 +107,10 @@ class SessionMetrics(Collector):
 
         yield GaugeMetricFamily(
             f"{ns}_sessions_live",
-            "Sessions open in this process now (accepted and not yet ended).",
-            value=max(0, stats.accepted - stats.ended),
+            "Sessions open in this process now (its connections, whatever the registry).",
+            # Counted, not derived from accepted - ended: a cluster registry ends a lost
+            # worker's sessions here too (node lost), which were never accepted here.
+            value=len(self.manager.local),
         )
         yield CounterMetricFamily(
             f"{ns}_sessions_accepted",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -63,11 +64,37 @@ class Keys:
         return f"{self.prefix}:ch:{node}"
 
 
-REDACTED_HEADERS = frozenset(
-    {b"authorization", b"cookie", b"proxy-authorization", b"sec-websocket-key"}
+NEVER_STORED_HEADERS = frozenset(
+    {"authorization", "cookie", "proxy-authorization", "sec-websocket-key"}
 )
-"""Handshake headers never written to Redis (credentials): remote snapshots and node-lost hooks
-do not see them. Keep what hooks need in ``session.data`` or ``user_key``."""
+"""Credentials no allow-list may name: keep what hooks need in ``session.data`` or ``user_key``."""
+
+DEFAULT_STORED_HEADERS = ("user-agent", "origin", "host", "accept-language")
+"""The handshake headers stored by default (an allow-list: anything else, ``X-Api-Key`` and
+``Sec-WebSocket-Protocol`` included, stays in the worker that owns the connection)."""
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    """What of a handshake is copied into Redis, where every worker (and anyone who can read
+    that Redis) sees it.
+
+    Attributes:
+        headers: lower-case names of the headers stored (others never leave the worker).
+            ``sec-websocket-protocol`` here also stores the requested and accepted subprotocols.
+        query_string: store the query string (``?token=...`` often carries a secret).
+        max_header_bytes: the stored headers' names and values together stay within this many
+            bytes: headers that do not fit are left out whole, in the order the client sent them.
+    """
+
+    headers: frozenset[str] = frozenset(DEFAULT_STORED_HEADERS)
+    query_string: bool = False
+    max_header_bytes: int = 4096
+
+    @property
+    def subprotocols(self) -> bool:
+        """Whether subprotocol values are stored (browsers carry tokens in them)."""
+        return "sec-websocket-protocol" in self.headers
 
 
 class RemoteSession(Session):
@@ -84,27 +111,40 @@ class RemoteSession(Session):
         raise SessionClosed(self.id, f"on worker {self.node} (send through the manager)")
 
 
-def session_fields(session: Session, node: str) -> dict[str, str]:
-    """The hash fields stored for ``session`` (everything another worker needs to rebuild it)."""
+def session_fields(
+    session: Session, node: str, policy: StoragePolicy
+) -> tuple[dict[str, str], bool]:
+    """The hash fields stored for ``session`` (what another worker needs to rebuild it, within
+    ``policy``), and whether headers were left out because of ``policy.max_header_bytes``."""
     client = session.client
-    return {
+    headers: list[list[str]] = []
+    budget = policy.max_header_bytes
+    truncated = False
+    for raw_name, raw_value in session.headers.raw:
+        name = raw_name.decode("latin-1").lower()
+        if name not in policy.headers:
+            continue
+        size = len(raw_name) + len(raw_value)
+        if size > budget:
+            truncated = True
+            continue
+        budget -= size
+        headers.append([name, raw_value.decode("latin-1")])
+    fields = {
         "node": node,
         "path": session.path,
         "client": json.dumps(list(client) if client else None),
         "connected_at": session.connected_at.isoformat(),
-        "subprotocol": session.subprotocol or "",
+        "subprotocol": (session.subprotocol or "") if policy.subprotocols else "",
         "user_key": session.user_key or "",
-        "headers": json.dumps(
-            [
-                [k.decode("latin-1"), v.decode("latin-1")]
-                for k, v in session._raw_headers
-                if k.lower() not in REDACTED_HEADERS
-            ]
+        "headers": json.dumps(headers),
+        "query": str(session.query_params) if policy.query_string else "",
+        "subprotocols": json.dumps(
+            list(session.requested_subprotocols) if policy.subprotocols else []
         ),
-        "query": session._query_string.decode("latin-1"),
-        "subprotocols": json.dumps(list(session._subprotocols)),
         "data": encode_data(session),
     }
+    return fields, truncated
 
 
 def encode_data(session: Session) -> str:

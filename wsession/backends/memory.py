@@ -62,14 +62,45 @@ class MemoryRegistry:
 
     async def remove(self, session: Session) -> None:
         """Forget ``session``, its groups and its user key (no error if not registered)."""
+        self.discard(session)
+
+    def discard(self, session: Session) -> bool:
+        """:meth:`remove` without awaiting (for callers that must finish their bookkeeping
+        before their first ``await``). Returns False when ``session`` was not registered."""
         if self._sessions.get(session.id) is not session:
-            return
+            return False
         del self._sessions[session.id]
         for group in session.groups:
             _discard(self._groups, group, session.id)
         session.groups = NO_GROUPS
         if session.user_key is not None:
             _discard(self._users, session.user_key, session.id)
+        return True
+
+    # -- synchronous views (for registries that wrap this one) ------------------------------
+
+    def local_session(self, session_id: str) -> Session | None:
+        """The live session with this id, or ``None`` (no ``await``)."""
+        return self._sessions.get(session_id)
+
+    def snapshot(self) -> list[Session]:
+        """Every live session now (a copy: safe to iterate while sessions come and go)."""
+        return list(self._sessions.values())
+
+    def group_snapshot(self, group: str) -> list[Session]:
+        """The live members of ``group`` now (a copy)."""
+        return list(self._groups.get(group, {}).values())
+
+    def user_snapshot(self, user_key: str) -> list[Session]:
+        """The live sessions of ``user_key`` now (a copy)."""
+        return list(self._users.get(user_key, {}).values())
+
+    async def send_to(
+        self, targets: list[Session], message: Message, exclude: str | None = None
+    ) -> int:
+        """Send to ``targets`` (sessions of this registry) as :meth:`send_group` does; returns
+        how many it reached. Under the ``wait`` policy this may wait for slow clients."""
+        return await self._send_all(targets, message, exclude)
 
     async def get(self, session_id: str) -> Session | None:
         """The live session with this id, or ``None``."""

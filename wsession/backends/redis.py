@@ -21,21 +21,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from enum import StrEnum
 from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from .._delivery import SendResult, close_session
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .._config import validate_model
+from .._delivery import SendResult, close_session, deliver, try_deliver
 from .._exceptions import ConfigurationError, RegistryUnavailable
 from .._lifecycle import end_without_connection
 from .._log import log_error, log_warning
 from .._session import EndReason, Session, SessionState
+from .._shield import run_shielded
 from .._types import Message
 from . import _redis_scripts as scripts
 from ._base import SessionFilter
 from ._redis_codec import (
+    DEFAULT_STORED_HEADERS,
+    NEVER_STORED_HEADERS,
     Keys,
+    StoragePolicy,
     decode_envelope,
     encode_envelope,
     rebuild_session,
@@ -51,6 +60,94 @@ if TYPE_CHECKING:
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOST_CLOSE_CODE = 1012  # "service restart": the client may reconnect at once
 _CLAIM_BATCH = 200
+_NO_SPACE = r"^\S+$"
+
+
+class RedisSettings(BaseModel):
+    """The validated settings of a :class:`RedisRegistry` (its keyword arguments but
+    ``client``); see the registry for what each one does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = None
+    prefix: str = Field(default="wsession", min_length=1, pattern=_NO_SPACE)
+    heartbeat: float = Field(default=1.0, gt=0)
+    lease_ttl: float | None = Field(default=None, gt=0)
+    node_id: str | None = Field(default=None, min_length=1, pattern=_NO_SPACE)
+    max_connections: int = Field(default=64, ge=2)
+    command_timeout: float = Field(default=1.0, gt=0)
+    stored_headers: tuple[str, ...] = DEFAULT_STORED_HEADERS
+    store_query_string: bool = False
+    max_stored_header_bytes: int = Field(default=4096, ge=0)
+    index_ttl: float = Field(default=3600.0, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _a_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(_URL_SCHEMES):
+            raise ValueError("expected redis://, rediss:// or unix:// (a Redis URL)")
+        return value
+
+    @field_validator("stored_headers")
+    @classmethod
+    def _storable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(name.strip().lower() for name in value)
+        secret = sorted(set(names) & NEVER_STORED_HEADERS)
+        if secret:
+            raise ValueError(f"credentials are never stored in Redis: {', '.join(secret)}")
+        if not all(names):
+            raise ValueError("header names must be non-empty")
+        return names
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeat(self) -> Self:
+        if self.lease_ttl is not None and not self.lease_ttl > self.heartbeat:
+            raise ValueError(
+                f"lease_ttl must be longer than heartbeat ({self.heartbeat}s), "
+                f"got {self.lease_ttl!r}"
+            )
+        return self
+
+
+class LinkState(StrEnum):
+    """Where the registry stands with Redis (``registry.state``).
+
+    Transitions (anything else is a bug and raises ``RuntimeError``)::
+
+        stopped   -> starting                      (entered)
+        starting  -> available | resyncing | outage | stopped
+        available -> resyncing                     (Redis missed writes: lease lapsed, a
+                                                    write skipped, declared lost)
+        available -> outage                        (a Redis call failed or timed out)
+        resyncing -> available                     (every local session written again)
+        resyncing -> outage
+        outage    -> resyncing                     (the heartbeat reached Redis again)
+        any       -> stopped                       (exited)
+    """
+
+    STOPPED = "stopped"
+    """Not entered (or exited): nothing of this worker is in Redis."""
+    STARTING = "starting"
+    """Entered; the first heartbeat (lease, take-over of a previous incarnation) is under way."""
+    AVAILABLE = "available"
+    """Redis answers and holds every local session: cluster queries work."""
+    RESYNCING = "resyncing"
+    """Redis answers but missed writes; the heartbeat writes them. Cluster queries raise
+    :class:`~wsession.RegistryUnavailable` (their answer would be incomplete)."""
+    OUTAGE = "outage"
+    """A Redis call failed or took longer than ``command_timeout``: local work goes on, cluster
+    queries raise :class:`~wsession.RegistryUnavailable`, the heartbeat keeps trying."""
+
+
+_TRANSITIONS: dict[LinkState, frozenset[LinkState]] = {
+    LinkState.STOPPED: frozenset({LinkState.STARTING}),
+    LinkState.STARTING: frozenset(
+        {LinkState.AVAILABLE, LinkState.RESYNCING, LinkState.OUTAGE, LinkState.STOPPED}
+    ),
+    LinkState.AVAILABLE: frozenset({LinkState.RESYNCING, LinkState.OUTAGE, LinkState.STOPPED}),
+    LinkState.RESYNCING: frozenset({LinkState.AVAILABLE, LinkState.OUTAGE, LinkState.STOPPED}),
+    LinkState.OUTAGE: frozenset({LinkState.RESYNCING, LinkState.STOPPED}),
+}
 
 
 class RedisRegistry:
@@ -69,9 +166,25 @@ class RedisRegistry:
         lease_ttl: seconds a lease lives without renewal (default 5 heartbeats; longer than
             ``heartbeat``). A worker whose host vanishes, or that is cut off from Redis (or whose
             event loop is blocked) for longer than this, is declared lost.
-        node_id: this worker's id (default: random).
+        node_id: this worker's id (default: random). A fixed one (a pod name) may be reused by
+            the next start: that start ends the sessions its crashed predecessor left as node
+            lost. Two live workers may not share one: the second raises ConfigurationError.
         max_connections: size of the connection pool made from ``url``; callers beyond it
-            wait for a free connection (up to 10 s) instead of failing.
+            wait for a free connection (up to ``command_timeout``).
+        command_timeout: seconds any one Redis operation may take (default 1). Past it the
+            registry behaves as in an outage: a Redis that hangs never holds handshakes, sends
+            or stats for longer.
+        stored_headers: the handshake headers copied into Redis (an allow-list, lower case;
+            default user-agent, origin, host, accept-language). Credentials (Authorization,
+            Cookie, Proxy-Authorization, Sec-WebSocket-Key) cannot be listed. Subprotocols
+            (``Sec-WebSocket-Protocol``, where browsers carry tokens) are stored only when
+            ``"sec-websocket-protocol"`` is listed.
+        store_query_string: copy the query string into Redis (default False: ``?token=`` is
+            common).
+        max_stored_header_bytes: cap on the stored headers' names and values (default 4096):
+            headers that do not fit are left out whole, logged once per worker.
+        index_ttl: seconds group and user sets live without a write or a heartbeat refresh
+            (default 3600): a safety net for sets nobody writes any more.
 
     Raises:
         ConfigurationError: bad arguments (named in the message).
@@ -81,22 +194,31 @@ class RedisRegistry:
     - A session's data is stored when it is registered (after its connect hooks); call
       :meth:`update_data` after changing it if other workers, or node-lost hooks, must see the
       change. Remote sessions are read-only snapshots (:class:`~wsession.backends._redis_codec.
-      RemoteSession`): reach them through the manager.
+      RemoteSession`) holding only what was stored (see ``stored_headers``,
+      ``store_query_string``): reach them through the manager.
     - A send to a session on another worker returns ``queued`` once published to its worker, or
       ``gone`` when the id is unknown or its worker is not listening. Messages published while a
-      worker reconnects to Redis are lost (Redis pub/sub keeps nothing).
-    - During a Redis outage local sessions keep working and local sends deliver; cluster-wide
-      queries (``get`` of a remote id, ``count``, ``sessions``, ``members``, ``user_sessions``),
-      sends and kicks aimed at another worker's session, and ``close_user`` (after closing the
-      local ones) raise :class:`~wsession.RegistryUnavailable`; group, user and broadcast sends
-      reach the local targets and return how many they reached. ``add`` and ``remove`` never
-      raise for an outage: the worker writes its live sessions again when Redis is back, and
-      answers cluster queries only once that is done.
+      worker reconnects to Redis are lost (Redis pub/sub keeps nothing). The listener never
+      waits for one slow client: under the ``wait`` policy a full backlog is waited for off the
+      listener, in order per target, for ``send_timeout`` at most.
+    - During a Redis outage (or a Redis that does not answer within ``command_timeout``, or
+      answers with an error such as OOM or READONLY) local sessions keep working and local sends
+      deliver; cluster-wide queries (``get`` of a remote id, ``count``, ``sessions``,
+      ``members``, ``user_sessions``), sends and kicks aimed at another worker's session, and
+      ``close_user`` (after closing the local ones) raise :class:`~wsession.RegistryUnavailable`;
+      group, user and broadcast sends reach the local targets and return how many they reached.
+      ``add`` and ``remove`` never raise for an outage: the worker writes its live sessions
+      again, and replays the removals it missed, when Redis is back, and answers cluster queries
+      only once that is done.
     - The node-lost hooks of a lost worker's sessions run on the worker that claimed them; if
       that worker dies too before running them, they do not run (at most once). A worker that
       was alive but declared lost (cut off from Redis or blocked past ``lease_ttl``) finds its
       tombstone when it comes back: it closes those sessions with 1012, whose hooks then run a
       second time there, and carries on under a new node id.
+
+    Concurrency: every method is called from the event loop's tasks; ``remove`` does its local
+    bookkeeping before its first ``await`` and shields its Redis I/O, so it may be called
+    unshielded from a teardown that is being cancelled.
     """
 
     def __init__(
@@ -109,40 +231,55 @@ class RedisRegistry:
         lease_ttl: float | None = None,
         node_id: str | None = None,
         max_connections: int = 64,
+        command_timeout: float = 1.0,
+        stored_headers: Iterable[str] = DEFAULT_STORED_HEADERS,
+        store_query_string: bool = False,
+        max_stored_header_bytes: int = 4096,
+        index_ttl: float = 3600.0,
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("RedisRegistry: give exactly one of url and client")
-        if url is not None and (not isinstance(url, str) or not url.startswith(_URL_SCHEMES)):
-            raise ConfigurationError(
-                f"url: expected redis://, rediss:// or unix:// (a Redis URL), got {url!r}"
-            )
         if client is not None and not _decodes(client):
             raise ConfigurationError("client: RedisRegistry needs decode_responses=True")
-        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
-            raise ConfigurationError(f"prefix: must be non-empty without spaces, got {prefix!r}")
-        if not isinstance(heartbeat, int | float) or not heartbeat > 0:
-            raise ConfigurationError(f"heartbeat: must be > 0 seconds, got {heartbeat!r}")
-        if not isinstance(max_connections, int) or max_connections < 2:
-            raise ConfigurationError(f"max_connections: must be >= 2, got {max_connections!r}")
-        ttl = 5 * heartbeat if lease_ttl is None else lease_ttl
-        if not isinstance(ttl, int | float) or not ttl > heartbeat:
-            raise ConfigurationError(
-                f"lease_ttl: must be longer than heartbeat ({heartbeat}s), got {ttl!r}"
-            )
-        if node_id is not None and (
-            not isinstance(node_id, str) or not node_id or any(c.isspace() for c in node_id)
-        ):
-            raise ConfigurationError(f"node_id: must be non-empty without spaces, got {node_id!r}")
-        self.url = url
-        self.prefix = prefix
-        self.heartbeat = float(heartbeat)
-        self.lease_ttl = float(ttl)
-        self.node_id = node_id or secrets.token_hex(8)
+        if isinstance(stored_headers, str):
+            raise ConfigurationError("stored_headers: give a list of header names, not a str")
+        settings = validate_model(
+            RedisSettings,
+            "RedisRegistry",
+            {
+                "url": url,
+                "prefix": prefix,
+                "heartbeat": heartbeat,
+                "lease_ttl": lease_ttl,
+                "node_id": node_id,
+                "max_connections": max_connections,
+                "command_timeout": command_timeout,
+                "stored_headers": tuple(stored_headers),
+                "store_query_string": store_query_string,
+                "max_stored_header_bytes": max_stored_header_bytes,
+                "index_ttl": index_ttl,
+            },
+        )
+        self.settings = settings
+        """The validated settings (:class:`RedisSettings`)."""
+        self.url = settings.url
+        self.prefix = settings.prefix
+        self.heartbeat = settings.heartbeat
+        self.lease_ttl = settings.lease_ttl or 5 * settings.heartbeat
+        self.command_timeout = settings.command_timeout
+        self.node_id = settings.node_id or secrets.token_hex(8)
         """This worker's id in the cluster (``session.node`` of its sessions). It changes if the
         cluster declared this worker lost while it was alive."""
-        self.max_connections = max_connections
+        self.max_connections = settings.max_connections
+        self.policy = StoragePolicy(
+            headers=frozenset(settings.stored_headers),
+            query_string=settings.store_query_string,
+            max_header_bytes=settings.max_stored_header_bytes,
+        )
+        """What of a handshake is copied into Redis."""
+        self._incarnation = secrets.token_hex(6)  # this start, told apart from a restart's
         self._pool: Any = None
-        self._keys = Keys(prefix)
+        self._keys = Keys(self.prefix)
         self._external_client = client
         self._client: Any = client
         self._scripts: dict[str, Any] = {}
@@ -152,15 +289,60 @@ class RedisRegistry:
         self._beater: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._healing: dict[str, asyncio.Task[None]] = {}
-        self._available = False  # Redis reachable and every local session written there
-        self._recovered_at = float("-inf")  # when Redis came back after an outage (monotonic)
-        self._outage = False  # Redis failed since the last successful heartbeat
-        self._leased = False  # a lease was taken once: a missing one later means trouble
-        self._dirty = False  # Redis missed writes: write every local session again
-        self._pending_removals: set[str] = set()
+        self._state = LinkState.STOPPED
+        self._recovered_at = float("-inf")  # when this worker was last cut off (monotonic)
+        self._unwritten: set[str] = set()  # local ids Redis may lack or hold stale
+        self._pending_removals: set[str] = set()  # ids removed here, maybe not yet in Redis
         self._written: set[str] = set()  # ids registered in Redis under the current node id
         self._token = 0
         self._suspects: dict[str, tuple[str, float]] = {}  # node -> (lease token, first seen)
+        self._waiting: dict[str, deque[Message]] = {}  # listener sends waiting for room
+        self._waiters: set[asyncio.Task[None]] = set()
+        self._truncation_logged = False
+        self._ttl_refreshed_at = float("-inf")
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> LinkState:
+        """Where the registry stands with Redis (see :class:`LinkState`)."""
+        return self._state
+
+    def _enter(self, state: LinkState) -> None:
+        """Move to ``state`` (see :class:`LinkState` for the legal transitions)."""
+        old = self._state
+        if state is old:
+            return
+        if state not in _TRANSITIONS[old]:
+            raise RuntimeError(f"RedisRegistry: illegal transition {old} -> {state}")
+        self._state = state
+        if state is LinkState.RESYNCING and old is LinkState.OUTAGE:
+            self._recovered_at = monotonic()
+            self._unwritten.update(s.id for s in self._local.snapshot())
+            log_warning(None, "Redis reachable again; writing this worker's sessions back")
+
+    def _mark_all_unwritten(self) -> None:
+        """Redis lost (or must not keep) what this worker wrote: write everything again."""
+        self._unwritten.update(s.id for s in self._local.snapshot())
+        if self._state is LinkState.AVAILABLE:
+            self._enter(LinkState.RESYNCING)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A Redis call failed or timed out: local-only until the heartbeat gets through."""
+        if self._state in (LinkState.AVAILABLE, LinkState.RESYNCING):
+            log_warning(
+                None,
+                "Redis unavailable (%s): working locally; cluster queries raise "
+                "RegistryUnavailable until it is back",
+                _describe(exc),
+            )
+        if self._state is not LinkState.STOPPED:
+            self._enter(LinkState.OUTAGE)
+
+    def _bounded(self) -> asyncio.Timeout:
+        """A deadline of ``command_timeout`` for one Redis operation (its TimeoutError counts
+        as a Redis failure)."""
+        return asyncio.timeout(self.command_timeout)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -182,20 +364,23 @@ class RedisRegistry:
     def available(self) -> bool:
         """True while Redis answers and this worker's sessions are all written there: cluster
         queries work. False during an outage (see :class:`~wsession.RegistryUnavailable`)."""
-        return self._available
+        return self._state is LinkState.AVAILABLE
 
     async def __aenter__(self) -> Self:
-        """Connect, take this worker's lease, heal sessions of dead workers, start listening.
+        """Connect, take this worker's lease (ending what a crashed previous start under the
+        same ``node_id`` left), heal sessions of dead workers, start listening.
 
         Raises:
             RegistryUnavailable: Redis cannot be reached at start-up.
+            ConfigurationError: another live worker uses this ``node_id``.
         """
         if self._client is None:
             from redis.asyncio import BlockingConnectionPool, Redis
             from redis.asyncio.retry import Retry
             from redis.backoff import ExponentialBackoff
 
-            assert self.url is not None
+            if self.url is None:
+                raise RegistryUnavailable("RedisRegistry has neither a url nor a client")
             # A blocking pool: a burst of sessions waits for a connection instead of failing
             # with "Too many connections" (redis-py's default pool raises at its limit). Few,
             # quick retries: an outage must be noticed fast (local work goes on meanwhile).
@@ -203,20 +388,38 @@ class RedisRegistry:
                 self.url,
                 decode_responses=True,
                 max_connections=self.max_connections,
-                timeout=10,
+                timeout=self.command_timeout,
+                socket_connect_timeout=self.command_timeout,
                 retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
             )
             self._client = Redis(connection_pool=self._pool)
         client = self._client
         self._scripts = {
             name: client.register_script(getattr(scripts, name))
-            for name in ("REGISTER", "REMOVE", "CLAIM", "HEARTBEAT", "DECLARE_LOST", "SEND")
+            for name in (
+                "REGISTER",
+                "REMOVE",
+                "CLAIM",
+                "HEARTBEAT",
+                "DECLARE_LOST",
+                "SEND",
+                "FORGET_NODE",
+                "TAKE_OVER",
+                "JOIN",
+                "LEAVE",
+                "LIVE_MEMBERS",
+            )
         }
-        self._scripts["FORGET_NODE"] = client.register_script(scripts.FORGET_NODE)
+        self._enter(LinkState.STARTING)
         try:
+            await self._take_over_previous_incarnation()
             await self._tick()
-        except _redis_errors() as exc:
-            raise RegistryUnavailable(f"cannot reach Redis: {exc}") from exc
+        except BaseException as exc:
+            self._enter(LinkState.STOPPED)
+            await self._close_own_client()
+            if isinstance(exc, _redis_errors()):
+                raise RegistryUnavailable(f"cannot reach Redis: {_describe(exc)}") from exc
+            raise
         loop = asyncio.get_running_loop()
         self._listener = loop.create_task(self._listen())
         self._beater = loop.create_task(self._beat())
@@ -233,7 +436,7 @@ class RedisRegistry:
     ) -> None:
         """Stop listening, finish node-lost hooks under way, give up the lease, close the
         client the registry opened."""
-        for task in (self._beater, self._listener):
+        for task in (self._beater, self._listener, *self._waiters):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -251,57 +454,80 @@ class RedisRegistry:
         # Bounded: shutdown must not hang on an unreachable or busy Redis.
         with contextlib.suppress(*_redis_errors(), TimeoutError):
             async with asyncio.timeout(5):
-                for session in await self._local.sessions():
-                    await self._remove_in_redis(session.id)
+                for session_id in [s.id for s in self._local.snapshot()] + list(
+                    self._pending_removals
+                ):
+                    await self._remove_in_redis(session_id)
                 await client.delete(self._keys.lease(self.node_id))
                 await client.srem(self._keys.nodes, self.node_id)
-        self._available = False
-        if self._external_client is None:
-            with contextlib.suppress(*_redis_errors(), TimeoutError):
-                async with asyncio.timeout(5):
-                    await client.aclose()
-                    if self._pool is not None:
-                        await self._pool.aclose()
-            self._client = self._pool = None
+        self._enter(LinkState.STOPPED)
+        await self._close_own_client()
+
+    async def _close_own_client(self) -> None:
+        """Close the client and pool the registry made (never one given to it); bounded."""
+        if self._external_client is not None or self._client is None:
+            return
+        with contextlib.suppress(*_redis_errors(), TimeoutError):
+            async with asyncio.timeout(5):
+                await self._client.aclose()
+                if self._pool is not None:
+                    await self._pool.aclose()
+        self._client = self._pool = None
 
     # -- membership -----------------------------------------------------------------------
 
     async def add(self, session: Session) -> None:
-        """Register a local session here and in Redis. Never raises because Redis is down (the
-        failure is logged: the connection works, and the worker writes the session when Redis
-        is back). Raises ``ValueError`` for an id already live here or on another worker."""
+        """Register a local session here and in Redis. Never raises because Redis is down,
+        hangs or refuses writes (OOM, READONLY): the failure is logged, the connection works,
+        and the worker writes the session when Redis is back. Raises ``ValueError`` for an id
+        already live here or on another worker."""
         await self._local.add(session)
         session.node = self.node_id
-        if not self._available:
-            self._dirty = True
+        if self._state is not LinkState.AVAILABLE:
+            self._unwritten.add(session.id)
             return
         try:
-            await self._register(session)
+            async with self._bounded():
+                await self._register(session)
         except ValueError:
-            await self._local.remove(session)
+            self._local.discard(session)
             raise
-        except _redis_errors() as exc:
-            self._unavailable(exc)
+        except _outage_errors() as exc:
+            self._unwritten.add(session.id)
+            self._fail(exc)
             log_warning(
-                session.id, "Redis unavailable, %s registered locally only: %s", session.id, exc
+                session.id,
+                "Redis unavailable, %s registered locally only: %s",
+                session.id,
+                _describe(exc),
             )
 
     async def remove(self, session: Session) -> None:
-        """Forget a local session here and in Redis (done later if Redis is down; never
-        raises for an outage)."""
-        if await self._local.get(session.id) is not session:
+        """Forget a local session here and in Redis. The local bookkeeping is done before the
+        first ``await``; the Redis removal is shielded from cancellation of the caller and, if
+        Redis fails or hangs, replayed by the heartbeat once it is back (never raises for that)."""
+        if not self._local.discard(session):
             return
-        await self._local.remove(session)
         self._written.discard(session.id)
-        if not self._available:
-            self._pending_removals.add(session.id)
-            return
+        self._unwritten.discard(session.id)
+        self._pending_removals.add(session.id)  # until Redis confirms: a replay is never lost
+        if self._state is LinkState.AVAILABLE:
+            await run_shielded(self._flush_removal(session.id))
+
+    async def _flush_removal(self, session_id: str) -> None:
         try:
-            await self._remove_in_redis(session.id)
+            async with self._bounded():
+                await self._remove_in_redis(session_id)
         except _redis_errors() as exc:
-            self._unavailable(exc)
-            self._pending_removals.add(session.id)
-            log_warning(session.id, "Redis unavailable, %s removed locally only", session.id)
+            self._fail(exc)
+            log_warning(
+                session_id,
+                "Redis unavailable, %s removed locally only (replayed later): %s",
+                session_id,
+                _describe(exc),
+            )
+        else:
+            self._pending_removals.discard(session_id)
 
     async def update_data(self, session: Session) -> None:
         """Store this worker's ``session`` again (its ``data``, ``user_key``, ``subprotocol``
@@ -311,14 +537,14 @@ class RedisRegistry:
             ValueError: ``session`` is not a live session of this worker.
             RegistryUnavailable: Redis is unreachable.
         """
-        if await self._local.get(session.id) is not session:
+        if self._local.local_session(session.id) is not session:
             raise ValueError(f"update_data: {session.id} is not a live session of this worker")
         async with self._cluster("update_data"):
             await self._register(session)
 
     async def get(self, session_id: str) -> Session | None:
         """The session with this id on any worker (remote ones are read-only snapshots)."""
-        local = await self._local.get(session_id)
+        local = self._local.local_session(session_id)
         if local is not None:
             return local
         async with self._cluster("get"):
@@ -340,45 +566,44 @@ class RedisRegistry:
         return [s for s in found if where is None or where(s)]
 
     async def join(self, session_id: str, group: str) -> bool:
-        """Add a session of any worker to ``group``."""
-        local = await self._local.get(session_id)
-        if local is not None:
+        """Add a session of any worker to ``group`` (atomically with the session's existence
+        in Redis: a join racing its removal leaves nothing behind)."""
+        if self._local.local_session(session_id) is not None:
             if not await self._local.join(session_id, group):
                 return False
             await self._mirror_membership(session_id, group, join=True)
             return True
         async with self._cluster("join"):
-            owner = await self.redis.hget(self._keys.session(session_id), "node")
-            if owner is None:
+            owner = await self._scripts["JOIN"](
+                args=[self.prefix, session_id, group, int(self.settings.index_ttl)]
+            )
+            if not owner:
                 return False
-            await self._write_membership(session_id, group, join=True)
             await self._publish(owner, "join", ids=[session_id], group=group)
         return True
 
     async def leave(self, session_id: str, group: str) -> bool:
         """Remove a session of any worker from ``group``."""
-        local = await self._local.get(session_id)
-        if local is not None:
+        if self._local.local_session(session_id) is not None:
             left = await self._local.leave(session_id, group)
             if left:
                 await self._mirror_membership(session_id, group, join=False)
             return left
         async with self._cluster("leave"):
-            owner = await self.redis.hget(self._keys.session(session_id), "node")
-            removed = await self._write_membership(session_id, group, join=False)
-            if owner is not None:
+            owner, removed = await self._scripts["LEAVE"](args=[self.prefix, session_id, group])
+            if owner:
                 await self._publish(owner, "leave", ids=[session_id], group=group)
-        return bool(removed)
+        return bool(int(removed))
 
     async def members(self, group: str) -> list[str]:
-        """Ids of the members of ``group`` on every worker."""
+        """Ids of the live members of ``group`` on every worker."""
         async with self._cluster("members"):
-            return sorted(await self.redis.smembers(self._keys.group(group)))
+            return sorted(await self._live_members(self._keys.group(group)))
 
     async def user_sessions(self, user_key: str) -> list[str]:
-        """Ids of one user's sessions on every worker."""
+        """Ids of one user's live sessions on every worker."""
         async with self._cluster("user_sessions"):
-            return sorted(await self.redis.smembers(self._keys.user(user_key)))
+            return sorted(await self._live_members(self._keys.user(user_key)))
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -387,7 +612,7 @@ class RedisRegistry:
         published to its worker in one round trip (``queued``). ``gone`` for an unknown id or
         a worker that is not listening. Raises RegistryUnavailable for a non-local id during a
         Redis outage."""
-        if session_id in self._local._sessions:
+        if self._local.local_session(session_id) is not None:
             return await self._local.send(session_id, message)
         envelope = encode_envelope("send", ids=[session_id], message=message)
         async with self._cluster("send"):
@@ -400,34 +625,37 @@ class RedisRegistry:
 
     async def send_group(self, group: str, message: Message, exclude: str | None = None) -> int:
         """Send to the members of ``group`` wherever they are (local ones first, at once)."""
-        local = self._local._groups.get(group, {})
+        local = self._local.group_snapshot(group)
         return await self._fan_out(local, self._keys.group(group), message, exclude)
 
     async def send_user(self, user_key: str, message: Message) -> int:
         """Send to every session of ``user_key`` wherever it is (local ones first, at once)."""
-        local = self._local._users.get(user_key, {})
+        local = self._local.user_snapshot(user_key)
         return await self._fan_out(local, self._keys.user(user_key), message, None)
 
     async def broadcast(self, message: Message, exclude: str | None = None) -> int:
         """Send to every open session of the cluster; local ones first, at once. Returns how
         many it reached (remote sessions counted as reached once published)."""
         reached = await self._local.broadcast(message, exclude)
-        if not self._available:
+        if self._state is not LinkState.AVAILABLE:
             return reached
         keys = self._keys
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.publish(
-                keys.broadcast,
-                encode_envelope("broadcast", origin=self.node_id, exclude=exclude, message=message),
-            )
-            pipe.scard(keys.all)
-            pipe.scard(keys.node_sessions(self.node_id))
-            if exclude is not None and exclude not in self._local._sessions:
-                pipe.sismember(keys.all, exclude)
-            _, total, mine, *excluded = await pipe.execute()
+            async with self._bounded():
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.publish(
+                    keys.broadcast,
+                    encode_envelope(
+                        "broadcast", origin=self.node_id, exclude=exclude, message=message
+                    ),
+                )
+                pipe.scard(keys.all)
+                pipe.scard(keys.node_sessions(self.node_id))
+                if exclude is not None and self._local.local_session(exclude) is None:
+                    pipe.sismember(keys.all, exclude)
+                _, total, mine, *excluded = await pipe.execute()
         except _redis_errors() as exc:
-            self._unavailable(exc)
+            self._fail(exc)
             return reached
         remote = int(total) - int(mine) - (1 if excluded and excluded[0] else 0)
         self._stats_send(SendResult.QUEUED, max(0, remote))
@@ -436,7 +664,7 @@ class RedisRegistry:
     async def close(self, session_id: str, code: int = 1000, reason: str = "") -> bool:
         """Close a session wherever it is; its disconnect hooks run once, on its worker. For
         another worker's session: True once its worker was told."""
-        if session_id in self._local._sessions:
+        if self._local.local_session(session_id) is not None:
             return await self._local.close(session_id, code, reason)
         envelope = encode_envelope("close", ids=[session_id], code=code, reason=reason)
         async with self._cluster("close"):
@@ -457,14 +685,26 @@ class RedisRegistry:
     # -- internals: writes ------------------------------------------------------------------
 
     async def _register(self, session: Session) -> None:
-        """Write ``session`` under this worker's id (a full rewrite: data, user key, groups)."""
+        """Write ``session`` under this worker's id (a full rewrite: data, user key, groups).
+        The caller bounds it in time."""
         for _ in range(3):
             node = self.node_id
-            fields = session_fields(session, node)
+            fields, truncated = session_fields(session, node, self.policy)
+            if truncated and not self._truncation_logged:
+                self._truncation_logged = True
+                log_warning(
+                    session.id,
+                    "headers of %s exceed max_stored_header_bytes=%d: those that do not fit are "
+                    "not stored in Redis (logged once per worker)",
+                    session.id,
+                    self.policy.max_header_bytes,
+                )
             groups = sorted(session.groups)
             args: list[str | int] = [
                 self.prefix,
                 node,
+                self._incarnation,
+                int(self.settings.index_ttl),
                 session.id,
                 session.user_key or "",
                 len(groups),
@@ -490,25 +730,23 @@ class RedisRegistry:
         )
 
     async def _mirror_membership(self, session_id: str, group: str, *, join: bool) -> None:
-        if not self._available:
-            self._dirty = True
+        """Write a local join or leave to Redis (or leave it to the next resync)."""
+        if self._state is not LinkState.AVAILABLE:
+            self._unwritten.add(session_id)
             return
         try:
-            await self._write_membership(session_id, group, join=join)
+            async with self._bounded():
+                if join:
+                    owner = await self._scripts["JOIN"](
+                        args=[self.prefix, session_id, group, int(self.settings.index_ttl)]
+                    )
+                    if not owner:  # not written yet (an outage): the resync writes it whole
+                        self._unwritten.add(session_id)
+                else:
+                    await self._scripts["LEAVE"](args=[self.prefix, session_id, group])
         except _redis_errors() as exc:
-            self._unavailable(exc)
-
-    async def _write_membership(self, session_id: str, group: str, *, join: bool) -> int:
-        keys = self._keys
-        pipe = self.redis.pipeline(transaction=True)
-        if join:
-            pipe.sadd(keys.group(group), session_id)
-            pipe.sadd(keys.session_groups(session_id), group)
-        else:
-            pipe.srem(keys.group(group), session_id)
-            pipe.srem(keys.session_groups(session_id), group)
-        changed, _ = await pipe.execute()
-        return int(changed)
+            self._unwritten.add(session_id)
+            self._fail(exc)
 
     async def _remove_in_redis(self, session_id: str) -> None:
         await self._scripts["REMOVE"](args=[self.prefix, session_id, self.node_id])
@@ -516,12 +754,32 @@ class RedisRegistry:
     async def _publish(self, node: str, op: str, **fields: Any) -> None:
         await self.redis.publish(self._keys.channel(node), encode_envelope(op, **fields))
 
+    async def _live_members(self, key: str) -> list[str]:
+        return list(await self._scripts["LIVE_MEMBERS"](args=[self.prefix, key]))
+
+    async def _refresh_index_ttls(self) -> None:
+        """Renew the TTL of the group and user sets this worker's sessions are in (their
+        safety-net expiry must never catch a set with live members)."""
+        keys: set[str] = set()
+        for session in self._local.snapshot():
+            keys.update(self._keys.group(g) for g in session.groups)
+            if session.user_key is not None:
+                keys.add(self._keys.user(session.user_key))
+        ttl = int(self.settings.index_ttl)
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), 1000):
+            async with self._bounded():
+                pipe = self.redis.pipeline(transaction=False)
+                for key in ordered[start : start + 1000]:
+                    pipe.expire(key, ttl)
+                await pipe.execute()
+
     # -- internals: reads and fan-out ------------------------------------------------------
 
     async def _read_sessions(self, ids: list[str]) -> list[Session]:
         manager = self._bound()
-        local = self._local._sessions
-        remote = [i for i in ids if i not in local]
+        local = self._local.local_session
+        remote = [i for i in ids if local(i) is None]
         pipe = self.redis.pipeline(transaction=False)
         for session_id in remote:
             pipe.hgetall(self._keys.session(session_id))
@@ -534,13 +792,13 @@ class RedisRegistry:
                 rebuilt[session_id] = rebuild_session(manager, session_id, fields, groups)
         found: list[Session] = []
         for session_id in ids:
-            session = local.get(session_id) or rebuilt.get(session_id)
+            session = local(session_id) or rebuilt.get(session_id)
             if session is not None:
                 found.append(session)
         return found
 
-    async def _remote_owners(self, ids: set[str] | list[str]) -> dict[str, list[str]]:
-        remote = [i for i in ids if i not in self._local._sessions]
+    async def _remote_owners(self, ids: Iterable[str]) -> dict[str, list[str]]:
+        remote = [i for i in ids if self._local.local_session(i) is None]
         pipe = self.redis.pipeline(transaction=False)
         for session_id in remote:
             pipe.hget(self._keys.session(session_id), "node")
@@ -552,20 +810,21 @@ class RedisRegistry:
         return by_node
 
     async def _fan_out(
-        self, local: dict[str, Session], key: str, message: Message, exclude: str | None
+        self, local: list[Session], key: str, message: Message, exclude: str | None
     ) -> int:
-        reached = await self._local._send_all(list(local.values()), message, exclude)
-        if not self._available:
+        reached = await self._local.send_to(local, message, exclude)
+        if self._state is not LinkState.AVAILABLE:
             return reached
         try:
-            ids = set(await self.redis.smembers(key))
-            ids.discard(exclude)
-            for owner, owned in (await self._remote_owners(ids)).items():
-                await self._publish(owner, "send", ids=owned, message=message)
-                reached += len(owned)
-                self._stats_send(SendResult.QUEUED, len(owned))
+            async with self._bounded():
+                ids = set(await self.redis.smembers(key))
+                ids.discard(exclude)
+                for owner, owned in (await self._remote_owners(ids)).items():
+                    await self._publish(owner, "send", ids=owned, message=message)
+                    reached += len(owned)
+                    self._stats_send(SendResult.QUEUED, len(owned))
         except _redis_errors() as exc:
-            self._unavailable(exc)
+            self._fail(exc)
         return reached
 
     # -- internals: the listener ------------------------------------------------------------
@@ -575,7 +834,8 @@ class RedisRegistry:
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self._keys.channel(self.node_id), self._keys.broadcast)
+                async with self._bounded():
+                    await pubsub.subscribe(self._keys.channel(self.node_id), self._keys.broadcast)
                 self._subscribed.set()
                 backoff = 0.05
                 while True:
@@ -583,11 +843,14 @@ class RedisRegistry:
                     if item is not None:
                         await self._on_envelope(item["data"])
             except _redis_errors() as exc:
-                log_warning(None, "Redis pub/sub lost (%s); retrying in %.2fs", exc, backoff)
+                log_warning(
+                    None, "Redis pub/sub lost (%s); retrying in %.2fs", _describe(exc), backoff
+                )
             finally:
                 self._subscribed.clear()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    async with self._bounded():
+                        await pubsub.aclose()
             await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation
             backoff = min(backoff * 2, self.heartbeat / 2)
 
@@ -597,6 +860,8 @@ class RedisRegistry:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _on_envelope(self, raw: str | bytes) -> None:
+        """Handle one message from the cluster. Never waits for a client: the listener serves
+        every session of this worker (see :meth:`_offer`)."""
         try:
             op, fields, message = decode_envelope(raw)
         except (ValueError, KeyError) as exc:
@@ -606,24 +871,78 @@ class RedisRegistry:
         try:
             if op == "broadcast":
                 if fields.get("origin") != self.node_id and message is not None:
-                    await local.broadcast(message, fields.get("exclude"))
+                    exclude = fields.get("exclude")
+                    self._offer_all([s for s in local.snapshot() if s.id != exclude], message)
                 return
-            ids = [i for i in fields.get("ids", ()) if i in local._sessions]
+            targets = [
+                s for i in fields.get("ids", ()) if (s := local.local_session(i)) is not None
+            ]
             if op == "send" and message is not None:
-                await local._send_all([local._sessions[i] for i in ids], message, None)
+                self._offer_all(targets, message)
             elif op == "close":
-                for session_id in ids:
-                    code, reason = int(fields.get("code", 1000)), str(fields.get("reason", ""))
-                    await local.close(session_id, code, reason)
+                code, reason = int(fields.get("code", 1000)), str(fields.get("reason", ""))
+                for session in targets:
+                    close_session(self._bound(), session, code, reason)
             elif op in ("join", "leave"):
                 group = str(fields["group"])
-                for session_id in ids:
+                for session in targets:
                     if op == "join":
-                        await local.join(session_id, group)
+                        await local.join(session.id, group)
                     else:
-                        await local.leave(session_id, group)
+                        await local.leave(session.id, group)
         except Exception:
             log_error(None, "failed to handle a %r message from the cluster", op, exc=True)
+
+    def _offer_all(self, targets: list[Session], message: Message) -> None:
+        manager = self._bound()
+        counts: dict[SendResult, int] = {}
+        for session in targets:
+            result = self._offer(manager, session, message)
+            if result is not None:
+                counts[result] = counts.get(result, 0) + 1
+        manager.stats.sends.update(counts)
+
+    def _offer(
+        self, manager: SessionManager, session: Session, message: Message
+    ) -> SendResult | None:
+        """Hand ``message`` to ``session`` without waiting. When the ``wait`` policy must wait
+        for room, the message (and every later one for that session from the cluster, so one
+        sender's order holds) waits in a per-session queue drained by its own task, bounded by
+        ``send_timeout`` per message and ``max_backlog`` messages. ``None``: counted later."""
+        waiting = self._waiting.get(session.id)
+        if waiting is not None:
+            if len(waiting) >= manager.settings.max_backlog:
+                manager.stats.slow_consumers += 1
+                log_warning(session.id, "slow consumer %s: backlog full, closing", session.id)
+                close_session(
+                    manager,
+                    session,
+                    manager.settings.slow_consumer_code,
+                    "slow consumer",
+                    grace=0.0,
+                )
+                return SendResult.GONE
+            waiting.append(message)
+            return None
+        result = try_deliver(manager, session, message)
+        if result is not None:
+            return result
+        queue: deque[Message] = deque([message])
+        self._waiting[session.id] = queue
+        task = asyncio.get_running_loop().create_task(self._deliver_waiting(session, queue))
+        self._waiters.add(task)
+        task.add_done_callback(self._waiters.discard)
+        return None
+
+    async def _deliver_waiting(self, session: Session, queue: deque[Message]) -> None:
+        manager = self._bound()
+        try:
+            while queue:
+                await deliver(manager, session, queue[0])  # counts its own result
+                queue.popleft()
+        finally:
+            if self._waiting.get(session.id) is queue:
+                del self._waiting[session.id]
 
     # -- internals: the heartbeat, noticing lost workers, healing ---------------------------
 
@@ -632,23 +951,28 @@ class RedisRegistry:
             await asyncio.sleep(self.heartbeat / 2)  # the renewal period
             try:
                 await self._tick()
-            except _redis_errors() as exc:
-                self._unavailable(exc)
+            except _outage_errors() as exc:
+                self._fail(exc)
             except Exception:
                 log_error(None, "Redis registry heartbeat failed", exc=True)
 
     async def _tick(self) -> None:
-        """Renew the lease; write what Redis missed; look for lost workers."""
-        await self._renew()
-        if self._dirty or self._pending_removals:
+        """Renew the lease; write what Redis missed; look for lost workers. Each Redis step is
+        bounded by ``command_timeout``."""
+        async with self._bounded():
+            await self._renew()
+        if self._state is LinkState.OUTAGE:
+            self._enter(LinkState.RESYNCING)
+        if self._state is LinkState.STARTING:
+            self._enter(LinkState.RESYNCING)
+        if self._state is LinkState.RESYNCING:
             await self._resync()
-        if not self._available:
-            self._available = True
-            if self._outage:
-                self._outage = False
-                self._recovered_at = monotonic()
-                log_warning(None, "Redis reachable again; this worker's sessions re-registered")
+        if self._state is not LinkState.AVAILABLE:
+            return
         await self._check_nodes()
+        if monotonic() - self._ttl_refreshed_at > self.settings.index_ttl / 3:
+            await self._refresh_index_ttls()
+            self._ttl_refreshed_at = monotonic()
 
     async def _renew(self) -> None:
         """Renew this worker's lease (under a new node id if the cluster declared it lost)."""
@@ -658,56 +982,60 @@ class RedisRegistry:
             self._token += 1
             state = int(
                 await self._scripts["HEARTBEAT"](
-                    args=[self.prefix, node, self._token, int(self.lease_ttl * 1000)]
+                    args=[
+                        self.prefix,
+                        node,
+                        self._incarnation,
+                        self._token,
+                        int(self.lease_ttl * 1000),
+                    ]
                 )
             )
             if state != -1:
                 break
             self._declared_lost(node)  # then take a lease under the new id
-        if state == 0 and self._leased:
+        if state == 0 and self._state is not LinkState.STARTING:
             # Our lease was gone: Redis lost its data, or we were cut off or blocked past it.
             # Write everything again, and give the others a lease to come back before judging.
-            self._dirty = True
             self._recovered_at = monotonic()
-        self._leased = True
-
-    def _unavailable(self, exc: BaseException) -> None:
-        self._dirty = True
-        self._outage = True
-        if self._available:
-            self._available = False
-            log_warning(
-                None,
-                "Redis unavailable (%s): working locally; cluster queries raise "
-                "RegistryUnavailable until it is back",
-                exc,
-            )
+            self._mark_all_unwritten()
 
     async def _resync(self) -> None:
-        self._dirty = False
+        """Replay missed removals, write every unwritten local session; then available."""
         for session_id in list(self._pending_removals):
-            await self._remove_in_redis(session_id)
+            async with self._bounded():
+                await self._remove_in_redis(session_id)
             self._pending_removals.discard(session_id)
-        for session in list(self._local._sessions.values()):
-            if session.end_reason is not None or session.state is SessionState.CLOSED:
-                continue  # ending: its removal follows
+        for session_id in list(self._unwritten):
+            self._unwritten.discard(session_id)  # before the write: a later change re-adds it
+            session = self._local.local_session(session_id)
+            if session is None or session.end_reason is not None:
+                continue  # gone or ending: its removal follows
+            if session.state is SessionState.CLOSED:
+                continue
             try:
-                await self._register(session)
+                async with self._bounded():
+                    await self._register(session)
             except ValueError as exc:
                 log_error(session.id, "cannot register %s again: %s", session.id, exc)
+            except BaseException:
+                self._unwritten.add(session_id)
+                raise
+        if not self._unwritten and not self._pending_removals:
+            self._enter(LinkState.AVAILABLE)
 
     def _declared_lost(self, node: str) -> None:
-        """The cluster declared this worker lost (it was cut off or blocked past its lease) and
-        ran the node-lost hooks of the sessions it had registered: close those, and carry on
-        under a new node id with the others."""
+        """The cluster declared this worker lost (it was cut off or blocked past its lease, or
+        a restart under its node id took over) and ran the node-lost hooks of the sessions it
+        had registered: close those, and carry on under a new node id with the others."""
         if node != self.node_id:
             return  # handled already
-        victims = [s for i, s in self._local._sessions.items() if i in self._written]
+        victims = [s for s in self._local.snapshot() if s.id in self._written]
         self._written = set()
         self.node_id = f"{node.split('~')[0]}~{secrets.token_hex(3)}"
-        for session in self._local._sessions.values():
+        for session in self._local.snapshot():
             session.node = self.node_id
-        self._dirty = True
+        self._mark_all_unwritten()
         self._restart_listener()
         log_error(
             None,
@@ -725,23 +1053,90 @@ class RedisRegistry:
                 manager, session, _LOST_CLOSE_CODE, "node lost", end_reason=EndReason.NODE_LOST
             )
 
+    async def _take_over_previous_incarnation(self) -> None:
+        """At start: if an earlier start under this node id (a fixed ``node_id``) left a lease
+        or sessions, it crashed (or stalled): make sure it is not alive, take its lease, and
+        end its sessions as node lost (hooks once, in a task). Raises ConfigurationError when
+        another live worker uses this node id."""
+        node = self.node_id
+        keys = self._keys
+        seen: str | None = None
+        since = monotonic()
+        deadline = since + self.lease_ttl + self.heartbeat
+        while True:  # bounded by the deadline (the old lease expires within lease_ttl)
+            async with self._bounded():
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.get(keys.lease(node))
+                pipe.pubsub_numsub(keys.channel(node))
+                pipe.scard(keys.node_sessions(node))
+                lease, numsub, owned = await pipe.execute()
+            if lease is None and not int(owned):
+                return  # a clean start
+            if lease is None:
+                break
+            now = monotonic()
+            if seen is not None and lease != seen:
+                raise ConfigurationError(
+                    f"node_id: {node!r} is in use by another live worker (its lease is renewed)"
+                )
+            if seen is None:
+                seen, since = lease, now
+            listening = int(dict(numsub).get(keys.channel(node), 0)) > 0
+            if (not listening and now - since >= 0.75 * self.heartbeat) or now > deadline:
+                break
+            await asyncio.sleep(self.heartbeat / 4)  # the old worker's renewal period / 2
+        self._token += 1
+        async with self._bounded():
+            left = int(
+                await self._scripts["TAKE_OVER"](
+                    args=[
+                        self.prefix,
+                        node,
+                        lease or "",
+                        self._incarnation,
+                        self._token,
+                        int(self.lease_ttl * 1000),
+                        scripts.TOMBSTONE_SECONDS,
+                    ]
+                )
+            )
+        if left == -1:
+            raise ConfigurationError(
+                f"node_id: {node!r} is in use by another live worker (its lease is renewed)"
+            )
+        if left == -2:
+            self._declared_lost(node)  # the cluster healed it already: start under a new id
+            return
+        if left > 0:
+            log_warning(
+                None,
+                "a previous start of worker %s left %d session(s): ending them as node lost",
+                node,
+                left,
+            )
+            claimed = await self._claim_sessions(node)
+            task = asyncio.get_running_loop().create_task(self._end_all_lost(claimed))
+            self._healing[f"{node}/previous"] = task
+            task.add_done_callback(lambda _: self._healing.pop(f"{node}/previous", None))
+
     async def _check_nodes(self) -> None:
         """Start healing each worker that is lost: lease expired, or (faster) no pub/sub
         subscription and an unchanged lease token for a heartbeat."""
         if monotonic() - self._recovered_at < self.lease_ttl:
             return  # we were cut off ourselves: let the others renew before judging them
-        redis = self.redis
-        others = [n for n in await redis.smembers(self._keys.nodes) if n != self.node_id]
-        for node in list(self._suspects):
-            if node not in others:
-                del self._suspects[node]
-        if not others:
-            return
-        pipe = redis.pipeline(transaction=False)
-        for node in others:
-            pipe.get(self._keys.lease(node))
-        pipe.pubsub_numsub(*(self._keys.channel(n) for n in others))
-        *tokens, numsub = await pipe.execute()
+        async with self._bounded():
+            redis = self.redis
+            others = [n for n in await redis.smembers(self._keys.nodes) if n != self.node_id]
+            for node in list(self._suspects):
+                if node not in others:
+                    del self._suspects[node]
+            if not others:
+                return
+            pipe = redis.pipeline(transaction=False)
+            for node in others:
+                pipe.get(self._keys.lease(node))
+            pipe.pubsub_numsub(*(self._keys.channel(n) for n in others))
+            *tokens, numsub = await pipe.execute()
         subscribers = dict(numsub)
         now = monotonic()
         for node, token in zip(others, tokens, strict=True):
@@ -769,36 +1164,50 @@ class RedisRegistry:
         task: the heartbeat goes on meanwhile)."""
         claimed: list[tuple[str, list[Any]]] = []
         try:
-            declared = await self._scripts["DECLARE_LOST"](
-                args=[self.prefix, node, expected, self.node_id, scripts.TOMBSTONE_SECONDS]
-            )
+            async with self._bounded():
+                declared = await self._scripts["DECLARE_LOST"](
+                    args=[self.prefix, node, expected, self.node_id, scripts.TOMBSTONE_SECONDS]
+                )
             if not int(declared):
                 return  # it renewed its lease meanwhile: alive
             log_warning(None, "worker %s is lost: ending its sessions as node lost", node)
-            for _ in range(1000):  # bounded: each round empties what it saw
+            claimed = await self._claim_sessions(node)
+            async with self._bounded():
+                await self._scripts["FORGET_NODE"](args=[self.prefix, node])
+        except _redis_errors() as exc:
+            self._fail(exc)
+        except Exception:
+            log_error(None, "healing lost worker %s failed", node, exc=True)
+        finally:
+            try:
+                await self._end_all_lost(claimed)
+            finally:
+                self._healing.pop(node, None)
+
+    async def _claim_sessions(self, node: str) -> list[tuple[str, list[Any]]]:
+        """Claim every session ``node`` still owns (each claim atomic: a session is claimed by
+        one worker only). Claims made before a failure are kept (appended as they come)."""
+        claimed: list[tuple[str, list[Any]]] = []
+        for _ in range(1000):  # bounded: each round empties what it saw
+            async with self._bounded():
                 ids = list(await self.redis.smembers(self._keys.node_sessions(node)))
-                if not ids:
-                    break
-                for start in range(0, len(ids), _CLAIM_BATCH):
-                    batch = ids[start : start + _CLAIM_BATCH]
+            if not ids:
+                break
+            for start in range(0, len(ids), _CLAIM_BATCH):
+                batch = ids[start : start + _CLAIM_BATCH]
+                async with self._bounded():
                     pipe = self.redis.pipeline(transaction=False)
                     for session_id in batch:
                         await self._scripts["CLAIM"](
                             args=[self.prefix, session_id, node], client=pipe
                         )
                     replies = await pipe.execute()
-                    claimed += [(i, r) for i, r in zip(batch, replies, strict=True) if r]
-            await self._scripts["FORGET_NODE"](args=[self.prefix, node])
-        except _redis_errors() as exc:
-            self._unavailable(exc)
-        except Exception:
-            log_error(None, "healing lost worker %s failed", node, exc=True)
-        finally:
-            try:
-                for session_id, reply in claimed:
-                    await self._end_lost(session_id, reply)
-            finally:
-                self._healing.pop(node, None)
+                claimed += [(i, r) for i, r in zip(batch, replies, strict=True) if r]
+        return claimed
+
+    async def _end_all_lost(self, claimed: list[tuple[str, list[Any]]]) -> None:
+        for session_id, reply in claimed:
+            await self._end_lost(session_id, reply)
 
     async def _end_lost(self, session_id: str, claimed: list[Any]) -> None:
         try:
@@ -823,16 +1232,19 @@ class RedisRegistry:
 
     @contextlib.asynccontextmanager
     async def _cluster(self, operation: str) -> Any:
-        if not self._available:
+        """Run a cluster-wide operation, bounded by ``command_timeout``; RegistryUnavailable
+        unless Redis answers and holds every local session."""
+        if self._state is not LinkState.AVAILABLE:
             raise RegistryUnavailable(
                 f"{operation}: Redis is unreachable (or this worker is still writing its "
                 "sessions back after an outage)"
             )
         try:
-            yield
+            async with self._bounded():
+                yield
         except _redis_errors() as exc:
-            self._unavailable(exc)
-            raise RegistryUnavailable(f"{operation}: Redis unavailable: {exc}") from exc
+            self._fail(exc)
+            raise RegistryUnavailable(f"{operation}: Redis unavailable: {_describe(exc)}") from exc
 
 
 def _decodes(client: Any) -> bool:
@@ -840,8 +1252,24 @@ def _decodes(client: Any) -> bool:
     return bool(client.get_connection_kwargs().get("decode_responses"))
 
 
+def _describe(exc: BaseException) -> str:
+    """A short description of a Redis failure (a timeout has no message of its own)."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer within command_timeout"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _redis_errors() -> tuple[type[BaseException], ...]:
+    """What counts as "Redis is unavailable": connection failures, timeouts (redis-py's and
+    ``command_timeout``'s, an OSError), and error replies such as OOM or READONLY after a
+    failover (a ResponseError), which must not fail connections either."""
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    return (RedisConnectionError, RedisTimeoutError, OSError)
+    return (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
+
+
+def _outage_errors() -> tuple[type[BaseException], ...]:
+    """:func:`_redis_errors` plus this registry's own RegistryUnavailable."""
+    return (*_redis_errors(), RegistryUnavailable)
