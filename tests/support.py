@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
 
-from wsession import EndReason, Session, SessionManager, WSessionMiddleware
+from wsession import EndReason, Session, SessionManager, SessionState, WSessionMiddleware
 
 
 @dataclass
@@ -154,3 +154,14 @@ async def next_of(ws: Any, kind: str, timeout: float = 5.0) -> dict[str, Any]:
             message = json.loads(await ws.recv())
             if message["type"] == kind:
                 return message  # type: ignore[no-any-return]
+
+
+def open_session(session_id: str, send: Any, data: Any = None) -> Session:
+    """An open session outside any server, whose frames go to ``send``: enough for registry
+    tests. Its outbound path has the default bounds."""
+    from wsession._outbound import Outbound
+
+    session = Session(session_id, {"type": "websocket", "path": "/ws"}, None, data)
+    session._outbound = Outbound(session, send, 256, 1 << 20, track=False)
+    session.state = SessionState.OPEN
+    return session

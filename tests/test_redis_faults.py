@@ -17,11 +17,11 @@ from redis.exceptions import ResponseError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 
-from wsession import RegistryUnavailable, Session, SessionManager, SessionState, get_session
+from wsession import RegistryUnavailable, SessionManager, SessionState, get_session
 from wsession.backends.redis import LinkState, RedisRegistry
 
 from .redis_support import RedisServer
-from .support import mount, run_server
+from .support import mount, open_session, run_server
 from .test_redis_healing import live_session, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
@@ -195,8 +195,7 @@ class Receiver:
             self.frames.append(message["text"])
             self.arrived.set()
 
-        self.session = Session(session_id, {"type": "websocket", "path": "/ws"}, send, {})
-        self.session.state = SessionState.OPEN
+        self.session = open_session(session_id, send, {})
 
 
 async def test_one_stuck_client_does_not_hold_the_workers_other_cross_worker_messages(

@@ -26,12 +26,11 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from example_app.procs import free_port, start_worker, stop, wait_for_port
-from wsession import EndReason, RegistryUnavailable, Session, SessionManager, SessionState
-from wsession._outbound import Outbound
+from wsession import EndReason, RegistryUnavailable, Session, SessionManager
 from wsession.backends.redis import RedisRegistry
 
 from .redis_support import RedisServer
-from .support import read_until_closed
+from .support import open_session, read_until_closed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 HEARTBEAT = 0.2
@@ -43,10 +42,7 @@ def live_session(manager: SessionManager, session_id: str) -> Session:
     async def send(message: Any) -> None:
         return None
 
-    session = Session(session_id, {"type": "websocket", "path": "/ws"}, None, manager.new_data())
-    session._outbound = Outbound(session, send, 16, 1 << 20, track=False)
-    session.state = SessionState.OPEN
-    return session
+    return open_session(session_id, send, manager.new_data())
 
 
 class Recorder:

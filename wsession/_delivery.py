@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from ._json import check_text, encode_json
 from ._log import log_warning
-from ._outbound import Offer, Outbound, carry
+from ._outbound import Offer, Outbound, carry, carry_soon
 from ._session import EndReason, Session, SessionState
 from ._timers import call_later
 from ._types import Message
@@ -106,8 +106,31 @@ async def _deliver_one(
         if policy is SlowConsumerPolicy.CLOSE or not await outbound.wait_for_room(
             manager.settings.send_timeout
         ):
-            _close_slow_consumer(manager, session)
+            close_slow_consumer(manager, session)
             return SendResult.GONE
+    return SendResult.GONE
+
+
+def try_deliver(manager: SessionManager, session: Session, message: Message) -> SendResult | None:
+    """Send without awaiting anything: the result, or ``None`` when the ``wait`` policy must
+    wait for room (nothing was sent then). A frame taken now is written soon, in order with
+    every other frame for the session, so it reports ``queued``. Not counted in ``stats``."""
+    outbound = _outbound(session)
+    if outbound is None:
+        return SendResult.GONE
+    offer = outbound.offer(message, message_size(message))
+    if offer is Offer.WRITE:
+        carry_soon([(outbound, message)])
+        return SendResult.QUEUED
+    if offer is not Offer.FULL:
+        return SendResult.QUEUED if offer is Offer.QUEUED else SendResult.GONE
+    policy = manager.settings.slow_consumer
+    if policy is SlowConsumerPolicy.DROP:
+        manager.stats.dropped += 1
+        return SendResult.DROPPED
+    if policy is SlowConsumerPolicy.WAIT:
+        return None
+    close_slow_consumer(manager, session)
     return SendResult.GONE
 
 
@@ -139,7 +162,7 @@ async def deliver_all(
         elif policy is SlowConsumerPolicy.DROP:
             dropped += 1
         elif policy is SlowConsumerPolicy.CLOSE:
-            _close_slow_consumer(manager, session)
+            close_slow_consumer(manager, session)
             gone += 1
         else:
             waiting.append(session)
@@ -167,7 +190,9 @@ async def deliver_all(
     return delivered + queued
 
 
-def _close_slow_consumer(manager: SessionManager, session: Session) -> None:
+def close_slow_consumer(manager: SessionManager, session: Session) -> None:
+    """Apply the ``close`` slow-consumer policy: count it, log it, close with
+    ``slow_consumer_code`` behind what was already written."""
     manager.stats.slow_consumers += 1
     log_warning(session.id, "slow consumer %s: backlog full, closing", session.id)
     close_session(manager, session, manager.settings.slow_consumer_code, "slow consumer")

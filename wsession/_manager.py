@@ -155,8 +155,12 @@ class SessionManager:
         deadline = start + settings.drain_timeout
         cut_at = start + 0.8 * settings.drain_timeout
         pending = list(self.local.values())
-        for first in range(0, len(pending), settings.drain_batch):
+        batches = max(1, -(-len(pending) // settings.drain_batch))
+        for number, first in enumerate(range(0, len(pending), settings.drain_batch), 1):
             batch = pending[first : first + settings.drain_batch]
+            # Each batch gets its share of the time: apps that never read cannot hold the
+            # later batches back until the cut (they would get no time to say goodbye).
+            batch_done_at = start + (cut_at - start) * number / batches
             for session in batch:
                 close_session(
                     self,
@@ -166,7 +170,7 @@ class SessionManager:
                     grace=max(0.0, cut_at - loop.time()),
                     end_reason=EndReason.SERVER_SHUTDOWN,
                 )
-            await self._wait_local(partial(self._all_gone, [s.id for s in batch]), cut_at)
+            await self._wait_local(partial(self._all_gone, [s.id for s in batch]), batch_done_at)
         # Cut whatever is still open (including sessions that were already closing on their
         # own), then give the shielded teardown the rest of the time to run their hooks.
         for session in list(self.local.values()):

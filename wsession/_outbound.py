@@ -427,6 +427,12 @@ async def carry(writes: list[tuple[Outbound, Message]]) -> Carried:
     return result
 
 
+def carry_soon(writes: list[tuple[Outbound, Message]]) -> None:
+    """Like :func:`carry`, for callers that cannot wait at all: the writes start soon, in
+    order with everything else for their sessions (the writer roles are already taken)."""
+    spawn(_carry, writes, 0, Carried())
+
+
 async def _carry(writes: list[tuple[Outbound, Message]], start: int, result: Carried) -> None:
     handed_on = False
     current = start

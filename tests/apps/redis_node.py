@@ -9,7 +9,8 @@ import asyncio
 import sys
 from typing import Any
 
-from wsession import Session, SessionManager, SessionState
+from tests.support import open_session
+from wsession import Session, SessionManager
 from wsession.backends.redis import RedisRegistry
 
 
@@ -19,9 +20,7 @@ def fake_session(manager: SessionManager, session_id: str) -> Session:
     async def send(message: Any) -> None:
         return None
 
-    session = Session(session_id, {"type": "websocket", "path": "/ws"}, send, manager.new_data())
-    session.state = SessionState.OPEN
-    return session
+    return open_session(session_id, send, manager.new_data())
 
 
 async def main(url: str, prefix: str, node_id: str, count: int, heartbeat: float) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .._config import validate_model
-from .._delivery import SendResult, close_session, deliver, try_deliver
+from .._delivery import SendResult, close_session, close_slow_consumer, deliver, try_deliver
 from .._exceptions import ConfigurationError, RegistryUnavailable
 from .._lifecycle import end_without_connection
 from .._log import log_error, log_warning
@@ -912,15 +912,7 @@ class RedisRegistry:
         waiting = self._waiting.get(session.id)
         if waiting is not None:
             if len(waiting) >= manager.settings.max_backlog:
-                manager.stats.slow_consumers += 1
-                log_warning(session.id, "slow consumer %s: backlog full, closing", session.id)
-                close_session(
-                    manager,
-                    session,
-                    manager.settings.slow_consumer_code,
-                    "slow consumer",
-                    grace=0.0,
-                )
+                close_slow_consumer(manager, session)
                 return SendResult.GONE
             waiting.append(message)
             return None
