@@ -62,6 +62,7 @@ class FakeClient:
     _writable: anyio.Event = field(default_factory=anyio.Event)
     _gone: bool = False
     _closed_by_app: bool = False
+    _pause_at: int | None = None
     _changed: anyio.Event = field(default_factory=anyio.Event)
 
     def __post_init__(self) -> None:
@@ -94,6 +95,10 @@ class FakeClient:
     def pause(self) -> None:
         """Stop reading: every later ``send`` waits until :meth:`resume`."""
         self._writable = anyio.Event()
+
+    def pause_after(self, frames: int) -> None:
+        """Stop reading once ``frames`` more frames were written (back-pressure mid-burst)."""
+        self._pause_at = len(self.frames) + frames
 
     def resume(self) -> None:
         """Read again: waiting sends complete, in the order they started."""
@@ -181,6 +186,9 @@ class FakeClient:
             self._closed_by_app = True
         self.frames.append(dict(message))
         self._changed.set()
+        if self._pause_at is not None and len(self.frames) >= self._pause_at:
+            self._pause_at = None
+            self.pause()
         if kind == "websocket.close" and self.accepted and not self._gone:
             # A real client answers a close frame with its own; the server then tells the app.
             code = message.get("code", 1000)

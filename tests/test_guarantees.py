@@ -580,3 +580,37 @@ async def test_drain_cuts_sessions_already_closing_on_a_stuck_client() -> None:
         assert anyio.current_time() - started < 1.0 + 0.5
         assert not manager.local
     assert recorder.ended[0][1:3] == (EndReason.SERVER_CLOSED, 1013)
+
+
+@BOTH
+async def test_a_close_while_the_writer_is_blocked_mid_queue_drops_the_rest() -> None:
+    manager, recorder = recorded(close_timeout=30)
+    server = FakeServer(mount(accept_and_wait, manager))
+    app_send: list[BaseException] = []
+
+    async def app_frame(session: Session) -> None:
+        try:
+            await session.send_text("from the app")
+        except SessionClosed as exc:
+            app_send.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        for text in "abcd":
+            await manager.send(session.id, text)  # a in flight, b c d queued
+        tg.start_soon(app_frame, session)
+        await wait_all_tasks_blocked()
+        client.pause_after(2)  # a and b get through, then c blocks mid-queue
+        client.resume()
+        await client.wait_for(lambda: client.data == ["a", "b"])
+        await wait_all_tasks_blocked()
+        assert await manager.close(session.id, 4000, "kicked")
+        client.resume()
+        await client.wait_for(lambda: client.close_frame is not None)
+        await client.done.wait()
+    # c was already handed to the server's send; d and the app's frame were still waiting.
+    assert client.data == ["a", "b", "c"]
+    assert client.frames[-1]["type"] == "websocket.close" and client.frames[-1]["code"] == 4000
+    assert len(app_send) == 1
+    assert len(recorder.ended) == 1

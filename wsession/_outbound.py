@@ -59,6 +59,7 @@ class _Waiter:
 
 
 _Entry = tuple[Message, "_Waiter | None", int]
+_NO_QUEUE: deque[_Entry] = deque(maxlen=0)  # shared; appending to it would drop the frame
 
 
 class Outbound:
@@ -93,7 +94,9 @@ class Outbound:
     ) -> None:
         self._session = session  # told about accept, the app's close and a lost client
         self._server_send = server_send
-        self._queue: deque[_Entry] = deque()
+        # Shared and empty until a frame must wait (an empty deque costs 760 bytes, and most
+        # connections never queue anything).
+        self._queue: deque[_Entry] = _NO_QUEUE
         self._room: anyio.Event | None = None
         self._driver: Callable[[], Any] | None = None  # cancels a helper task stuck writing
         self.max_frames = max_frames
@@ -163,7 +166,7 @@ class Outbound:
     async def _send_in_turn(self, message: Message) -> None:
         waiter = _Waiter()
         entry: _Entry = (message, waiter, 0)
-        self._queue.append(entry)
+        self._queued().append(entry)
         try:
             await waiter.done.wait()
         except BaseException:
@@ -191,7 +194,7 @@ class Outbound:
             len(queue) >= self.max_frames or (queue and self.queued_bytes + nbytes > self.max_bytes)
         ):
             return Offer.FULL
-        queue.append((message, None, nbytes))
+        self._queued().append((message, None, nbytes))
         self.queued_bytes += nbytes
         return Offer.QUEUED
 
@@ -331,9 +334,9 @@ class Outbound:
             self._release()
 
     async def _drain(self) -> None:
-        queue = self._queue
-        while queue and not self.ended:
-            message, waiter, nbytes = queue.popleft()
+        # self._queue is read anew each round: close() replaces it while a write is blocked.
+        while self._queue and not self.ended:
+            message, waiter, nbytes = self._queue.popleft()
             if nbytes > 0:
                 self.queued_bytes -= nbytes
             self._wake_room()
@@ -370,9 +373,14 @@ class Outbound:
                     continue
                 waiter.error = error
                 waiter.done.set()
-        self._queue.clear()
+        self._queue = _NO_QUEUE
         self.queued_bytes = 0
         self._wake_room()
+
+    def _queued(self) -> deque[_Entry]:
+        if self._queue is _NO_QUEUE:
+            self._queue = deque()
+        return self._queue
 
     def _wake_room(self) -> None:
         room, self._room = self._room, None
