@@ -22,6 +22,7 @@ the close sequence; the policy (what to do when the queue is full) is in ``_deli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from enum import Enum
@@ -234,7 +235,7 @@ class Outbound:
             elif swallow is None or swallow:
                 waiter.done.set()
             else:
-                waiter.error = SessionClosed("", "closed by the server")
+                waiter.error = SessionClosed(self._session.id, "closed by the server")
                 waiter.done.set()
         if accept_first and not self.accepted:
             kept.append(({"type": "websocket.accept"}, None, 0))
@@ -261,7 +262,7 @@ class Outbound:
         """The connection is over: fail every waiting frame and stop a helper task stuck on a
         client that will never read again."""
         self.ended = True
-        self._fail_waiting(SessionClosed("", "gone"))
+        self._fail_waiting(SessionClosed(self._session.id, "gone"))
         driver, self._driver = self._driver, None
         if driver is not None:
             driver()
@@ -293,21 +294,25 @@ class Outbound:
         self._session._connection_lost()
 
     async def _write_ours(self, message: Message, nbytes: int) -> None:
-        """Write a frame wsession originated: errors end the path, they never escape."""
+        """Write a frame wsession originated (a manager frame, its accept or close): errors end
+        the path and never escape. They do not decide the session's end reason either: the
+        app's ``receive`` reports how the client left."""
+        self.reserved = False
         if nbytes == -1:
             await self._write_our_close(message)
             return
+        if message["type"] == "websocket.accept":
+            self.accepted = True
         try:
-            await self._write(message)
+            await self._server_send(message)
         except Exception:  # the client left, or the server refused the frame
-            self.ended = True
-            self._wake_room()
+            self._stop()
 
     async def _write_our_close(self, message: Message) -> None:
         try:
-            await self._write(message)
+            await self._server_send(message)
         except OSError:
-            self.ended = True
+            pass
         except Exception as exc:
             # Some servers refuse some codes (daphne/autobahn: 1001 from a server). The client
             # should still learn that the server closed: fall back to 1000, once.
@@ -317,11 +322,14 @@ class Outbound:
                 message.get("code"),
                 exc,
             )
-            try:
-                await self._write({**message, "code": 1000})
-            except Exception:
-                self.ended = True
-        self.closed = self.ended = True
+            with contextlib.suppress(Exception):
+                await self._server_send({**message, "code": 1000})
+        self.closed = True
+        self._stop()
+
+    def _stop(self) -> None:
+        """Nothing more can be written."""
+        self.ended = True
         self._wake_room()
 
     async def _write_queue(self) -> None:
@@ -353,7 +361,7 @@ class Outbound:
                 continue
             waiter.done.set()
         if self.ended:
-            self._fail_waiting(SessionClosed("", "gone"))
+            self._fail_waiting(SessionClosed(self._session.id, "gone"))
 
     def _release(self) -> None:
         """Give the writer role up; if frames queued up meanwhile, hand it to a new task."""
@@ -363,7 +371,7 @@ class Outbound:
             return
         self.busy = self.reserved = False
         if self.ended:
-            self._fail_waiting(SessionClosed("", "gone"))
+            self._fail_waiting(SessionClosed(self._session.id, "gone"))
 
     def _fail_waiting(self, error: BaseException) -> None:
         for message, waiter, _ in self._queue:
@@ -465,8 +473,13 @@ async def _carry(writes: list[tuple[Outbound, Message]], start: int, result: Car
     try:
         for current in range(start, len(writes)):
             outbound, message = writes[current]
+            # A manager data frame: the server's send, with no wrapper around it (the hot path
+            # of a broadcast).
+            outbound.reserved = False
             try:
-                await outbound._write_ours(message, 0)
+                await outbound._server_send(message)
+            except Exception:  # the client left, or the server refused the frame
+                outbound._stop()
             except BaseException:  # cancelled (the connection ended): give the role back
                 outbound._driver = None
                 outbound._release()
