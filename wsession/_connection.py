@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from ._context import SCOPE_KEY, current_session
-from ._delivery import close_session, force_end
+from ._delivery import close_session, end_later
 from ._exceptions import Refuse
 from ._lifecycle import count_ending, run_disconnect_hooks
 from ._log import log_error, log_warning
@@ -149,11 +149,12 @@ async def _pump(
     """
     while True:
         message = await receive()
-        await inbox.put(message)
         if message["type"] == "websocket.disconnect":
             session._client_disconnected(message)
-            session._force_end = call_later(manager.settings.close_timeout, force_end, session)
+            end_later(session, manager.settings.close_timeout)
+            await inbox.put(message)
             return
+        await inbox.put(message)
 
 
 def _arm_idle_timer(manager: SessionManager, session: Session) -> None:

@@ -225,10 +225,15 @@ def close_session(
     delay = manager.settings.close_timeout if grace is None else grace
     session._end(end_reason, code, reason)
     outbound.close(code, reason, accept_first=accept_first, timeout=delay)
+    end_later(session, delay)
+    return True
+
+
+def end_later(session: Session, delay: float) -> None:
+    """Give the app of an ending session ``delay`` seconds to return, then :func:`force_end`."""
     task = session._task
     if task is not None and not task.done():
         session._force_end = call_later(delay, force_end, session)
-    return True
 
 
 def force_end(session: Session) -> None:
