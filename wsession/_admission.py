@@ -1,4 +1,10 @@
-"""Admission: the Origin allow-list and connection limits, checked before the app runs."""
+"""Admission: the Origin allow-list and connection limits, checked before the app runs.
+
+Limits are reserved, then awaited: a handshake takes its total and per-IP slots before its
+connect hooks run (so rivals arriving meanwhile see them taken) and its per-user slot right after
+the hooks, with no ``await`` in between. What it holds is recorded on a :class:`Ticket`, given
+back exactly once by :meth:`Admission.release`.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,33 @@ LIMIT_STATUS_PER_CLIENT = 429
 LIMIT_CLOSE_CODE = 1013  # "try again later", when the server cannot send a denial response
 
 
+class Ticket:
+    """The limit slots one connection holds; give it back with :meth:`Admission.release`.
+
+    Concurrency: used by the connection's own task only.
+    """
+
+    __slots__ = ("ip", "total", "user")
+
+    def __init__(self) -> None:
+        self.total = False
+        self.ip: str | None = None
+        self.user: str | None = None
+
+
+# Handed out when no limit is configured: it holds nothing, so nothing is allocated per
+# connection and releasing it is a no-op.
+_NO_LIMITS = Ticket()
+
+
 class Admission:
     """Decides whether a handshake may proceed, and counts what the limits count.
 
-    Per-IP and per-user counts are this worker's; ``max_sessions`` counts this worker's open
-    sessions.
+    All counts are this worker's: ``max_sessions`` counts reserved slots (handshakes in their
+    connect hooks plus open sessions), per-IP and per-user counts likewise.
+
+    Concurrency: every method is synchronous and runs on the event loop, so a check and the
+    reservation that follows it cannot be interleaved with another connection's.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -29,72 +57,90 @@ class Admission:
         self._origins = frozenset(
             parse_origin(o, strict=True) for o in (allowed or ()) if o != "same-origin"
         )
-        self._limit_ip = settings.max_sessions_per_ip is not None
-        self._limit_user = settings.max_sessions_per_user is not None
+        self._max_total = settings.max_sessions
+        self._max_ip = settings.max_sessions_per_ip
+        self._max_user = settings.max_sessions_per_user
+        self._limited = (
+            self._max_total is not None or self._max_ip is not None or self._max_user is not None
+        )
+        self.reserved = 0
+        """Slots held against ``max_sessions`` (0 when it is not set)."""
         self.per_ip: Counter[str] = Counter()
         self.per_user: Counter[str] = Counter()
         self.draining = False
-        self.active = (
-            self._check_origin
-            or self._limit_ip
-            or self._limit_user
-            or settings.max_sessions is not None
-        )
+        self.active = self._check_origin or self._limited
 
-    def before_hooks(self, session: Session, scope: Scope, live: int) -> Refuse | None:
-        """Origin, drain and total/per-IP limits: refusals that need no connect hook."""
+    def admit(self, scope: Scope) -> Refuse | Ticket:
+        """Drain, Origin, total and per-IP checks, before any connect hook runs.
+
+        Returns the refusal, or a :class:`Ticket` holding the total and per-IP slots it
+        reserved; the caller must :meth:`release` the ticket however the connection ends.
+        """
         if self.draining:
-            return Refuse(503, code=1001, reason="server is shutting down", label="draining")
+            return _draining()
         if not self.active:
-            return None
+            return _NO_LIMITS
         if self._check_origin and not self._origin_allowed(scope):
             return Refuse(403, code=1008, reason="origin not allowed", label="origin")
-        limit = self.settings.max_sessions
-        if limit is not None and live >= limit:
+        if not self._limited:
+            return _NO_LIMITS
+        if self._max_total is not None and self.reserved >= self._max_total:
             return Refuse(
                 LIMIT_STATUS_TOTAL, code=LIMIT_CLOSE_CODE, reason="server full", label="limit_total"
             )
-        if self._limit_ip:
+        ip = None
+        if self._max_ip is not None:
             ip = self.client_ip(scope)
-            session._ip = ip
-            if ip is not None and self.per_ip[ip] >= (self.settings.max_sessions_per_ip or 0):
+            if ip is not None and self.per_ip[ip] >= self._max_ip:
                 return Refuse(
                     LIMIT_STATUS_PER_CLIENT,
                     code=LIMIT_CLOSE_CODE,
                     reason="too many connections from this address",
                     label="limit_ip",
                 )
-        return None
+        ticket = Ticket()
+        if self._max_total is not None:
+            self.reserved += 1
+            ticket.total = True
+        if ip is not None:
+            self.per_ip[ip] += 1
+            ticket.ip = ip
+        return ticket
 
-    def after_hooks(self, session: Session) -> Refuse | None:
-        """The per-user limit (the user key is set by connect hooks)."""
+    def after_hooks(self, ticket: Ticket, session: Session) -> Refuse | None:
+        """Checks that need the connect hooks' results; call it right after they completed,
+        with no ``await`` in between.
+
+        Refuses a handshake whose hooks were still running when a drain started, and reserves
+        the per-user slot for the ``user_key`` the hooks set (recorded on ``ticket``).
+        """
+        if self.draining:
+            return _draining()
         key = session.user_key
-        if (
-            self._limit_user
-            and key is not None
-            and self.per_user[key] >= (self.settings.max_sessions_per_user or 0)
-        ):
+        if self._max_user is None or key is None:
+            return None
+        if self.per_user[key] >= self._max_user:
             return Refuse(
                 LIMIT_STATUS_PER_CLIENT,
                 code=LIMIT_CLOSE_CODE,
                 reason="too many connections for this user",
                 label="limit_user",
             )
+        self.per_user[key] += 1
+        ticket.user = key
         return None
 
-    def acquire(self, session: Session) -> None:
-        """Count an admitted session against its IP and user."""
-        if session._ip is not None:
-            self.per_ip[session._ip] += 1
-        if self._limit_user and session.user_key is not None:
-            self.per_user[session.user_key] += 1
-
-    def release(self, session: Session) -> None:
-        """Give back what :meth:`acquire` counted."""
-        if session._ip is not None:
-            _decrement(self.per_ip, session._ip)
-        if self._limit_user and session.user_key is not None:
-            _decrement(self.per_user, session.user_key)
+    def release(self, ticket: Ticket) -> None:
+        """Give back every slot ``ticket`` holds. Idempotent: a second call does nothing."""
+        if ticket.total:
+            ticket.total = False
+            self.reserved -= 1
+        if ticket.ip is not None:
+            _decrement(self.per_ip, ticket.ip)
+            ticket.ip = None
+        if ticket.user is not None:
+            _decrement(self.per_user, ticket.user)
+            ticket.user = None
 
     def client_ip(self, scope: Scope) -> str | None:
         """The client's IP: the server's peer address, or with ``trust_forwarded_for`` the
@@ -125,6 +171,10 @@ class Admission:
         if self._same_origin and host is not None:
             return _same_host(parsed, host)
         return False
+
+
+def _draining() -> Refuse:
+    return Refuse(503, code=1001, reason="server is shutting down", label="draining")
 
 
 def _same_host(origin: tuple[str, str, int], host_header: str) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from ._admission import Ticket
 from ._context import SCOPE_KEY, current_session
 from ._delivery import close_session, force_end
 from ._exceptions import Refuse
@@ -43,14 +44,16 @@ async def serve_connection(
     session = Session(manager.id_factory(), scope, None, manager.new_data())
     scope[SCOPE_KEY] = session
     current_session.set(session)  # the connection's own task: no token to keep
-    refusal = await _admit(manager, session, scope)
-    if refusal is not None:
+    ticket = await _admit(manager, session, scope)
+    if isinstance(ticket, Refuse):
+        refusal = ticket
         manager.stats.refused += 1
         manager.stats.refused_by[refusal.label] += 1
         current_session.set(None)
         await _refuse(scope, send, refusal)
         return None
 
+    # Admitted: ``ticket`` is released by _teardown in the ``finally`` below; no await before it.
     settings = manager.settings
     track = settings.idle_timeout is not None
     pump: asyncio.Task[None] | None = None
@@ -89,7 +92,6 @@ async def serve_connection(
     session._raw_send = send if inspect.iscoroutinefunction(send) else send_wrapper
     session._task = _current_task()
     manager.stats.accepted += 1
-    manager.admission.acquire(session)
     manager.local[session.id] = session
     if track:
         _arm_idle_timer(manager, session)
@@ -115,23 +117,36 @@ async def serve_connection(
                 timer.cancel()
         if pump is not None:
             pump.cancel()
-        await _teardown(manager, session)
+        await _teardown(manager, session, ticket)
         current_session.set(None)
 
 
-async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Refuse | None:
-    """Admission checks and connect hooks; the refusal, if any."""
+async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Refuse | Ticket:
+    """Admission checks and connect hooks: the refusal, or the admitted connection's ticket.
+
+    Limit slots are reserved before the hooks and given back here whenever the connection is
+    not admitted (refusal, failing or late hook, cancellation); once admitted, the caller owns
+    the ticket and releases it in its teardown.
+    """
     admission = manager.admission
-    refusal = admission.before_hooks(session, scope, len(manager.local))
-    if refusal is not None:
-        return refusal
-    refusal = await _run_connect_hooks(manager, session)
-    if refusal is None and (refusal := admission.after_hooks(session)) is not None:
-        # The connect hooks completed, so their disconnect hooks are owed.
-        session._end(EndReason.REFUSED, None, refusal.reason)
-        session.state = SessionState.CLOSED
-        await run_shielded(run_disconnect_hooks(manager, session))
-    return refusal
+    ticket = admission.admit(scope)
+    if isinstance(ticket, Refuse):
+        return ticket
+    admitted = False
+    try:
+        refusal = await _run_connect_hooks(manager, session)
+        if refusal is None and (refusal := admission.after_hooks(ticket, session)) is not None:
+            # The connect hooks completed, so their disconnect hooks are owed.
+            session._end(EndReason.REFUSED, None, refusal.reason)
+            session.state = SessionState.CLOSED
+            await run_shielded(run_disconnect_hooks(manager, session))
+        if refusal is not None:
+            return refusal
+        admitted = True
+        return ticket
+    finally:
+        if not admitted:
+            admission.release(ticket)
 
 
 async def _send_control(session: Session, send: Send, message: Message) -> None:
@@ -299,7 +314,7 @@ async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
 # -- teardown -------------------------------------------------------------------------------
 
 
-async def _teardown(manager: SessionManager, session: Session) -> None:
+async def _teardown(manager: SessionManager, session: Session, ticket: Ticket) -> None:
     """Disconnect hooks (reverse order) then unregister; runs exactly once per session.
 
     Nothing here may be skipped by a cancellation: hooks that return awaitables are shielded one
@@ -314,7 +329,7 @@ async def _teardown(manager: SessionManager, session: Session) -> None:
         try:
             await _unregister(manager, session)
         finally:
-            manager.admission.release(session)
+            manager.admission.release(ticket)
             manager._forget_local(session)
             # Drop what ties a closed session to the server's connection object, so a session
             # kept by user code does not keep the connection's buffers alive.
