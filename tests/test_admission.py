@@ -243,3 +243,120 @@ async def test_a_handshake_in_its_hooks_when_drain_starts_is_refused() -> None:
     assert manager.stats.accepted == 0
     # Its connect hooks completed, so its disconnect hooks ran, once.
     assert recorder.reasons() == [EndReason.REFUSED]
+
+
+# -- the client IP behind proxies (issue 11 item 2) -------------------------------------------
+
+
+def ip_of(peer: str, *forwarded: str, trusted: tuple[str, ...] = ("10.0.0.0/8",)) -> str | None:
+    """The client IP admission sees for a handshake from ``peer`` carrying one X-Forwarded-For
+    header line per ``forwarded`` value."""
+    from wsession._admission import Admission
+    from wsession._config import Settings
+
+    headers = [(b"host", b"app.example")]
+    headers += [(b"x-forwarded-for", value.encode("latin-1")) for value in forwarded]
+    scope = {"type": "websocket", "client": (peer, 4711), "headers": headers}
+    return Admission(Settings(trusted_proxies=trusted)).client_ip(scope)
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        # No proxy trusted, or a peer that is not one: the header is the client's own words.
+        ("203.0.113.9", ("198.51.100.1",), "203.0.113.9"),
+        ("192.0.2.1", ("198.51.100.1",), "192.0.2.1"),
+        # A trusted proxy appended the address it saw; what the client wrote before is ignored.
+        ("10.0.0.1", ("198.51.100.1",), "198.51.100.1"),
+        ("10.0.0.1", ("6.6.6.6, 198.51.100.1",), "198.51.100.1"),
+        # Several header lines form one list, in order: the last line is the nearest proxy's.
+        ("10.0.0.1", ("6.6.6.6", "198.51.100.1"), "198.51.100.1"),
+        ("10.0.0.1", ("6.6.6.6, 7.7.7.7", "198.51.100.1, 10.0.0.2"), "198.51.100.1"),
+        # A chain of trusted proxies is walked from the right.
+        ("10.0.0.1", ("198.51.100.1, 10.0.0.3, 10.0.0.2",), "198.51.100.1"),
+        # Every hop trusted: the left-most (a proxy that connected on its own behalf).
+        ("10.0.0.1", ("10.0.0.5, 10.0.0.2",), "10.0.0.5"),
+        # What is not an IP address stops the walk: nothing trusted vouches for what lies
+        # left of it, so the nearest trusted hop stands for the client.
+        ("10.0.0.1", ("198.51.100.1, unknown",), "10.0.0.1"),
+        ("10.0.0.1", ("198.51.100.1, unknown, 10.0.0.2",), "10.0.0.2"),
+        ("10.0.0.1", ("198.51.100.1, 10.0.0.2\x00",), "10.0.0.1"),
+        ("10.0.0.1", ("",), "10.0.0.1"),
+        ("10.0.0.1", (" , 198.51.100.1 ,",), "198.51.100.1"),
+        # Ports are tolerated (some proxies append ip:port); addresses are normalised.
+        ("10.0.0.1", ("198.51.100.1:5555",), "198.51.100.1"),
+        ("10.0.0.1", ("2001:0DB8:0:0:0:0:0:1",), "2001:db8::1"),
+        ("10.0.0.1", ("[2001:db8::1]:4711",), "2001:db8::1"),
+        ("10.0.0.1", ("::ffff:198.51.100.1",), "198.51.100.1"),
+    ],
+)
+def test_client_ip_trusts_forwarded_for_only_from_trusted_proxies(
+    peer: str, forwarded: tuple[str, ...], expected: str
+) -> None:
+    assert ip_of(peer, *forwarded) == expected
+
+
+def test_client_ip_ipv6_proxies() -> None:
+    trusted = ("::1", "fd00::/8")
+    assert ip_of("::1", "2001:db8::7, fd00::2", trusted=trusted) == "2001:db8::7"
+    assert ip_of("fd00::9", "2001:db8::7", trusted=trusted) == "2001:db8::7"
+    assert ip_of("2001:db8::5", "2001:db8::7", trusted=trusted) == "2001:db8::5"
+    assert ip_of("::ffff:10.0.0.1", "198.51.100.1") == "198.51.100.1"  # a dual-stack peer
+
+
+def test_client_ip_without_trusted_proxies_is_the_peer() -> None:
+    assert ip_of("10.0.0.1", "198.51.100.1", trusted=()) == "10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "bad", [("proxy.internal",), ("10.0.0.1/8",), ("10.0.0.0/33",), ("*",), ("",)]
+)
+def test_bad_trusted_proxies_name_the_setting(bad: tuple[str, ...]) -> None:
+    from wsession import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="trusted_proxies"):
+        SessionManager(trusted_proxies=bad)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_trust_forwarded_for_points_to_trusted_proxies(value: bool) -> None:
+    from wsession import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"trust_forwarded_for.*trusted_proxies"):
+        SessionManager(trust_forwarded_for=value)
+
+
+async def test_per_ip_limit_cannot_be_dodged_with_forwarded_for() -> None:
+    manager = SessionManager(max_sessions_per_ip=1, trusted_proxies=["127.0.0.1"])
+    # proxy_headers=False: wsession, not uvicorn, reads the header here (see the README).
+    async with run_server(echo_app(manager), proxy_headers=False) as server:
+        url = f"{server.ws}/ws"
+
+        async def as_proxied(*lines: str) -> ClientConnection | int:
+            try:
+                ws = await connect(url, additional_headers=[("X-Forwarded-For", v) for v in lines])
+            except InvalidStatus as refused:
+                return refused.response.status_code
+            await ws.recv()
+            return ws
+
+        first = await as_proxied("1.1.1.1, 203.0.113.9")
+        assert not isinstance(first, int)
+        # The client rotates what it writes; the proxy (us) appends its real address.
+        assert await as_proxied("2.2.2.2, 203.0.113.9") == 429
+        assert await as_proxied("3.3.3.3", "203.0.113.9") == 429
+        other = await as_proxied("203.0.113.10")
+        assert not isinstance(other, int)
+        await first.close()
+        await other.close()
+    assert manager.stats.refused_by == {"limit_ip": 2}
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
+    manager = SessionManager(max_sessions_per_ip=1, trusted_proxies=["10.0.0.1"])
+    async with run_server(echo_app(manager), proxy_headers=False) as server:
+        first = await connect(f"{server.ws}/ws", additional_headers={"X-Forwarded-For": "1.1.1.1"})
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"{server.ws}/ws", additional_headers={"X-Forwarded-For": "2.2.2.2"})
+        assert refused.value.response.status_code == 429
+        await first.close()

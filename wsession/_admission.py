@@ -8,9 +8,10 @@ back exactly once by :meth:`Admission.release`.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 
-from ._config import Settings, parse_origin
+from ._config import Settings, parse_networks, parse_origin
 from ._exceptions import Refuse
 from ._session import Session
 from ._types import Scope
@@ -57,6 +58,7 @@ class Admission:
         self._origins = frozenset(
             parse_origin(o, strict=True) for o in (allowed or ()) if o != "same-origin"
         )
+        self._proxies = parse_networks(settings.trusted_proxies)
         self._max_total = settings.max_sessions
         self._max_ip = settings.max_sessions_per_ip
         self._max_user = settings.max_sessions_per_user
@@ -143,16 +145,40 @@ class Admission:
             ticket.user = None
 
     def client_ip(self, scope: Scope) -> str | None:
-        """The client's IP: the server's peer address, or with ``trust_forwarded_for`` the
-        right-most X-Forwarded-For entry (the one your proxy appended)."""
-        if self.settings.trust_forwarded_for:
-            for name, value in scope.get("headers", ()):
-                if name == b"x-forwarded-for":
-                    last: str = value.decode("latin-1").split(",")[-1].strip()
-                    if last:
-                        return last
+        """The client's IP address, as the per-IP limit counts it.
+
+        The server's peer address, unless that peer is one of ``trusted_proxies``: then the
+        X-Forwarded-For header lines, read in order as one list, are walked from the right and
+        the first address that is not a trusted proxy is the client. An entry that is not an IP
+        address stops the walk (nothing trusted vouches for what lies left of it): the nearest
+        trusted hop then stands for the client, so a client cannot pick its own bucket.
+        Forwarded addresses are normalised (``ip:port`` and ``[v6]:port`` tolerated).
+        """
         client = scope.get("client")
-        return str(client[0]) if client else None
+        if not client:
+            return None
+        peer = str(client[0])
+        if not self._proxies:
+            return peer
+        nearest = _ip(peer)
+        if nearest is None or not self._trusted(nearest):
+            return peer
+        lines = [v for k, v in scope.get("headers", ()) if k == b"x-forwarded-for"]
+        for line in reversed(lines):
+            for entry in reversed(line.decode("latin-1").split(",")):
+                entry = entry.strip()
+                if not entry:
+                    continue
+                address = _ip(entry, with_port=True)
+                if address is None:
+                    return str(nearest)
+                if not self._trusted(address):
+                    return str(address)
+                nearest = address
+        return str(nearest)
+
+    def _trusted(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._proxies)
 
     def _origin_allowed(self, scope: Scope) -> bool:
         origin = host = None
@@ -171,6 +197,30 @@ class Admission:
         if self._same_origin and host is not None:
             return _same_host(parsed, host)
         return False
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _ip(text: str, *, with_port: bool = False) -> IPAddress | None:
+    """``text`` as an IP address (IPv4-mapped IPv6 as IPv4), or None. With ``with_port`` an
+    ``a.b.c.d:port`` or ``[v6]:port`` form is accepted too."""
+    if with_port:
+        if text.startswith("["):
+            text, bracket, rest = text[1:].partition("]")
+            if not bracket or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+                return None
+        elif text.count(":") == 1:
+            text, _, port = text.partition(":")
+            if not port.isdigit():
+                return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _draining() -> Refuse:

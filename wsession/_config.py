@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._delivery import SlowConsumerPolicy
 from ._exceptions import ConfigurationError
@@ -73,10 +81,11 @@ class Settings(BaseModel):
         ge=1,
         description="Open sessions per user_key (set by a connect hook); refused with 429.",
     )
-    trust_forwarded_for: bool = Field(
-        default=False,
-        description="Take the client IP from the right-most X-Forwarded-For entry (only behind "
-        "a proxy you run that sets it; otherwise clients could pick their own IP).",
+    trusted_proxies: tuple[str, ...] = Field(
+        default=(),
+        description="IP addresses and CIDR networks of your own reverse proxies. Only when the "
+        "peer is one of them is X-Forwarded-For read (every header line, in order): the client "
+        "IP is the right-most entry that is not a trusted proxy. Empty: the peer's address.",
     )
     allowed_origins: tuple[str, ...] | None = Field(
         default=None,
@@ -122,6 +131,23 @@ class Settings(BaseModel):
         "something other than Refuse (close code 1011 where denial is not supported).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "trust_forwarded_for" in values:
+            raise ValueError(
+                "trust_forwarded_for was removed (it trusted the header from any peer): set "
+                "trusted_proxies to your proxies' addresses or networks instead, e.g. "
+                "trusted_proxies=['127.0.0.1'] behind a proxy on the same host"
+            )
+        return values
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_networks(value)
+        return value
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins_are_origins(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -161,6 +187,25 @@ def parse_origin(origin: str, *, strict: bool = False) -> tuple[str, str, int] |
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """Each IP address (as a one-address network) or CIDR network in ``values``.
+
+    Raises:
+        ValueError: a value is neither (a host name, ``*``, host bits set in a network).
+    """
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip()))
+        except ValueError:
+            raise ValueError(
+                f"not an IP address or network (like 10.0.0.1 or 10.0.0.0/8): {value!r}"
+            ) from None
+    return tuple(networks)
 
 
 def validate_model(model: type[M], owner: str, values: dict[str, Any]) -> M:
