@@ -360,3 +360,93 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
             await connect(f"{server.ws}/ws", additional_headers={"X-Forwarded-For": "2.2.2.2"})
         assert refused.value.response.status_code == 429
         await first.close()
+
+
+# -- the Host header, against DNS rebinding (issue 12 item 7) ---------------------------------
+
+
+async def rebinding_status(port: int, authority: str, origin: str | None) -> int:
+    """Handshake with Host ``authority`` (and ``origin``), as a browser does after a rebinding
+    page's name started to resolve to this server: 101, or the refusal's HTTP status."""
+    try:
+        ws = await connect(
+            f"ws://{authority}/ws",
+            host="127.0.0.1",
+            port=port,
+            origin=origin,  # type: ignore[arg-type]
+            proxy=None,
+        )
+    except InvalidStatus as refused:
+        return refused.response.status_code
+    await ws.close()
+    return 101
+
+
+async def test_same_origin_alone_trusts_the_host_header() -> None:
+    # The documented trade-off: without allowed_hosts, a page served from evil.example whose
+    # name now resolves to this server is "same-origin" with itself.
+    manager = SessionManager(allowed_origins=["same-origin"])
+    async with run_server(echo_app(manager)) as server:
+        evil = "evil.example:8000"
+        assert await rebinding_status(server.port, evil, f"http://{evil}") == 101
+
+
+async def test_allowed_hosts_refuses_a_rebinding_handshake() -> None:
+    manager = SessionManager(allowed_origins=["same-origin"], allowed_hosts=["127.0.0.1"])
+    async with run_server(echo_app(manager)) as server:
+        evil = "evil.example:8000"
+        assert await rebinding_status(server.port, evil, f"http://{evil}") == 403
+        assert await rebinding_status(server.port, evil, None) == 403  # no Origin either
+        own = f"127.0.0.1:{server.port}"
+        assert await rebinding_status(server.port, own, f"http://{own}") == 101
+    assert manager.stats.refused_by == {"host": 2}
+
+
+@pytest.mark.parametrize(
+    ("allowed", "host", "admitted"),
+    [
+        (("app.example",), "app.example", True),
+        (("app.example",), "APP.example:8443", True),  # no port given: any port
+        (("app.example",), "app.example.", True),  # the root label's dot
+        (("app.example:8443",), "app.example:8443", True),
+        (("app.example:8443",), "app.example", False),
+        (("app.example:80",), "app.example", True),  # ws:// default port
+        (("app.example",), "evil.example", False),
+        (("app.example",), "app.example.evil.example", False),
+        (("app.example",), "app.example@evil.example", False),
+        (("[::1]:8000",), "[::1]:8000", True),
+        (("[::1]:8000",), "[0:0::1]:8000", False),  # spelled differently: not the same Host
+        (("app.example",), "", False),
+        (("app.example",), None, False),
+        (("app.example",), ("app.example", "evil.example"), False),  # two Host headers
+    ],
+)
+def test_allowed_hosts_matching(
+    allowed: tuple[str, ...], host: str | tuple[str, ...] | None, admitted: bool
+) -> None:
+    from wsession._admission import Admission, Ticket
+    from wsession._config import Settings
+
+    hosts = (host,) if isinstance(host, str) else host or ()
+    scope = {
+        "type": "websocket",
+        "scheme": "ws",
+        "client": ("127.0.0.1", 4711),
+        "headers": [(b"host", h.encode("latin-1")) for h in hosts],
+    }
+    result = Admission(Settings(allowed_hosts=allowed)).admit(scope)
+    if admitted:
+        assert isinstance(result, Ticket)
+    else:
+        assert isinstance(result, Refuse)
+        assert (result.status, result.code, result.label) == (403, 1008, "host")
+
+
+@pytest.mark.parametrize(
+    "bad", [("https://app.example",), ("app.example/path",), ("",), ("app.example:99999",)]
+)
+def test_bad_allowed_hosts_name_the_setting(bad: tuple[str, ...]) -> None:
+    from wsession import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="allowed_hosts"):
+        SessionManager(allowed_hosts=bad)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 
-from ._config import Settings, parse_networks, parse_origin
+from ._config import DEFAULT_PORTS, Settings, parse_host, parse_networks, parse_origin
 from ._exceptions import Refuse
 from ._session import Session
 from ._types import Scope
@@ -59,6 +59,17 @@ class Admission:
             parse_origin(o, strict=True) for o in (allowed or ()) if o != "same-origin"
         )
         self._proxies = parse_networks(settings.trusted_proxies)
+        # Host -> the ports allowed with it (None: any port).
+        self._hosts: dict[str, set[int] | None] | None = None
+        if settings.allowed_hosts is not None:
+            self._hosts = {}
+            for entry in settings.allowed_hosts:
+                host, port = parse_host(entry) or ("", None)
+                ports = self._hosts.setdefault(host, set())
+                if port is None or ports is None:
+                    self._hosts[host] = None
+                else:
+                    ports.add(port)
         self._max_total = settings.max_sessions
         self._max_ip = settings.max_sessions_per_ip
         self._max_user = settings.max_sessions_per_user
@@ -70,7 +81,7 @@ class Admission:
         self.per_ip: Counter[str] = Counter()
         self.per_user: Counter[str] = Counter()
         self.draining = False
-        self.active = self._check_origin or self._limited
+        self.active = self._check_origin or self._limited or self._hosts is not None
 
     def admit(self, scope: Scope) -> Refuse | Ticket:
         """Drain, Origin, total and per-IP checks, before any connect hook runs.
@@ -82,6 +93,8 @@ class Admission:
             return _draining()
         if not self.active:
             return _NO_LIMITS
+        if self._hosts is not None and not self._host_allowed(self._hosts, scope):
+            return Refuse(403, code=1008, reason="host not allowed", label="host")
         if self._check_origin and not self._origin_allowed(scope):
             return Refuse(403, code=1008, reason="origin not allowed", label="origin")
         if not self._limited:
@@ -179,6 +192,22 @@ class Admission:
 
     def _trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self._proxies)
+
+    @staticmethod
+    def _host_allowed(allowed: dict[str, set[int] | None], scope: Scope) -> bool:
+        values = [v for k, v in scope.get("headers", ()) if k == b"host"]
+        if len(values) != 1:  # none, or several to choose from: refuse rather than guess
+            return False
+        parsed = parse_host(values[0].decode("latin-1"))
+        if parsed is None or parsed[0] not in allowed:
+            return False
+        ports = allowed[parsed[0]]
+        if ports is None:
+            return True
+        port = parsed[1]
+        if port is None:
+            port = DEFAULT_PORTS.get(scope.get("scheme", "ws"), 80)
+        return port in ports
 
     def _origin_allowed(self, scope: Scope) -> bool:
         origin = host = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -90,7 +91,14 @@ class Settings(BaseModel):
     allowed_origins: tuple[str, ...] | None = Field(
         default=None,
         description="Browser Origins allowed to connect ('https://app.example', "
-        "'http://localhost:8000', or 'same-origin' for the request's own Host). None: no check.",
+        "'http://localhost:8000', or 'same-origin' for the request's own Host, which the "
+        "client writes: pair it with allowed_hosts against DNS rebinding). None: no check.",
+    )
+    allowed_hosts: tuple[str, ...] | None = Field(
+        default=None,
+        description="Host header values allowed ('app.example', 'app.example:8443', "
+        "'[::1]:8000'; without a port any port matches); others are refused with 403 (label "
+        "'host'). Guards 'same-origin' against DNS rebinding. None: no check.",
     )
     allow_missing_origin: bool = Field(
         default=True,
@@ -148,6 +156,14 @@ class Settings(BaseModel):
         parse_networks(value)
         return value
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_are_hosts(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for host in value or ():
+            if parse_host(host) is None:
+                raise ValueError(f"not a host name with an optional port: {host!r}")
+        return value
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins_are_origins(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -172,7 +188,7 @@ def parse_origin(origin: str, *, strict: bool = False) -> tuple[str, str, int] |
     except ValueError:
         port = -1
     valid = (
-        scheme in _DEFAULT_PORTS
+        scheme in DEFAULT_PORTS
         and bool(parts.hostname)
         and parts.path in ("", "/")
         and not parts.query
@@ -183,10 +199,31 @@ def parse_origin(origin: str, *, strict: bool = False) -> tuple[str, str, int] |
         if strict:
             raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
         return None
-    return scheme, str(parts.hostname).lower(), port or _DEFAULT_PORTS[scheme]
+    return scheme, str(parts.hostname).lower(), port or DEFAULT_PORTS[scheme]
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+_IPV6_LITERAL = re.compile(r"\[[0-9a-f:.]+\]")
+
+
+def parse_host(value: str) -> tuple[str, int | None] | None:
+    """``(host, port)`` of a Host header value (``port`` None when absent), the host lower-cased
+    without a trailing dot; None when it is not ``name[:port]``, ``a.b.c.d[:port]`` or
+    ``[v6][:port]``. IPv6 literals are compared as written, not normalised."""
+    host, colon, port = value.rpartition(":") if not value.endswith("]") else (value, "", "")
+    if not colon:
+        host = value
+    elif not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        return None
+    host = host.lower()
+    if host.endswith(".") and not host.endswith(".."):
+        host = host[:-1]
+    if not (_HOST_NAME.fullmatch(host) or _IPV6_LITERAL.fullmatch(host)):
+        return None
+    return host, int(port) if colon else None
+
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
