@@ -450,3 +450,54 @@ def test_bad_allowed_hosts_name_the_setting(bad: tuple[str, ...]) -> None:
 
     with pytest.raises(ConfigurationError, match="allowed_hosts"):
         SessionManager(allowed_hosts=bad)
+
+
+# -- caps on groups (issue 12 item 8) ---------------------------------------------------------
+
+
+async def test_group_caps_are_enforced_by_join() -> None:
+    from wsession import LimitExceeded, WSessionError
+
+    manager = SessionManager(max_groups_per_session=3, max_group_name_length=10)
+    async with run_server(echo_app(manager)) as server, connect(f"{server.ws}/ws") as ws:
+        session_id = await ws.recv()
+        assert isinstance(session_id, str)
+        assert await manager.join(session_id, "x" * 10)
+        with pytest.raises(LimitExceeded, match="max_group_name_length") as too_long:
+            await manager.join(session_id, "x" * 11)
+        assert isinstance(too_long.value, ValueError)
+        assert isinstance(too_long.value, WSessionError)
+        assert await manager.join(session_id, "b")
+        assert await manager.join(session_id, "c")
+        with pytest.raises(LimitExceeded, match="max_groups_per_session"):
+            await manager.join(session_id, "d")
+        assert await manager.join(session_id, "c")  # already a member: not a new group
+        assert await manager.leave(session_id, "c")
+        assert await manager.join(session_id, "d")
+        assert manager.local[session_id].groups == {"x" * 10, "b", "d"}
+        assert await manager.members("x" * 11) == []
+
+
+async def test_concurrent_joins_cannot_race_the_group_cap() -> None:
+    from wsession import LimitExceeded
+
+    manager = SessionManager(max_groups_per_session=2)
+    async with run_server(echo_app(manager)) as server, connect(f"{server.ws}/ws") as ws:
+        session_id = await ws.recv()
+        assert isinstance(session_id, str)
+        results = await asyncio.gather(
+            *(manager.join(session_id, f"room-{i}") for i in range(5)), return_exceptions=True
+        )
+        assert results.count(True) == 2
+        assert sum(isinstance(r, LimitExceeded) for r in results) == 3
+        assert len(manager.local[session_id].groups) == 2
+
+
+def test_group_caps_have_defaults_and_are_validated() -> None:
+    from wsession import ConfigurationError, Settings
+
+    assert (Settings().max_groups_per_session, Settings().max_group_name_length) == (100, 256)
+    with pytest.raises(ConfigurationError, match="max_groups_per_session"):
+        SessionManager(max_groups_per_session=0)
+    with pytest.raises(ConfigurationError, match="max_group_name_length"):
+        SessionManager(max_group_name_length=0)

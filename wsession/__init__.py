@@ -10,6 +10,7 @@ from ._context import SCOPE_KEY, connection_id, current_session, get_current_ses
 from ._delivery import SendResult, SlowConsumerPolicy
 from ._exceptions import (
     ConfigurationError,
+    LimitExceeded,
     Refuse,
     RegistryUnavailable,
     SessionClosed,
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigurationError",
     "EndReason",
     "Hook",
+    "LimitExceeded",
     "MemoryRegistry",
     "Refuse",
     "RegistryUnavailable",

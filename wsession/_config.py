@@ -104,6 +104,18 @@ class Settings(BaseModel):
         default=True,
         description="Admit handshakes without an Origin header (non-browser clients).",
     )
+    # -- caps ---------------------------------------------------------------------------------
+    max_groups_per_session: int = Field(
+        default=100,
+        ge=1,
+        description="Groups one session may be in; join() past it raises LimitExceeded (checked "
+        "for this worker's sessions).",
+    )
+    max_group_name_length: int = Field(
+        default=256,
+        ge=1,
+        description="Characters in a group name; join() with a longer one raises LimitExceeded.",
+    )
     # -- liveness ---------------------------------------------------------------------------
     idle_timeout: float | None = Field(
         default=None,
