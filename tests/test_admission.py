@@ -501,3 +501,23 @@ def test_group_caps_have_defaults_and_are_validated() -> None:
         SessionManager(max_groups_per_session=0)
     with pytest.raises(ConfigurationError, match="max_group_name_length"):
         SessionManager(max_group_name_length=0)
+
+
+async def test_uvicorn_proxy_headers_let_a_local_client_pick_its_ip() -> None:
+    # What the README warns about: uvicorn (not wsession) trusts X-Forwarded-For from
+    # 127.0.0.1 by default, so a local client chooses its per-IP bucket; --no-proxy-headers
+    # closes it. wsession's trusted_proxies is empty in both runs.
+    for proxy_headers, second in ((True, "admitted"), (False, 429)):
+        manager = SessionManager(max_sessions_per_ip=1)
+        async with run_server(echo_app(manager), proxy_headers=proxy_headers) as server:
+            url = f"{server.ws}/ws"
+            first = await connect(url, additional_headers={"X-Forwarded-For": "1.1.1.1"})
+            try:
+                other = await connect(url, additional_headers={"X-Forwarded-For": "2.2.2.2"})
+            except InvalidStatus as refused:
+                outcome: str | int = refused.response.status_code
+            else:
+                outcome = "admitted"
+                await other.close()
+            await first.close()
+        assert outcome == second, f"proxy_headers={proxy_headers}"
