@@ -84,7 +84,7 @@ class Admission:
         self.active = self._check_origin or self._limited or self._hosts is not None
 
     def admit(self, scope: Scope) -> Refuse | Ticket:
-        """Drain, Origin, total and per-IP checks, before any connect hook runs.
+        """Drain, Host, Origin, total and per-IP checks, before any connect hook runs.
 
         Returns the refusal, or a :class:`Ticket` holding the total and per-IP slots it
         reserved; the caller must :meth:`release` the ticket however the connection ends.
