@@ -169,8 +169,8 @@ async def test_total_limit_refuses_with_503_and_frees_a_slot() -> None:
 
 
 async def test_per_ip_limit_with_trusted_forwarded_for() -> None:
-    manager, recorder = recorded(max_sessions_per_ip=2, trust_forwarded_for=True)
-    async with run_server(app_for(manager)) as server:
+    manager, recorder = recorded(max_sessions_per_ip=2, trusted_proxies=["127.0.0.1"])
+    async with run_server(app_for(manager), proxy_headers=False) as server:
         url = f"{server.ws}/ws"
         ip1 = {"X-Forwarded-For": "203.0.113.9, 10.0.0.1"}
         ip2 = {"X-Forwarded-For": "10.0.0.2"}

@@ -11,6 +11,7 @@ from ._delivery import SendResult, SlowConsumerPolicy
 from ._exceptions import (
     ConfigurationError,
     InvalidMessage,
+    LimitExceeded,
     Refuse,
     RegistryUnavailable,
     SessionClosed,
@@ -31,6 +32,7 @@ __all__ = [
     "EndReason",
     "Hook",
     "InvalidMessage",
+    "LimitExceeded",
     "MemoryRegistry",
     "Refuse",
     "RegistryUnavailable",

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._delivery import SlowConsumerPolicy
 from ._exceptions import ConfigurationError
@@ -81,19 +90,39 @@ class Settings(BaseModel):
         ge=1,
         description="Open sessions per user_key (set by a connect hook); refused with 429.",
     )
-    trust_forwarded_for: bool = Field(
-        default=False,
-        description="Take the client IP from the right-most X-Forwarded-For entry (only behind "
-        "a proxy you run that sets it; otherwise clients could pick their own IP).",
+    trusted_proxies: tuple[str, ...] = Field(
+        default=(),
+        description="IP addresses and CIDR networks of your own reverse proxies. Only when the "
+        "peer is one of them is X-Forwarded-For read (every header line, in order): the client "
+        "IP is the right-most entry that is not a trusted proxy. Empty: the peer's address.",
     )
     allowed_origins: tuple[str, ...] | None = Field(
         default=None,
         description="Browser Origins allowed to connect ('https://app.example', "
-        "'http://localhost:8000', or 'same-origin' for the request's own Host). None: no check.",
+        "'http://localhost:8000', or 'same-origin' for the request's own Host, which the "
+        "client writes: pair it with allowed_hosts against DNS rebinding). None: no check.",
+    )
+    allowed_hosts: tuple[str, ...] | None = Field(
+        default=None,
+        description="Host header values allowed ('app.example', 'app.example:8443', "
+        "'[::1]:8000'; without a port any port matches); others are refused with 403 (label "
+        "'host'). Guards 'same-origin' against DNS rebinding. None: no check.",
     )
     allow_missing_origin: bool = Field(
         default=True,
         description="Admit handshakes without an Origin header (non-browser clients).",
+    )
+    # -- caps ---------------------------------------------------------------------------------
+    max_groups_per_session: int = Field(
+        default=100,
+        ge=1,
+        description="Groups one session may be in; join() past it raises LimitExceeded (checked "
+        "for this worker's sessions).",
+    )
+    max_group_name_length: int = Field(
+        default=256,
+        ge=1,
+        description="Characters in a group name; join() with a longer one raises LimitExceeded.",
     )
     # -- liveness ---------------------------------------------------------------------------
     idle_timeout: float | None = Field(
@@ -136,6 +165,31 @@ class Settings(BaseModel):
         "something other than Refuse (close code 1011 where denial is not supported).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "trust_forwarded_for" in values:
+            raise ValueError(
+                "trust_forwarded_for was removed (it trusted the header from any peer): set "
+                "trusted_proxies to your proxies' addresses or networks instead, e.g. "
+                "trusted_proxies=['127.0.0.1'] behind a proxy on the same host"
+            )
+        return values
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_networks(value)
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_are_hosts(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for host in value or ():
+            if parse_host(host) is None:
+                raise ValueError(f"not a host name with an optional port: {host!r}")
+        return value
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins_are_origins(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -160,7 +214,7 @@ def parse_origin(origin: str, *, strict: bool = False) -> tuple[str, str, int] |
     except ValueError:
         port = -1
     valid = (
-        scheme in _DEFAULT_PORTS
+        scheme in DEFAULT_PORTS
         and bool(parts.hostname)
         and parts.path in ("", "/")
         and not parts.query
@@ -171,10 +225,50 @@ def parse_origin(origin: str, *, strict: bool = False) -> tuple[str, str, int] |
         if strict:
             raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
         return None
-    return scheme, str(parts.hostname).lower(), port or _DEFAULT_PORTS[scheme]
+    return scheme, str(parts.hostname).lower(), port or DEFAULT_PORTS[scheme]
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+_IPV6_LITERAL = re.compile(r"\[[0-9a-f:.]+\]")
+
+
+def parse_host(value: str) -> tuple[str, int | None] | None:
+    """``(host, port)`` of a Host header value (``port`` None when absent), the host lower-cased
+    without a trailing dot; None when it is not ``name[:port]``, ``a.b.c.d[:port]`` or
+    ``[v6][:port]``. IPv6 literals are compared as written, not normalised."""
+    host, colon, port = value.rpartition(":") if not value.endswith("]") else (value, "", "")
+    if not colon:
+        host = value
+    elif not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        return None
+    host = host.lower()
+    if host.endswith(".") and not host.endswith(".."):
+        host = host[:-1]
+    if not (_HOST_NAME.fullmatch(host) or _IPV6_LITERAL.fullmatch(host)):
+        return None
+    return host, int(port) if colon else None
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """Each IP address (as a one-address network) or CIDR network in ``values``.
+
+    Raises:
+        ValueError: a value is neither (a host name, ``*``, host bits set in a network).
+    """
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip()))
+        except ValueError:
+            raise ValueError(
+                f"not an IP address or network (like 10.0.0.1 or 10.0.0.0/8): {value!r}"
+            ) from None
+    return tuple(networks)
 
 
 def validate_model(model: type[M], owner: str, values: dict[str, Any]) -> M:

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from ._admission import Ticket
 from ._context import SCOPE_KEY, current_session
 from ._delivery import close_session, end_later
 from ._exceptions import Refuse
@@ -49,17 +50,19 @@ async def serve_connection(
     scope[SCOPE_KEY] = session
     current_session.set(session)  # the connection's own task: no token to keep
     try:
-        refusal = await _admit(manager, session, scope)
+        ticket = await _admit(manager, session, scope)
     except BaseException:
         current_session.set(None)  # cancelled during the connect hooks: nothing was set up
         raise
-    if refusal is not None:
+    if isinstance(ticket, Refuse):
+        refusal = ticket
         manager.stats.refused += 1
         manager.stats.refused_by[refusal.label] += 1
         current_session.set(None)
         await _refuse(scope, send, refusal)
         return None
 
+    # Admitted: ``ticket`` is released by _teardown in the ``finally`` below; no await before it.
     pump: asyncio.Task[None] | None = None
     if settings.detect_disconnect:
         inbox: asyncio.Queue[Message] = asyncio.Queue(settings.read_ahead)
@@ -80,7 +83,6 @@ async def serve_connection(
 
     session._task = _current_task()
     manager.stats.accepted += 1
-    manager.admission.acquire(session)
     if track:
         _arm_idle_timer(manager, session)
     try:
@@ -106,35 +108,47 @@ async def serve_connection(
                 timer.cancel()
         if pump is not None:
             pump.cancel()
-        await _teardown(manager, session)
+        await _teardown(manager, session, ticket)
         current_session.set(None)
 
 
-async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Refuse | None:
-    """Admission checks and connect hooks; the refusal, if any."""
+async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Refuse | Ticket:
+    """Admission checks and connect hooks: the refusal, or the admitted connection's ticket.
+
+    Limit slots are reserved before the hooks and given back here whenever the connection is
+    not admitted (refusal, failing or late hook, cancellation); once admitted, the session is in
+    ``manager.local`` and the caller owns the ticket and releases it in its teardown.
+    """
     if session.id in manager.local:
         # A custom id_factory repeated a live id: never let it replace that session.
         log_error(session.id, "id_factory returned the id of a live session: refusing")
         return Refuse(manager.settings.error_status, code=1011, label="duplicate_id")
     admission = manager.admission
-    refusal = admission.before_hooks(session, scope, len(manager.local))
-    if refusal is not None:
-        return refusal
-    refusal = await _run_connect_hooks(manager, session)
-    if refusal is None:
-        refusal = admission.after_hooks(session)
-        if refusal is None and session.id in manager.local:
-            log_error(session.id, "id_factory returned the id of a live session: refusing")
-            refusal = Refuse(manager.settings.error_status, code=1011, label="duplicate_id")
+    ticket = admission.admit(scope)
+    if isinstance(ticket, Refuse):
+        return ticket
+    admitted = False
+    try:
+        refusal = await _run_connect_hooks(manager, session)
         if refusal is None:
-            manager.local[session.id] = session  # no await since the check: the id is ours
-            return None
-        # The connect hooks completed, so their disconnect hooks are owed.
-        session._end(EndReason.REFUSED, None, refusal.reason)
-        session.state = SessionState.CLOSED
-        count_ending(manager, session)
-        await run_disconnect_hooks(manager, session)
-    return refusal
+            refusal = admission.after_hooks(ticket, session)
+            if refusal is None and session.id in manager.local:
+                log_error(session.id, "id_factory returned the id of a live session: refusing")
+                refusal = Refuse(manager.settings.error_status, code=1011, label="duplicate_id")
+            if refusal is not None:
+                # The connect hooks completed, so their disconnect hooks are owed.
+                session._end(EndReason.REFUSED, None, refusal.reason)
+                session.state = SessionState.CLOSED
+                count_ending(manager, session)
+                await run_disconnect_hooks(manager, session)
+        if refusal is not None:
+            return refusal
+        manager.local[session.id] = session  # no await since the check: the id is ours
+        admitted = True
+        return ticket
+    finally:
+        if not admitted:
+            admission.release(ticket)
 
 
 async def _pump(
@@ -315,7 +329,7 @@ async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
 # -- teardown -------------------------------------------------------------------------------
 
 
-async def _teardown(manager: SessionManager, session: Session) -> None:
+async def _teardown(manager: SessionManager, session: Session, ticket: Ticket) -> None:
     """Disconnect hooks (reverse order) then unregister; runs exactly once per session.
 
     Nothing here may be skipped by a cancellation: hooks that return awaitables are shielded one
@@ -333,7 +347,7 @@ async def _teardown(manager: SessionManager, session: Session) -> None:
         try:
             await _unregister(manager, session)
         finally:
-            manager.admission.release(session)
+            manager.admission.release(ticket)
             manager._forget_local(session)
             # Drop what ties a closed session to the server's connection object, so a session
             # kept by user code does not keep the connection's buffers alive.

@@ -65,6 +65,15 @@ class Refuse(WSessionError):
         self.label = label
 
 
+class LimitExceeded(WSessionError, ValueError):
+    """A request would exceed a configured cap, so it was not carried out.
+
+    Raised by :meth:`~wsession.SessionManager.join` past ``max_group_name_length`` or
+    ``max_groups_per_session``; the message names the setting. Also a ``ValueError``, so code
+    that validated its input with ``except ValueError`` keeps working.
+    """
+
+
 class SessionClosed(WSessionError, OSError):
     """The session has ended (or is ending), so nothing can be sent on it.
 

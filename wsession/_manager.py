@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from ._admission import Admission
 from ._config import Settings, validate_model
 from ._delivery import SendResult, to_message
-from ._exceptions import ConfigurationError, Refuse
+from ._exceptions import ConfigurationError, LimitExceeded, Refuse
 from ._ids import new_connection_id
 from ._log import log_warning
 from ._session import EndReason, Session
@@ -277,8 +277,35 @@ class SessionManager:
         return await self.registry.broadcast(to_message(data), exclude)
 
     async def join(self, session_id: str, group: str) -> bool:
-        """Add a session to ``group``; it leaves automatically when it ends."""
-        return await self.registry.join(session_id, _check_name(group, "group"))
+        """Add a session to ``group``; it leaves automatically when it ends.
+
+        Returns False for an unknown or closed session.
+
+        Raises:
+            ValueError: ``group`` is not a non-empty string.
+            LimitExceeded: ``group`` is longer than ``max_group_name_length``, or the session
+                (one of this worker's) is in ``max_groups_per_session`` groups already.
+        """
+        settings = self.settings
+        group = _check_name(group, "group")
+        if len(group) > settings.max_group_name_length:
+            raise LimitExceeded(
+                f"group name of {len(group)} characters exceeds max_group_name_length "
+                f"({settings.max_group_name_length})"
+            )
+        session = self.local.get(session_id)
+        if (
+            session is not None
+            and len(session.groups) >= settings.max_groups_per_session
+            and group not in session.groups
+        ):
+            raise LimitExceeded(
+                f"session {session_id} is in {len(session.groups)} groups: "
+                f"max_groups_per_session ({settings.max_groups_per_session}) reached"
+            )
+        # Registries add a local session to the group before their first await, so two
+        # concurrent joins cannot both pass the check above.
+        return await self.registry.join(session_id, group)
 
     async def leave(self, session_id: str, group: str) -> bool:
         """Remove a session from ``group``; False if it was not a member."""

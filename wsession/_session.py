@@ -98,7 +98,6 @@ class Session:
         "_force_end",
         "_forced",
         "_idle_timer",
-        "_ip",
         "_last_activity",
         "_outbound",
         "_query_string",
@@ -147,8 +146,7 @@ class Session:
         self._task: asyncio.Task[Any] | None = None
         self._force_end: asyncio.TimerHandle | None = None
         self._forced = False
-        # Admission and liveness bookkeeping (see _admission.py and _connection.py).
-        self._ip: str | None = None
+        # Liveness bookkeeping (see _connection.py).
         self._last_activity = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
 
