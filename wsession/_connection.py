@@ -338,7 +338,7 @@ async def _teardown(manager: SessionManager, session: Session, ticket: Ticket) -
     first ``await`` in ``remove`` and shield their I/O themselves.
     """
     outbound = session._outbound
-    if outbound is not None:
+    if outbound is not None and outbound.closing:  # only wsession's own close can be pending
         await outbound.finish()
     count_ending(manager, session)
     try:
