@@ -33,6 +33,7 @@ async def serve_connection(
     One coroutine for the whole connection (admission, the app, teardown): every message the app
     awaits resumes through each frame between the server and the app, so fewer is faster.
     """
+    await manager._ensure_started()  # no lifespan entered it (daphne): enter it once, now
     first: Message | None = await receive()
     assert first is not None
     if first["type"] != "websocket.connect":
