@@ -151,16 +151,24 @@ class SessionManager:
         still drains. Nothing exits such a manager: its registry stays open until the process
         ends. Idempotent and safe under concurrency: connections arriving while the first one is
         entering wait for it, and the registry is entered once. If entering fails, the
-        connection fails and the next one tries again. Works under asyncio and trio.
+        connection fails and the next one tries again. Under trio only the registry is entered
+        (wsession's signal handlers need asyncio's loop).
         """
         if self._entered:
             return
         if self._start_lock is None:  # no await since the check: one lock per manager
             self._start_lock = anyio.Lock()
         async with self._start_lock:
-            if not self._entered:
+            if self._entered:
+                return
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # trio: the signal handlers need asyncio's loop; registry only
+                await self.registry.__aenter__()
+                self._entered = True
+            else:
                 await self.__aenter__()
-                self.started_lazily = True
+            self.started_lazily = True
 
     # -- graceful drain ---------------------------------------------------------------------
 
