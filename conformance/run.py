@@ -513,7 +513,10 @@ def server_line(server: str, outcomes: Outcomes) -> str:
     if checks["failed"] + checks["error"]:
         parts.append(f"{checks['failed'] + checks['error']} FAILED")
     if checks["xfailed"]:
-        parts.append(f"{checks['xfailed']} SIGTERM run(s) crashed upstream (xfailed)")
+        parts.append(
+            f"{checks['xfailed']} SIGTERM run(s) broken by the server (xfailed: a crash or "
+            "lost close frames, the reason is in the log)"
+        )
     parts.append(f"{deviations['passed']} known deviation(s) asserted")
     if deviations["xfailed"]:
         parts.append(f"{deviations['xfailed']} known wsession defect(s) (strict xfail)")
