@@ -56,7 +56,7 @@ CONF_RUN := $(CONF_VENV)/bin/python conformance/run.py --cache $(CONF) \
 
 .PHONY: conformance conformance-selftest
 
-conformance: $(CONF_STAMP) $(CONF_SRC)
+conformance: install $(CONF_STAMP) $(CONF_SRC)
 	$(CONF_RUN) --selftest quick
 
 # Every deliberate break against both full suites (several minutes).

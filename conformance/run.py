@@ -22,6 +22,11 @@ uvicorn's suite has tests that allow 100 ms for a handshake, which a 2-core mach
 several workers does not always give. A difference that the serial re-run does not reproduce is
 reported as a timing flake and does not fail the run (``CONFORMANCE_STRICT=1`` makes it fail).
 
+Then the server matrix (tests/test_server_matrix.py) runs with the project's own venv (it needs
+hypercorn, daphne and granian, which this venv does not have), and one summary line per server
+says how its checks went: passed, known deviations asserted (tests named after the server), and
+runs the server itself crashed (xfailed). Any failure fails the run.
+
 The self-test proves the checks can fail: with ``WSESSION_CONFORMANCE_BREAK`` set, the
 comparison (or the plugin's own check) must report the breakage.
 """
@@ -449,6 +454,77 @@ def _one_break(
     return caught, f"{suite.name} BREAK={brk}: {found} ({run.seconds:.1f} s): {verdict}"
 
 
+# -- the server matrix ------------------------------------------------------------------------
+
+_SERVERS = ("uvicorn", "hypercorn", "daphne", "granian")
+_REPO = HERE.parent
+
+
+def server_matrix(cache: Path, python: Path) -> Verdict:
+    """Run tests/test_server_matrix.py with ``python``; one summary line per server."""
+    if not python.exists():
+        return Verdict(False, [f"server matrix: no {python} (run `make install` first): FAILED"])
+    out = cache / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    junit = out / "server-matrix.xml"
+    log = out / "server-matrix.log"
+    junit.unlink(missing_ok=True)
+    cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    cmd += ["-o", "junit_family=xunit1", "tests/test_server_matrix.py"]
+    started = time.monotonic()
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            cmd, cwd=_REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            proc.wait(timeout=_RUN_LIMIT)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    seconds = time.monotonic() - started
+    if not junit.exists():
+        return Verdict(False, [f"server matrix: pytest exited {proc.returncode} (see {log})"])
+    outcomes = parse_junit(junit)
+    lines = [f"== server matrix: {counts(outcomes)}  ({seconds:.1f} s, log: {log}) =="]
+    lines += [server_line(server, outcomes) for server in _SERVERS]
+    ok = proc.returncode == 0 and not any(o in ("failed", "error") for o in outcomes.values())
+    lines.append(f"server matrix: {'OK' if ok else 'FAILED'}")
+    return Verdict(ok, lines)
+
+
+def server_line(server: str, outcomes: Outcomes) -> str:
+    """``hypercorn: 20 of 20 checks passed, 2 known deviation(s) asserted`` for one server.
+
+    A test belongs to the server it is parametrised with (``[hypercorn]``, ``[granian-3]``), or
+    else to the servers its name mentions. A test whose name mentions the server asserts one of
+    its known deviations (``test_hypercorn_reports_...``); the others are the shared checks.
+    """
+    checks: Counter[str] = Counter()
+    deviations: Counter[str] = Counter()
+    for test_id, outcome in outcomes.items():
+        function, _, params = test_id.split("::")[-1].partition("[")
+        named = set(function.split("_")) & set(_SERVERS)
+        given = set(params.rstrip("]").split("-")) & set(_SERVERS)
+        if server not in (given or named):
+            continue
+        (deviations if server in named else checks)[outcome] += 1
+    parts = [f"{checks['passed']} of {sum(checks.values())} checks passed"]
+    if checks["failed"] + checks["error"]:
+        parts.append(f"{checks['failed'] + checks['error']} FAILED")
+    if checks["xfailed"]:
+        parts.append(
+            f"{checks['xfailed']} SIGTERM run(s) broken by the server (xfailed: a crash or "
+            "lost close frames, the reason is in the log)"
+        )
+    parts.append(f"{deviations['passed']} known deviation(s) asserted")
+    if deviations["xfailed"]:
+        parts.append(f"{deviations['xfailed']} known wsession defect(s) (strict xfail)")
+    if deviations["failed"] + deviations["error"]:
+        parts.append(f"{deviations['failed'] + deviations['error']} deviation test(s) FAILED")
+    return f"{server}: " + ", ".join(parts)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--cache", type=Path, default=Path(".cache/conformance"))
@@ -456,6 +532,13 @@ def main() -> int:
     parser.add_argument("--uvicorn", default="0.54.0", help="version of the unpacked sdist")
     parser.add_argument("--suite", action="append", choices=["starlette", "uvicorn"])
     parser.add_argument("--selftest", choices=["none", "quick", "full"], default="none")
+    parser.add_argument(
+        "--matrix-python",
+        type=Path,
+        default=_REPO / ".venv" / "bin" / "python",
+        help="interpreter of the project venv that runs the server matrix",
+    )
+    parser.add_argument("--no-matrix", action="store_true", help="skip the server matrix")
     args = parser.parse_args()
     cache: Path = args.cache.resolve()
     suites = _suites(cache, {"starlette": args.starlette, "uvicorn": args.uvicorn})
@@ -466,6 +549,10 @@ def main() -> int:
             verdict = check_suite(suites[name], cache)
             print("\n".join(verdict.lines), flush=True)
             ok = ok and verdict.ok
+    if args.selftest != "full" and not args.suite and not args.no_matrix:
+        verdict = server_matrix(cache, args.matrix_python)
+        print("\n".join(verdict.lines), flush=True)
+        ok = ok and verdict.ok
     if args.selftest != "none":
         verdict = selftest(suites, cache, args.selftest)
         print("\n".join(verdict.lines), flush=True)

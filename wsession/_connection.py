@@ -34,6 +34,7 @@ async def serve_connection(
     One coroutine for the whole connection (admission, the app, teardown): every message the app
     awaits resumes through each frame between the server and the app, so fewer is faster.
     """
+    await manager._ensure_started()  # no lifespan entered it (daphne): enter it once, now
     first: Message | None = await receive()
     if first is None:
         return await app(scope, receive, send)

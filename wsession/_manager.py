@@ -12,6 +12,7 @@ from functools import partial
 from types import FrameType, TracebackType
 from typing import Any, Self, TypeVar
 
+import anyio
 from pydantic import BaseModel, ValidationError
 
 from ._admission import Admission
@@ -83,6 +84,11 @@ class SessionManager:
         self._local_changed: asyncio.Event | None = None
         self._signal_handlers: dict[int, Any] = {}
         self._drain_task: asyncio.Task[None] | None = None
+        self._entered = False
+        self._start_lock: anyio.Lock | None = None
+        self.started_lazily = False
+        """True when the first connection entered the manager because no lifespan had (daphne
+        sends no lifespan scope); such a manager is never exited (see :meth:`_ensure_started`)."""
         self.connect_hooks: tuple[Hook, ...] = tuple(
             _check_hook(hook, f"on_connect[{i}]") for i, hook in enumerate(on_connect)
         )
@@ -112,6 +118,7 @@ class SessionManager:
         await self.registry.__aenter__()
         if self.settings.drain_on_signal:
             self._install_signal_handlers()
+        self._entered = True
         return self
 
     async def __aexit__(
@@ -127,6 +134,33 @@ class SessionManager:
                 await self.drain()
         finally:
             await self.registry.__aexit__(exc_type, exc, tb)
+
+    async def _ensure_started(self) -> None:
+        """Enter the manager on the first connection if no lifespan entered it.
+
+        Servers without a lifespan scope (daphne) never run ``async with manager``; the first
+        WebSocket scope then opens the registry and installs the signal handlers, so a SIGTERM
+        still drains. Nothing exits such a manager: its registry stays open until the process
+        ends. Idempotent and safe under concurrency: connections arriving while the first one is
+        entering wait for it, and the registry is entered once. If entering fails, the
+        connection fails and the next one tries again. Under trio only the registry is entered
+        (wsession's signal handlers need asyncio's loop).
+        """
+        if self._entered:
+            return
+        if self._start_lock is None:  # no await since the check: one lock per manager
+            self._start_lock = anyio.Lock()
+        async with self._start_lock:
+            if self._entered:
+                return
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # trio: the signal handlers need asyncio's loop; registry only
+                await self.registry.__aenter__()
+                self._entered = True
+            else:
+                await self.__aenter__()
+            self.started_lazily = True
 
     # -- graceful drain ---------------------------------------------------------------------
 
