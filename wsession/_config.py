@@ -114,6 +114,32 @@ class Settings(BaseModel):
         description="With detect_disconnect: received messages read ahead of the app at most; "
         "past it wsession stops reading, so the server's back-pressure on the client applies.",
     )
+    # -- credentials on long-lived connections -------------------------------------------
+    expiry_grace: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds a session stays open past its expires_at (so a refresh already "
+        "on its way can land) before it is closed with expiry_code.",
+    )
+    expiry_code: int = Field(
+        default=4401,
+        ge=1000,
+        le=4999,
+        description="Close code for a session whose credentials expired or whose refresh "
+        "failed (the client should get a new credential, not retry blindly).",
+    )
+    expiry_reason: str = Field(
+        default="expired",
+        description="Close reason sent with expiry_code when a session expired (at most 123 "
+        "bytes: the close frame's limit).",
+    )
+    revocation_ttl: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds revoke_user/revoke_session keep the user key or session id in a "
+        "denylist (shared by every worker with a cluster registry) that connect hooks read "
+        "with manager.is_revoked(). None: no denylist, revocation only closes.",
+    )
     # -- shutdown -----------------------------------------------------------------------------
     drain_timeout: float = Field(
         default=10.0,
@@ -135,6 +161,13 @@ class Settings(BaseModel):
         description="HTTP status of the denial response when a connect hook raises "
         "something other than Refuse (close code 1011 where denial is not supported).",
     )
+
+    @field_validator("expiry_reason")
+    @classmethod
+    def _fits_a_close_frame(cls, value: str) -> str:
+        if len(value.encode("utf-8")) > 123:
+            raise ValueError("a close reason is at most 123 bytes of UTF-8")
+        return value
 
     @field_validator("allowed_origins")
     @classmethod

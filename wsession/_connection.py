@@ -14,6 +14,8 @@ import anyio
 from ._context import SCOPE_KEY, current_session
 from ._delivery import close_session, end_later
 from ._exceptions import Refuse
+from ._expiry import arm as arm_expiry
+from ._expiry import disarm as disarm_expiry
 from ._lifecycle import count_ending, run_disconnect_hooks
 from ._log import log_error, log_warning
 from ._manager import SessionManager
@@ -86,6 +88,7 @@ async def serve_connection(
     try:
         await manager.registry.add(session)
         session._registered = True
+        arm_expiry(manager, session)  # nothing unless a connect hook set expires_at
         return await app(scope, receive_wrapper, outbound.send)
     except BaseException as exc:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -104,6 +107,7 @@ async def serve_connection(
         for timer in (session._force_end, session._idle_timer):
             if timer is not None:
                 timer.cancel()
+        disarm_expiry(session)
         if pump is not None:
             pump.cancel()
         await _teardown(manager, session)
