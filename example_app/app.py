@@ -205,7 +205,6 @@ def create_app(
     sessions.on_connect(_check_name)
     ttl = _session_ttl(env)
 
-    @sessions.on_connect
     async def check_credentials(session: Session) -> None:
         # The example's "credential" is the name; a real app checks a token here and takes
         # expires_at from it (its exp claim).
@@ -213,6 +212,9 @@ def create_app(
             raise Refuse(403, reason="revoked", label="revoked")
         if ttl is not None:
             session.expires_at = datetime.now(UTC) + ttl
+
+    if ttl is not None or sessions.settings.revocation_ttl is not None:
+        sessions.on_connect(check_credentials)  # only when asked for: no cost otherwise
 
     @sessions.on_refresh
     def extend(session: Session, credential: Any) -> datetime | None:

@@ -410,3 +410,46 @@ async def test_revoke_goes_through_the_api_guard_like_kick() -> None:
         )
     assert foreign.status_code == 403
     assert plain.status_code == 415
+
+
+# -- counters and metrics --------------------------------------------------------------------
+
+
+async def test_counters_reach_stats_and_prometheus() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from wsession.metrics import register_metrics
+
+    manager, recorder = refreshing_manager()
+    registry = CollectorRegistry()
+    register_metrics(manager, registry)
+    async with run_server(refresh_app(manager)) as server:
+        failing, expiring, revoked = [await connect(f"{server.ws}/ws") for _ in range(3)]
+        for ws in (failing, expiring, revoked):
+            await ws.recv()
+        await failing.send("good")
+        await failing.recv()
+        await failing.send("none")
+        assert (await read_until_closed(failing, timeout=3)).code == 4401
+        await expiring.send("short")
+        await expiring.recv()
+        assert (await read_until_closed(expiring, timeout=3)).reason == "expired"
+        assert await manager.revoke_user("alice") == 1
+        assert (await read_until_closed(revoked, timeout=3)).code == 4403
+        await recorder.wait_ended(3)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("wsession_refreshes_total", result="ok") == 2
+    assert sample("wsession_refreshes_total", result="failed") == 1
+    assert sample("wsession_sessions_expired_total") == 1
+    assert sample("wsession_revocations_total", kind="user") == 1
+    assert sample("wsession_revoked_sessions_total") == 1
+    stats = manager.stats.as_dict()
+    assert [stats[k] for k in ("expired", "refreshes", "revocations", "revoked")] == [
+        1,
+        {"ok": 2, "failed": 1},
+        {"user": 1},
+        1,
+    ]
