@@ -395,6 +395,10 @@ async def test_without_revocation_ttl_nothing_is_denylisted() -> None:
     manager, _ = recorded()
     assert await manager.revoke_user("alice") == 0
     assert not await manager.is_revoked(user_key="alice")
+    with pytest.raises(ValueError, match="user_key, session_id"):
+        await manager.is_revoked()
+    with pytest.raises(ValueError, match="user_key"):
+        await manager.revoke_user("")
 
 
 async def test_revoke_goes_through_the_api_guard_like_kick() -> None:

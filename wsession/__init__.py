@@ -18,6 +18,7 @@ from ._exceptions import (
     SessionStateError,
     WSessionError,
 )
+from ._expiry import RefreshHook
 from ._ids import new_connection_id
 from ._manager import Hook, SessionManager
 from ._middleware import WSessionMiddleware
@@ -32,6 +33,7 @@ __all__ = [
     "Hook",
     "InvalidMessage",
     "MemoryRegistry",
+    "RefreshHook",
     "Refuse",
     "RegistryUnavailable",
     "SendResult",

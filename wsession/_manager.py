@@ -405,9 +405,12 @@ class SessionManager:
         ``revocation_ttl`` is None (nothing is recorded then).
 
         Raises:
+            ValueError: neither ``user_key`` nor ``session_id`` was given.
             RegistryUnavailable: a cluster registry cannot reach its store (a connect hook that
                 lets it propagate refuses the connection: fail closed).
         """
+        if user_key is None and session_id is None:
+            raise ValueError("is_revoked: give user_key, session_id or both")
         if self.settings.revocation_ttl is None:
             return False
         keys = []
