@@ -30,6 +30,12 @@ Contract (outside checks rely on it; extend it, never rename it):
   - a text frame that is not UTF-8 -> close 1007 (invalid payload; uvicorn's protocol layer
     does it before the app sees the frame).
 
+  Session expiry (``WSESSION_SESSION_TTL``, seconds; default off): the welcome then also
+  carries ``"expires_at"`` (ISO 8601, UTC); a client message ``{"type": "refresh"}`` extends the
+  session by the TTL and answers ``{"type": "refreshed", "expires_at": ...}``; a session not
+  refreshed by ``expires_at`` plus ``WSESSION_EXPIRY_GRACE`` seconds (default 5) is closed with
+  code 4401, reason "expired". Without the TTL, ``refresh`` answers ``{"type": "error", ...}``.
+
   Every connection is told when another one comes or goes: ``{"type": "presence", "event":
   "online" | "offline", "id": ID, "name": NAME}``. Connections with the same NAME share a user
   key, so ``send_user`` reaches all of one person's tabs.
@@ -44,6 +50,10 @@ Contract (outside checks rely on it; extend it, never rename it):
   "text": T}``; 200, or 404 for an unknown or closed id; 400 with ``{"error": TEXT}`` for a body
   that is not UTF-8 JSON of that shape (the same rules as WebSocket messages above).
 - ``POST /api/kick/{id}``: closes that connection (code 4000, reason "kicked"); 200, or 404.
+- ``POST /api/revoke/{name}``: closes every connection of the user NAME on every worker (code
+  4403, reason "revoked") and answers 200 ``{"closed": N}`` (N may be 0). With
+  ``WSESSION_REVOCATION_TTL`` (seconds; default off) NAME is also refused (HTTP 403 before
+  accept) for that long, on every worker.
 - ``/api/*`` is a demo surface without authentication (the authenticated one is the admin API
   below). So that a foreign page cannot drive it from a visitor's browser, every ``POST`` under
   ``/api/`` is refused with 403 ``{"error": TEXT}`` when it carries an ``Origin`` header that is
@@ -71,6 +81,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +121,7 @@ STATIC = Path(__file__).parent / "static"
 UNAVAILABLE = "temporarily unavailable"
 logger = logging.getLogger("example_app")
 KICK_CODE = 4000
+REVOKE_CODE = 4403
 
 
 def _check_name(session: Session) -> None:
@@ -127,6 +139,8 @@ _ENV_SETTINGS: dict[str, tuple[str, Any]] = {
     "WSESSION_MAX_PER_USER": ("max_sessions_per_user", int),
     "WSESSION_DRAIN_TIMEOUT": ("drain_timeout", float),
     "WSESSION_IDLE_TIMEOUT": ("idle_timeout", float),
+    "WSESSION_EXPIRY_GRACE": ("expiry_grace", float),
+    "WSESSION_REVOCATION_TTL": ("revocation_ttl", float),
 }
 
 
@@ -146,6 +160,17 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]
         if environ.get(variable):
             settings[name] = convert(environ[variable])
     return settings
+
+
+def _session_ttl(environ: Mapping[str, str]) -> timedelta | None:
+    """``WSESSION_SESSION_TTL`` as a duration, or None (sessions do not expire)."""
+    raw = environ.get("WSESSION_SESSION_TTL")
+    if not raw:
+        return None
+    seconds = float(raw)
+    if not seconds > 0:
+        raise ValueError(f"WSESSION_SESSION_TTL must be a positive number of seconds, got {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def registry_from_env(environ: Mapping[str, str] = os.environ) -> SessionRegistry | None:
@@ -178,6 +203,24 @@ def create_app(
         data_model=Member, registry=registry_from_env(env), **settings_from_env(env)
     )
     sessions.on_connect(_check_name)
+    ttl = _session_ttl(env)
+
+    async def check_credentials(session: Session) -> None:
+        # The example's "credential" is the name; a real app checks a token here and takes
+        # expires_at from it (its exp claim).
+        if await sessions.is_revoked(user_key=session.user_key):
+            raise Refuse(403, reason="revoked", label="revoked")
+        if ttl is not None:
+            session.expires_at = datetime.now(UTC) + ttl
+
+    if ttl is not None or sessions.settings.revocation_ttl is not None:
+        sessions.on_connect(check_credentials)  # only when asked for: no cost otherwise
+
+    @sessions.on_refresh
+    def extend(session: Session, credential: Any) -> datetime | None:
+        # A real app validates the new token here (its subject must be session.user_key).
+        return None if ttl is None else datetime.now(UTC) + ttl
+
     quiet_refused_handshakes()
 
     @sessions.on_disconnect
@@ -191,14 +234,15 @@ def create_app(
             others = await sessions.sessions(lambda s: s.id != session.id)
         except RegistryUnavailable:  # Redis down: this worker's own sessions still work
             others = [s for s in sessions.local.values() if s.id != session.id]
-        await session.send_json(
-            {
-                "type": "welcome",
-                "id": session.id,
-                "name": session.data.name,
-                "online": [{"id": s.id, "name": s.data.name} for s in others],
-            }
-        )
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "id": session.id,
+            "name": session.data.name,
+            "online": [{"id": s.id, "name": s.data.name} for s in others],
+        }
+        if session.expires_at is not None:
+            welcome["expires_at"] = session.expires_at.isoformat()
+        await session.send_json(welcome)
         await sessions.broadcast(_presence("online", session), exclude=session.id)
         try:
             while True:
@@ -256,6 +300,10 @@ def create_app(
             return JSONResponse({"error": "unknown or closed id"}, status_code=404)
         return JSONResponse({"result": "closed"})
 
+    async def revoke(request: Request) -> JSONResponse:
+        closed = await sessions.revoke_user(request.path_params["name"], REVOKE_CODE, "revoked")
+        return JSONResponse({"closed": closed})
+
     async def index(request: Request) -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
@@ -273,6 +321,7 @@ def create_app(
             Route("/api/stats", stats),
             Route("/api/send/{id}", send_to, methods=["POST"]),
             Route("/api/kick/{id}", kick, methods=["POST"]),
+            Route("/api/revoke/{name}", revoke, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
             *_operator_routes(sessions, env),
         ],
@@ -342,6 +391,13 @@ async def _handle(sessions: SessionManager, session: Session, raw: str) -> None:
     elif kind == "dm_user":
         to_user = message.get("user")
         await sessions.send_user(str(to_user), {"type": "dm", **sender, "text": text})
+    elif kind == "refresh":
+        if session.expires_at is None:
+            await session.send_json({"type": "error", "error": "sessions do not expire here"})
+            return
+        expires_at = await sessions.refresh(session)
+        if expires_at is not None:  # else the session is being closed with 4401
+            await session.send_json({"type": "refreshed", "expires_at": expires_at.isoformat()})
     elif kind == "broadcast":
         await sessions.broadcast({"type": "broadcast", **sender, "text": text})
     elif kind in ("join", "leave") and isinstance(group, str) and group:

@@ -27,7 +27,7 @@ HEARTBEAT = 0.4
 class Worker:
     """One uvicorn process of the example app."""
 
-    def __init__(self, redis_url: str, prefix: str) -> None:
+    def __init__(self, redis_url: str, prefix: str, **extra_env: str) -> None:
         self.port = free_port()
         env = {
             **os.environ,
@@ -35,6 +35,7 @@ class Worker:
             "WSESSION_REDIS_PREFIX": prefix,
             "WSESSION_HEARTBEAT": str(HEARTBEAT),
             "WSESSION_DRAIN_TIMEOUT": "2",
+            **extra_env,
         }
         self.proc = start_worker(self.port, env)
 
@@ -66,10 +67,11 @@ class Worker:
 
 @asynccontextmanager
 async def cluster(
-    redis: RedisServer, size: int
+    redis: RedisServer, size: int, **extra_env: str
 ) -> AsyncIterator[tuple[list[Worker], httpx.AsyncClient]]:
+    """``size`` example workers on ``redis`` (``extra_env``: more WSESSION_* settings)."""
     prefix = f"cluster-{os.getpid()}-{time.monotonic_ns()}"
-    workers = [Worker(redis.url, prefix) for _ in range(size)]
+    workers = [Worker(redis.url, prefix, **extra_env) for _ in range(size)]
     try:
         async with httpx.AsyncClient(timeout=10) as client:
             for worker in workers:

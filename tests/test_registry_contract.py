@@ -3,6 +3,7 @@ redis-server) must answer the same on one worker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -58,9 +59,9 @@ async def endpoint(ws: WebSocket) -> None:
 
 @asynccontextmanager
 async def serving(
-    make_registry: Callable[[], SessionRegistry],
+    make_registry: Callable[[], SessionRegistry], **settings: Any
 ) -> AsyncIterator[tuple[Server, SessionManager, HookRecorder]]:
-    manager, recorder = recorded(registry=make_registry(), data_model=Profile)
+    manager, recorder = recorded(registry=make_registry(), data_model=Profile, **settings)
 
     @manager.on_connect
     def identify(session: Session) -> None:
@@ -147,6 +148,40 @@ async def test_send_broadcast_and_close(make_registry: Callable[[], SessionRegis
         assert recorder.ended[0][1:3] == (EndReason.SERVER_CLOSED, 4001)
         assert await manager.send(a_id, "late") is SendResult.GONE
         await b.close()
+
+
+async def test_revocation_denylist(make_registry: Callable[[], SessionRegistry]) -> None:
+    registry = make_registry()
+    manager = SessionManager(registry=registry)
+    async with manager:
+        await registry.deny("user:alice", 0.3)
+        await registry.deny("session:abc", 60)
+        assert await registry.is_denied("user:alice")
+        assert await registry.is_denied("session:abc")
+        assert not await registry.is_denied("user:bob")
+        assert not await registry.is_denied("user:abc")  # kinds never mix
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        # An expiry in time, inside the store: nothing to wait on but the clock (bounded).
+        while await registry.is_denied("user:alice") and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert not await registry.is_denied("user:alice")  # the ttl ran out
+        assert await registry.is_denied("session:abc")
+
+
+async def test_revoke_user_denylists_and_closes(
+    make_registry: Callable[[], SessionRegistry],
+) -> None:
+    async with serving(make_registry, revocation_ttl=60) as (server, manager, recorder):
+        t1, id1 = await join(server, "user=u1")
+        other, _ = await join(server, "user=u2")
+        assert await manager.revoke_user("u1") == 1
+        assert (await read_until_closed(t1)).code == 4403
+        await wait_unregistered(manager, live=1)
+        assert recorder.ended == [(id1, EndReason.SERVER_CLOSED, 4403, "revoked")]
+        assert await manager.is_revoked(user_key="u1")
+        assert not await manager.is_revoked(user_key="u2")
+        await other.close()
 
 
 def test_redis_registry_validates_its_settings() -> None:

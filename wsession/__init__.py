@@ -19,6 +19,7 @@ from ._exceptions import (
     SessionStateError,
     WSessionError,
 )
+from ._expiry import RefreshHook
 from ._ids import new_connection_id
 from ._manager import Hook, SessionManager
 from ._middleware import WSessionMiddleware
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidMessage",
     "LimitExceeded",
     "MemoryRegistry",
+    "RefreshHook",
     "Refuse",
     "RegistryUnavailable",
     "SendResult",

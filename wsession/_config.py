@@ -143,6 +143,32 @@ class Settings(BaseModel):
         description="With detect_disconnect: received messages read ahead of the app at most; "
         "past it wsession stops reading, so the server's back-pressure on the client applies.",
     )
+    # -- credentials on long-lived connections -------------------------------------------
+    expiry_grace: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds a session stays open past its expires_at (so a refresh already "
+        "on its way can land) before it is closed with expiry_code.",
+    )
+    expiry_code: int = Field(
+        default=4401,
+        ge=1000,
+        le=4999,
+        description="Close code for a session whose credentials expired or whose refresh "
+        "failed (the client should get a new credential, not retry blindly).",
+    )
+    expiry_reason: str = Field(
+        default="expired",
+        description="Close reason sent with expiry_code when a session expired (at most 123 "
+        "bytes: the close frame's limit).",
+    )
+    revocation_ttl: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds revoke_user/revoke_session keep the user key or session id in a "
+        "denylist (shared by every worker with a cluster registry) that connect hooks read "
+        "with manager.is_revoked(). None: no denylist, revocation only closes.",
+    )
     # -- shutdown -----------------------------------------------------------------------------
     drain_timeout: float = Field(
         default=10.0,
@@ -188,6 +214,13 @@ class Settings(BaseModel):
         for host in value or ():
             if parse_host(host) is None:
                 raise ValueError(f"not a host name with an optional port: {host!r}")
+        return value
+
+    @field_validator("expiry_reason")
+    @classmethod
+    def _fits_a_close_frame(cls, value: str) -> str:
+        if len(value.encode("utf-8")) > 123:
+            raise ValueError("a close reason is at most 123 bytes of UTF-8")
         return value
 
     @field_validator("allowed_origins")

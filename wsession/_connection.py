@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable
 from http import HTTPStatus
 from time import monotonic, perf_counter
 from typing import Any
@@ -15,12 +14,14 @@ from ._admission import Ticket
 from ._context import SCOPE_KEY, current_session
 from ._delivery import close_session, end_later
 from ._exceptions import Refuse
+from ._expiry import arm as arm_expiry
+from ._expiry import disarm as disarm_expiry
 from ._lifecycle import count_ending, run_disconnect_hooks
 from ._log import log_error, log_warning
 from ._manager import SessionManager
 from ._outbound import Outbound
 from ._session import EndReason, Session, SessionState
-from ._timers import Deadline, call_later
+from ._timers import call_later, timed_out
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 _DENIAL = "websocket.http.response"
@@ -89,6 +90,7 @@ async def serve_connection(
     try:
         await manager.registry.add(session)
         session._registered = True
+        arm_expiry(manager, session)  # nothing unless a connect hook set expires_at
         return await app(scope, receive_wrapper, outbound.send)
     except BaseException as exc:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -107,6 +109,7 @@ async def serve_connection(
         for timer in (session._force_end, session._idle_timer):
             if timer is not None:
                 timer.cancel()
+        disarm_expiry(session)
         if pump is not None:
             pump.cancel()
         await _teardown(manager, session, ticket)
@@ -243,7 +246,7 @@ async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refus
                 if result is not None and inspect.isawaitable(result):
                     if deadline is None:
                         await result
-                    elif await _timed_out(result, deadline - started):
+                    elif await timed_out(result, deadline - started):
                         manager.stats.hook_errors += 1
                         log_warning(
                             session.id,
@@ -268,23 +271,6 @@ async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refus
         log_error(session.id, "connect hook failed for %s: refusing", session.id, exc=True)
         return Refuse(manager.settings.error_status, code=1011, label="hook_error")
     return None
-
-
-async def _timed_out(awaitable: Awaitable[Any], remaining: float) -> bool:
-    """Await ``awaitable`` for at most ``remaining`` seconds; True if our deadline cut it."""
-    if _current_task() is None:  # trio
-        with anyio.move_on_after(remaining) as scope:
-            await awaitable
-        return scope.cancelled_caught
-    deadline = Deadline(max(remaining, 0.0))
-    try:
-        with deadline:
-            await awaitable
-    except TimeoutError:
-        if deadline.expired:
-            return True
-        raise
-    return False
 
 
 async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:

@@ -17,3 +17,8 @@ def log_error(connection_id: str | None, message: str, *args: object, exc: bool 
 def log_warning(connection_id: str | None, message: str, *args: object) -> None:
     """Log at WARNING with the connection id in the record."""
     logger.warning(message, *args, extra={"connection_id": connection_id})
+
+
+def log_info(connection_id: str | None, message: str, *args: object) -> None:
+    """Log at INFO with the connection id in the record."""
+    logger.info(message, *args, extra={"connection_id": connection_id})

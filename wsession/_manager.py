@@ -8,6 +8,7 @@ import inspect
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from functools import partial
 from types import FrameType, TracebackType
 from typing import Any, Self, TypeVar
@@ -18,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 from ._admission import Admission
 from ._config import Settings, validate_model
 from ._delivery import SendResult, to_message
-from ._exceptions import ConfigurationError, LimitExceeded, Refuse
+from ._exceptions import ConfigurationError, LimitExceeded, Refuse, RegistryUnavailable
+from ._expiry import RefreshHook
 from ._ids import new_connection_id
 from ._log import log_warning
 from ._session import EndReason, Session
@@ -30,6 +32,7 @@ Hook = Callable[[Session], Awaitable[None] | None]
 """A connect or disconnect hook: ``def hook(session)`` or ``async def hook(session)``."""
 
 H = TypeVar("H", bound=Hook)
+R = TypeVar("R", bound=RefreshHook)
 
 
 class SessionManager:
@@ -47,6 +50,7 @@ class SessionManager:
             raise :class:`~wsession.Refuse` to refuse it.
         on_disconnect: disconnect hooks, run in reverse order exactly once per session whose
             connect hooks completed, however it ended.
+        on_refresh: refresh hooks (see :meth:`on_refresh`), run in order by :meth:`refresh`.
         id_factory: makes connection ids (default: 128 random bits, URL-safe). Ids must be
             unguessable and unique; a duplicate of a live id is an error.
         **settings: fields of :class:`~wsession.Settings` (``connect_timeout``, ...).
@@ -62,6 +66,7 @@ class SessionManager:
         registry: SessionRegistry | None = None,
         on_connect: Sequence[Hook] = (),
         on_disconnect: Sequence[Hook] = (),
+        on_refresh: Sequence[RefreshHook] = (),
         id_factory: Callable[[], str] | None = None,
         **settings: Any,
     ) -> None:
@@ -97,6 +102,10 @@ class SessionManager:
             _check_hook(hook, f"on_disconnect[{i}]") for i, hook in enumerate(on_disconnect)
         )
         """Disconnect hooks, in registration order (they run in reverse)."""
+        self.refresh_hooks: tuple[RefreshHook, ...] = tuple(
+            _check_hook(hook, f"on_refresh[{i}]") for i, hook in enumerate(on_refresh)
+        )
+        """Refresh hooks, in the order they run (add more with :meth:`on_refresh`)."""
 
     # -- hook registration ------------------------------------------------------------------
 
@@ -108,6 +117,18 @@ class SessionManager:
     def on_disconnect(self, hook: H) -> H:
         """Decorator: add a disconnect hook (it runs before those already registered)."""
         self.disconnect_hooks = (*self.disconnect_hooks, _check_hook(hook, "on_disconnect"))
+        return hook
+
+    def on_refresh(self, hook: R) -> R:
+        """Decorator: add a refresh hook (after those already registered).
+
+        ``async def hook(session, credential) -> datetime | None`` (or a sync one) validates the
+        new ``credential`` for ``session`` and returns when it expires (timezone-aware), or
+        ``None`` / raises :class:`~wsession.Refuse` to refuse it. It must check that the
+        credential belongs to ``session.user_key``: the user key cannot change through a refresh
+        (assigning it raises :class:`~wsession.SessionStateError`, which refuses the refresh).
+        """
+        self.refresh_hooks = (*self.refresh_hooks, _check_hook(hook, "on_refresh"))
         return hook
 
     # -- lifespan -----------------------------------------------------------------------------
@@ -365,6 +386,114 @@ class SessionManager:
         """Close every session of one user; returns how many were closed."""
         return await self.registry.close_user(user_key, _check_code(code), reason)
 
+    # -- credentials on long-lived connections --------------------------------------------
+
+    async def refresh(self, session: Session | str, credential: Any = None) -> datetime | None:
+        """Validate a new credential for a live session of this worker and move its
+        ``expires_at`` (in-band refresh: call it when the client sends a new token).
+
+        The refresh hooks run in order, together bounded by ``connect_timeout``; the session's
+        new ``expires_at`` is the earliest expiry they return, and its expiry timer is re-armed
+        for it. If a hook returns ``None``, raises :class:`~wsession.Refuse` (its reason is sent)
+        or anything else (logged, counted in ``hook_errors``), if the expiry is not in the
+        future, or if no refresh hook is registered, the refresh fails: the session is closed
+        with ``expiry_code`` and ends as ``server closed``. Counted in ``stats.refreshes``.
+
+        Args:
+            session: the session, or its id (it must be this worker's: the refresh runs where
+                the connection is).
+            credential: whatever the hooks need (a token); passed to them unchanged.
+
+        Returns:
+            The new ``expires_at`` (UTC), or ``None`` when the refresh failed (the session is
+            being closed) or the session is not open here (unknown id, another worker's,
+            already ending). Concurrent refreshes of one session: the last to finish wins.
+        """
+        from ._expiry import refresh
+
+        return await refresh(self, session, credential)
+
+    async def revoke_user(self, user_key: str, code: int = 4403, reason: str = "revoked") -> int:
+        """Close every session of ``user_key`` on every worker (disconnect hooks once each,
+        ``end_reason`` ``server closed``), and with ``revocation_ttl`` put the user key on the
+        denylist that :meth:`is_revoked` reads, for that many seconds.
+
+        The denylist entry is written before the sessions are closed, so a reconnect racing the
+        revocation is refused by a connect hook that checks it. Returns how many sessions were
+        closed (another worker's counted once its worker was told). Counted in
+        ``stats.revocations`` and ``stats.revoked``.
+
+        Raises:
+            RegistryUnavailable: a cluster registry cannot reach its store: this worker's
+                sessions were closed, the others (and the denylist entry) may not be.
+        """
+        _check_name(user_key, "user_key")
+        _check_code(code)
+        self.stats.revocations["user"] += 1
+        failure = await self._deny(f"user:{user_key}")
+        closed = await self.registry.close_user(user_key, code, reason)
+        self.stats.revoked += closed
+        if failure is not None:
+            raise failure
+        return closed
+
+    async def revoke_session(
+        self, session_id: str, code: int = 4403, reason: str = "revoked"
+    ) -> bool:
+        """Close one session wherever it lives (its disconnect hooks run once), and with
+        ``revocation_ttl`` put its id on the denylist (see :meth:`revoke_user`). Returns False
+        if no live session has this id (it is denylisted all the same).
+
+        Raises:
+            RegistryUnavailable: as for :meth:`revoke_user`.
+        """
+        _check_name(session_id, "session_id")
+        _check_code(code)
+        self.stats.revocations["session"] += 1
+        failure = await self._deny(f"session:{session_id}")
+        closed = await self.registry.close(session_id, code, reason)
+        self.stats.revoked += closed
+        if failure is not None:
+            raise failure
+        return closed
+
+    async def is_revoked(
+        self, *, user_key: str | None = None, session_id: str | None = None
+    ) -> bool:
+        """Whether ``user_key`` or ``session_id`` was revoked within the last
+        ``revocation_ttl`` seconds (on any worker, with a cluster registry): for connect hooks,
+        to refuse a revoked credential (``raise Refuse(403)``). Always False when
+        ``revocation_ttl`` is None (nothing is recorded then).
+
+        Raises:
+            ValueError: neither ``user_key`` nor ``session_id`` was given.
+            RegistryUnavailable: a cluster registry cannot reach its store (a connect hook that
+                lets it propagate refuses the connection: fail closed).
+        """
+        if user_key is None and session_id is None:
+            raise ValueError("is_revoked: give user_key, session_id or both")
+        if self.settings.revocation_ttl is None:
+            return False
+        keys = []
+        if user_key is not None:
+            keys.append(f"user:{user_key}")
+        if session_id is not None:
+            keys.append(f"session:{session_id}")
+        for key in keys:
+            if await self.registry.is_denied(key):
+                return True
+        return False
+
+    async def _deny(self, key: str) -> RegistryUnavailable | None:
+        ttl = self.settings.revocation_ttl
+        if ttl is None:
+            return None
+        try:
+            await self.registry.deny(key, ttl)
+        except RegistryUnavailable as exc:
+            return exc  # close what can be closed first, then report it
+        return None
+
     # -- used by the middleware -----------------------------------------------------------
 
     def new_data(self) -> Any:
@@ -372,10 +501,13 @@ class SessionManager:
         return self.data_model() if self.data_model is not None else {}
 
 
-def _check_hook(hook: Any, name: str) -> Hook:
+C = TypeVar("C")
+
+
+def _check_hook(hook: C, name: str) -> C:
     if not callable(hook):
         raise ConfigurationError(f"{name}: a hook must be callable, got {hook!r}")
-    return hook  # type: ignore[no-any-return]
+    return hook
 
 
 def _check_data_model(model: Any) -> type[BaseModel] | None:

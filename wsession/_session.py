@@ -70,6 +70,40 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def check_expiry(at: datetime) -> datetime:
+    """``at`` in UTC. Raises ``TypeError`` for a non-datetime, ``ValueError`` for a naive one
+    (whose zone nobody knows)."""
+    if not isinstance(at, datetime):
+        raise TypeError(f"expires_at must be a datetime, got {type(at).__name__}")
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("expires_at must be timezone-aware (datetime.now(UTC) + ..., not naive)")
+    return at.astimezone(UTC)
+
+
+class Expiry:
+    """When a session's credentials expire, and the timer that closes it then (armed and
+    re-armed by ``_expiry.py``). Created only when a session gets an ``expires_at``: sessions
+    without one pay one empty slot."""
+
+    __slots__ = ("at", "timer")
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+        self.timer: asyncio.TimerHandle | None = None
+
+    def set_timer(self, timer: asyncio.TimerHandle | None) -> None:
+        """Replace the timer, cancelling the previous one."""
+        self.cancel()
+        self.timer = timer
+
+    def cancel(self) -> None:
+        """Cancel the timer. A cancelled asyncio handle drops its arguments (the session), so
+        nothing is left that would keep a closed session alive."""
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+
+
 class Session:
     """One WebSocket connection, from handshake to close.
 
@@ -90,11 +124,16 @@ class Session:
         user_key: optional key grouping one user's connections. Set it in a connect hook; once
             the session is registered it cannot change (limits and indexes count it), and
             assigning raises :class:`~wsession.SessionStateError`.
+        expires_at: when the credential that admitted the session expires (UTC), or ``None``
+            (never). Set it in a connect hook; the session is closed with ``expiry_code``
+            ``expiry_grace`` seconds after it unless :meth:`SessionManager.refresh
+            <wsession.SessionManager.refresh>` moved it first.
         node: the id of the worker that owns the session (``None`` for a local registry).
     """
 
     __slots__ = (
         "__weakref__",
+        "_expiry",
         "_force_end",
         "_forced",
         "_idle_timer",
@@ -149,6 +188,7 @@ class Session:
         # Liveness bookkeeping (see _connection.py).
         self._last_activity = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._expiry: Expiry | None = None  # see expires_at
 
     # -- read-only views of the handshake ------------------------------------------------
 
@@ -180,6 +220,38 @@ class Session:
                 "(set it in a connect hook; limits and the user index count it)"
             )
         self._user_key = key
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the session's credential expires (UTC), or ``None`` (see the class docstring).
+
+        Assign it in a connect hook (a timezone-aware ``datetime``; it is stored in UTC). Once
+        the session is registered it moves only through ``manager.refresh()``, whose hooks
+        validate the new credential; assigning then raises
+        :class:`~wsession.SessionStateError`. A naive datetime raises ``ValueError``.
+        """
+        expiry = self._expiry
+        return expiry.at if expiry is not None else None
+
+    @expires_at.setter
+    def expires_at(self, at: datetime | None) -> None:
+        if self._registered:
+            raise SessionStateError(
+                f"session {self.id}: expires_at cannot be assigned once the session is "
+                "registered (set it in a connect hook; later, manager.refresh() moves it)"
+            )
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = None if at is None else Expiry(check_expiry(at))
+
+    def _extend(self, at: datetime) -> Expiry:
+        """Move ``expires_at`` (a refresh that passed its hooks); the caller re-arms."""
+        expiry = self._expiry
+        if expiry is None:
+            expiry = self._expiry = Expiry(at)
+        else:
+            expiry.at = at
+        return expiry
 
     @property
     def backlog(self) -> int:

@@ -50,6 +50,13 @@ class Stats:
         ended_by: ``ended`` split by :class:`~wsession.EndReason` value.
         sends: out-of-band sends split by :class:`~wsession.SendResult` value.
         hook_seconds: duration histograms of hooks, keyed ``"connect"`` and ``"disconnect"``.
+        expired: sessions closed because their ``expires_at`` (plus ``expiry_grace``) passed.
+        refreshes: ``manager.refresh`` outcomes, keyed ``"ok"`` and ``"failed"`` (a failed one
+            closed its session).
+        revocations: ``revoke_user`` / ``revoke_session`` calls made here, keyed ``"user"`` and
+            ``"session"``.
+        revoked: sessions those calls closed (on any worker; another worker's counted once its
+            worker was told).
     """
 
     accepted: int = 0
@@ -64,6 +71,10 @@ class Stats:
     hook_seconds: dict[str, Histogram] = field(
         default_factory=lambda: {"connect": Histogram(), "disconnect": Histogram()}
     )
+    expired: int = 0
+    refreshes: Counter[str] = field(default_factory=Counter)
+    revocations: Counter[str] = field(default_factory=Counter)
+    revoked: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready copy of the counters (histograms as count and sum)."""
@@ -77,6 +88,10 @@ class Stats:
             "refused_by": dict(self.refused_by),
             "ended_by": dict(self.ended_by),
             "sends": dict(self.sends),
+            "expired": self.expired,
+            "refreshes": dict(self.refreshes),
+            "revocations": dict(self.revocations),
+            "revoked": self.revoked,
             "hook_seconds": {
                 phase: {"count": h.count, "sum": h.total} for phase, h in self.hook_seconds.items()
             },

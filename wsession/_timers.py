@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
+
+import anyio
 
 EMPTY_CONTEXT = contextvars.Context()
 """An empty context for callbacks that must not keep a connection's context alive."""
@@ -60,3 +62,23 @@ class Deadline:
             and task.uncancel() == 0
         ):
             raise TimeoutError from exc
+
+
+async def timed_out(awaitable: Awaitable[Any], remaining: float) -> bool:
+    """Await ``awaitable`` for at most ``remaining`` seconds; True if this deadline cut it (a
+    ``TimeoutError`` the awaitable raises itself propagates: it is its own error, not ours)."""
+    try:
+        asyncio.current_task()
+    except RuntimeError:  # not asyncio (trio)
+        with anyio.move_on_after(remaining) as scope:
+            await awaitable
+        return scope.cancelled_caught
+    deadline = Deadline(max(remaining, 0.0))
+    try:
+        with deadline:
+            await awaitable
+    except TimeoutError:
+        if deadline.expired:
+            return True
+        raise
+    return False

@@ -23,6 +23,11 @@ Exported metrics (``wsession`` is the default namespace):
 - ``wsession_sends_total{result}``: out-of-band sends by :class:`~wsession.SendResult` value.
 - ``wsession_slow_consumers_total``: sessions closed because their backlog was full.
 - ``wsession_dropped_messages_total``: messages dropped by the ``drop`` slow-consumer policy.
+- ``wsession_sessions_expired_total``: sessions closed because their credentials expired.
+- ``wsession_refreshes_total{result}``: ``manager.refresh`` outcomes (``ok``, ``failed``).
+- ``wsession_revocations_total{kind}``: ``revoke_user`` / ``revoke_session`` calls (``user``,
+  ``session``).
+- ``wsession_revoked_sessions_total``: sessions those revocations closed (on any worker).
 
 Every number is per process: with ``uvicorn --workers N`` each worker counts its own
 connections, and Prometheus should scrape every worker (prometheus-client's multiprocess mode
@@ -103,6 +108,8 @@ class SessionMetrics(Collector):
         refused_by = dict(stats.refused_by)
         ended_by = dict(stats.ended_by)
         sends = dict(stats.sends)
+        refreshes = dict(stats.refreshes)
+        revocations = dict(stats.revocations)
         hooks = {phase: (h.cumulative(), h.total) for phase, h in stats.hook_seconds.items()}
 
         yield GaugeMetricFamily(
@@ -158,6 +165,28 @@ class SessionMetrics(Collector):
             f"{ns}_dropped_messages",
             "Out-of-band messages dropped by the 'drop' slow-consumer policy.",
             value=stats.dropped,
+        )
+        yield CounterMetricFamily(
+            f"{ns}_sessions_expired",
+            "Sessions closed because their credentials expired (expires_at + expiry_grace).",
+            value=stats.expired,
+        )
+        yield _labelled(
+            f"{ns}_refreshes",
+            "In-band credential refreshes (manager.refresh), by result.",
+            "result",
+            refreshes,
+        )
+        yield _labelled(
+            f"{ns}_revocations",
+            "revoke_user / revoke_session calls made in this process, by kind.",
+            "kind",
+            revocations,
+        )
+        yield CounterMetricFamily(
+            f"{ns}_revoked_sessions",
+            "Sessions closed by revocations made in this process (on any worker).",
+            value=stats.revoked,
         )
 
     def describe(self) -> Iterable[Metric]:

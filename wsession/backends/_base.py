@@ -82,3 +82,10 @@ class SessionRegistry(Protocol):
 
     async def close_user(self, user_key: str, code: int = 1000, reason: str = "") -> int:
         """Close every session of one user; returns how many were closed."""
+
+    async def deny(self, key: str, ttl: float) -> None:
+        """Put ``key`` on the revocation denylist for ``ttl`` seconds (cluster registries: for
+        every worker). The manager builds the keys (``user:...``, ``session:...``)."""
+
+    async def is_denied(self, key: str) -> bool:
+        """Whether ``key`` is on the denylist (its ``ttl`` has not run out)."""

@@ -55,6 +55,10 @@ class Keys:
         with its old sessions."""
         return f"{self.prefix}:dead:{node}"
 
+    def denied(self, key: str) -> str:
+        """A revocation denylist entry (expires after ``revocation_ttl``)."""
+        return f"{self.prefix}:deny:{key}"
+
     def claimed(self, node: str) -> str:
         """Set of a node's sessions the cluster ended as node lost (read if it comes back)."""
         return f"{self.prefix}:claimed:{node}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -26,6 +27,8 @@ class MemoryRegistry:
         self._groups: dict[str, dict[str, Session]] = {}
         self._users: dict[str, dict[str, Session]] = {}
         self._manager: SessionManager | None = None
+        self._denied: dict[str, float] = {}  # denylist key -> monotonic deadline
+        self._prune_at = 64  # size at which expired denylist entries are swept
 
     def bind(self, manager: SessionManager) -> None:
         """Attach the owning manager (its settings drive delivery)."""
@@ -182,6 +185,27 @@ class MemoryRegistry:
         """Close every session of one user."""
         targets = list(self._users.get(user_key, {}).values())
         return sum(close_session(self.manager, s, code, reason) for s in targets)
+
+    # -- revocation denylist -------------------------------------------------------------------
+
+    async def deny(self, key: str, ttl: float) -> None:
+        """Put ``key`` on this process's denylist for ``ttl`` seconds."""
+        now = monotonic()
+        self._denied[key] = max(self._denied.get(key, now), now + ttl)
+        if len(self._denied) >= self._prune_at:
+            # Amortised sweep: memory stays bounded by the entries still in force.
+            self._denied = {k: t for k, t in self._denied.items() if t > now}
+            self._prune_at = max(64, 2 * len(self._denied))
+
+    async def is_denied(self, key: str) -> bool:
+        """Whether ``key`` is on the denylist and its time has not run out."""
+        deadline = self._denied.get(key)
+        if deadline is None:
+            return False
+        if deadline > monotonic():
+            return True
+        del self._denied[key]
+        return False
 
 
 def _discard(index: dict[str, dict[str, Session]], key: str, session_id: str) -> None:

@@ -682,6 +682,20 @@ class RedisRegistry:
                 closed += len(owned)
         return closed
 
+    # -- revocation denylist -------------------------------------------------------------------
+
+    async def deny(self, key: str, ttl: float) -> None:
+        """Put ``key`` on the cluster's denylist for ``ttl`` seconds (one key in Redis that
+        expires by itself). Raises RegistryUnavailable when Redis cannot take it."""
+        async with self._cluster("deny"):
+            await self.redis.set(self._keys.denied(key), "1", px=max(1, round(ttl * 1000)))
+
+    async def is_denied(self, key: str) -> bool:
+        """Whether ``key`` is on the cluster's denylist. Raises RegistryUnavailable when Redis
+        cannot answer (a connect hook then refuses: fail closed)."""
+        async with self._cluster("is_denied"):
+            return bool(await self.redis.exists(self._keys.denied(key)))
+
     # -- internals: writes ------------------------------------------------------------------
 
     async def _register(self, session: Session) -> None:
