@@ -15,6 +15,7 @@ from ._types import Message, Scope
 
 if TYPE_CHECKING:
     from ._outbound import Outbound
+    from ._timers import Timer
 
 
 class SessionState(StrEnum):
@@ -145,12 +146,12 @@ class Session:
         # Every frame to the client goes through this (see _outbound.py); None once ended.
         self._outbound = outbound
         self._task: asyncio.Task[Any] | None = None
-        self._force_end: asyncio.TimerHandle | None = None
+        self._force_end: Timer | None = None
         self._forced = False
         # Admission and liveness bookkeeping (see _admission.py and _connection.py).
         self._ip: str | None = None
         self._last_activity = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: Timer | None = None
 
     # -- read-only views of the handshake ------------------------------------------------
 
