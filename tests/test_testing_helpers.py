@@ -24,6 +24,9 @@ from wsession import (
 )
 from wsession.testing import (
     MARKER_HEADER,
+    AsyncSessionClient,
+    ClientDisconnected,
+    HandshakeDenied,
     HookRecorder,
     ManualClock,
     SessionClient,
@@ -384,3 +387,137 @@ def test_the_recorder_catches_a_second_ending() -> None:
         hook(session)
     with pytest.raises(AssertionError, match="2 times"):
         recorder.assert_ended_once("s1")
+
+
+# -- the async variant --------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_async_connect_drop_and_a_send_after_the_drop() -> None:
+    manager = SessionManager()
+    recorder = HookRecorder(manager)
+    after_drop: list[BaseException] = []
+
+    async def endpoint(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.send_json({"id": get_session(ws).id})
+        try:
+            await ws.receive_text()
+        except WebSocketDisconnect:
+            try:
+                await get_session(ws).send_text("too late")
+            except OSError as exc:  # SessionClosed: the client is gone
+                after_drop.append(exc)
+
+    app = Starlette(
+        routes=[WebSocketRoute("/ws", endpoint)],
+        middleware=[Middleware(WSessionMiddleware, manager=manager)],
+    )
+    async with AsyncSessionClient(app) as client, client.connect("/ws?q=1") as conn:
+        assert await conn.receive_json() == {"id": conn.session.id}
+        assert conn.session.query_params["q"] == "1"
+        await conn.drop()
+        recorder.assert_ended_once(conn.session.id, EndReason.CONNECTION_LOST, code=1005)
+    assert len(after_drop) == 1
+    assert manager.local == {} and manager.connect_hooks == recorder.manager.connect_hooks
+
+
+@pytest.mark.anyio
+async def test_async_send_after_the_client_left_raises_like_uvicorn() -> None:
+    errors: list[BaseException] = []
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()  # the drop
+        try:
+            await send({"type": "websocket.send", "text": "x"})
+        except OSError as exc:
+            errors.append(exc)
+
+    manager = SessionManager()
+    app = WSessionMiddleware(raw, manager)
+    async with AsyncSessionClient(app, lifespan=False) as client, client.connect("/") as conn:
+        await conn.drop()
+    assert [type(e) for e in errors] == [ClientDisconnected]  # the server's error, passed on
+    assert conn.session.end_reason is EndReason.CONNECTION_LOST
+
+
+@pytest.mark.anyio
+async def test_async_idle_timeout_with_the_manual_clock() -> None:
+    manager = SessionManager(idle_timeout=300)
+    with ManualClock() as clock:
+        async with AsyncSessionClient(make_app(manager)) as client, client.connect("/ws") as conn:
+            await conn.receive_json()
+            clock.advance(299)
+            assert conn.session.end_reason is None
+            clock.advance(1)  # on the loop's own thread: the idle check runs inline
+            assert await conn.receive_close() == (4408, "idle timeout")
+    assert conn.session.end_reason is EndReason.SERVER_CLOSED
+
+
+@pytest.mark.anyio
+async def test_async_refusals_and_app_errors_surface() -> None:
+    manager = SessionManager()
+
+    @manager.on_connect
+    def deny(session: Session) -> None:
+        if session.query_params.get("deny"):
+            raise Refuse(429, reason="later", headers={"Retry-After": "3"})
+
+    boom = ValueError("app failure")
+
+    async def endpoint(ws: WebSocket) -> None:
+        await ws.accept()
+        if ws.query_params.get("boom"):
+            raise boom
+        await ws.close(4001)
+
+    app = Starlette(
+        routes=[WebSocketRoute("/ws", endpoint)],
+        middleware=[Middleware(WSessionMiddleware, manager=manager)],
+    )
+    async with AsyncSessionClient(app) as client:
+        with pytest.raises(HandshakeDenied) as denied:
+            async with client.connect("/ws?deny=1"):
+                pass
+        assert denied.value.status_code == 429
+        assert denied.value.headers["retry-after"] == "3"
+        assert denied.value.body == b"later"
+
+        with pytest.raises(ValueError, match="app failure") as raised:
+            async with client.connect("/ws?boom=1") as conn:
+                assert await conn.receive_close() == (1011, "")
+        assert raised.value is boom
+        assert conn.session.end_reason is EndReason.APP_RAISED
+
+        async with client.connect("/ws") as conn:
+            assert await conn.receive_close() == (4001, "")
+        assert conn.session.end_reason is EndReason.APP_CLOSED
+
+
+@pytest.mark.anyio
+async def test_async_client_runs_the_lifespan() -> None:
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    manager = SessionManager(drain_on_signal=False)
+    phases: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with manager:
+            phases.append("up")
+            yield
+        phases.append("down")
+
+    app = make_app(manager)
+    app.router.lifespan_context = lifespan
+    async with AsyncSessionClient(app) as client:
+        assert phases == ["up"]
+        # A connection left open is drained by the manager on shutdown (1001).
+        conn = client.connect("/ws")
+        await conn.__aenter__()
+        await conn.receive_json()
+    assert phases == ["up", "down"]
+    assert conn.session.end_reason is EndReason.SERVER_SHUTDOWN
