@@ -24,6 +24,7 @@ from wsession import (
     WSessionMiddleware,
     get_session,
 )
+from wsession.testing import HookRecorder, connect
 
 
 def wrap(endpoint: Any, manager: SessionManager) -> Starlette:
@@ -208,25 +209,26 @@ def test_connect_hook_error_refuses_with_server_error_and_logs_the_id(
 
 
 def test_disconnect_hooks_all_run_even_when_one_raises(caplog: pytest.LogCaptureFixture) -> None:
-    calls: list[str] = []
-
     def d1(s: Session) -> None:
-        calls.append("d1")
+        pass
 
     async def d2(s: Session) -> None:
         raise RuntimeError("hook broke")
 
     def d3(s: Session) -> None:
-        calls.append("d3")
+        pass
 
     manager = SessionManager(on_disconnect=[d1, d2, d3])
+    recorder = HookRecorder(manager)
     with (
         caplog.at_level(logging.ERROR, logger="wsession"),
         TestClient(wrap(echo_once, manager)) as client,
-        client.websocket_connect("/ws") as ws,
+        connect(client, "/ws") as conn,
     ):
-        ws.receive_text()
-    assert calls == ["d3", "d1"]
+        conn.receive_text()
+    recorder.assert_hooks(conn.session.id, ["d3", "d2", "d1"])
+    assert [c.outcome for c in recorder.calls] == ["ok", "raised", "ok"]
+    recorder.assert_ended_once(conn.session.id, EndReason.CLIENT_CLOSED)
     assert manager.stats.hook_errors == 1
     assert any("hook broke" in (r.exc_text or "") or r.exc_info for r in caplog.records)
 
@@ -267,8 +269,6 @@ def test_app_exception_before_accept() -> None:
 
 
 def test_endings_recorded_for_app_close_and_return_and_client_close() -> None:
-    ends: list[tuple[EndReason | None, int | None, str | None]] = []
-
     async def endpoint(ws: WebSocket) -> None:
         await ws.accept()
         mode = ws.query_params["mode"]
@@ -280,19 +280,21 @@ def test_endings_recorded_for_app_close_and_return_and_client_close() -> None:
             with pytest.raises(WebSocketDisconnect):
                 await ws.receive_text()
 
-    manager = SessionManager(
-        on_disconnect=[lambda s: ends.append((s.end_reason, s.close_code, s.close_reason))]
-    )
+    manager = SessionManager()
+    recorder = HookRecorder(manager)
     with TestClient(wrap(endpoint, manager)) as client:
-        with client.websocket_connect("/ws?mode=close") as ws:
-            ws.receive()
-        with client.websocket_connect("/ws?mode=return"):
+        with connect(client, "/ws?mode=close") as by_app:
+            assert by_app.receive_close() == (4001, "app says bye")
+        with connect(client, "/ws?mode=return") as returned:
             pass
-        with client.websocket_connect("/ws?mode=read") as ws:
-            ws.close(4002, "client says bye")
-    assert ends[0] == (EndReason.APP_CLOSED, 4001, "app says bye")
-    assert ends[1] == (EndReason.APP_RETURNED, None, None)
-    assert ends[2] == (EndReason.CLIENT_CLOSED, 4002, "client says bye")
+        with connect(client, "/ws?mode=read") as by_client:
+            by_client.close(4002, "client says bye")
+    ending = recorder.assert_ended_once(by_app.session.id, EndReason.APP_CLOSED, code=4001)
+    assert ending.close_reason == "app says bye"
+    recorder.assert_ended_once(returned.session.id, EndReason.APP_RETURNED, code=None)
+    ending = recorder.assert_ended_once(by_client.session.id, EndReason.CLIENT_CLOSED, code=4002)
+    assert ending.close_reason == "client says bye"
+    assert len(recorder.endings) == 3
 
 
 @pytest.mark.anyio

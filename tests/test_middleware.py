@@ -26,6 +26,7 @@ from wsession import (
     get_session,
 )
 from wsession._types import Message, Receive, Scope, Send
+from wsession.testing import SessionClient, connect
 
 
 def wrap(endpoint: Any, manager: SessionManager | None = None, **kw: Any) -> Starlette:
@@ -161,40 +162,31 @@ def test_custom_id_factory_is_used() -> None:
 
 
 def test_session_describes_the_handshake() -> None:
-    described: dict[str, Any] = {}
+    states: list[str] = []
 
     async def endpoint(ws: WebSocket) -> None:
-        session = get_session(ws)
-        described["state_before"] = session.state.value
+        states.append(get_session(ws).state.value)
         await ws.accept(subprotocol="b")
-        described.update(
-            state=session.state.value,
-            path=session.path,
-            subprotocol=session.subprotocol,
-            offered=session.requested_subprotocols,
-            header=session.headers.get("x-token"),
-            query=session.query_params.getlist("tag"),
-            client=session.client,
-            connected_at=session.connected_at,
-        )
+        states.append(get_session(ws).state.value)
         await ws.close()
 
     with (
         TestClient(wrap(endpoint)) as client,
-        client.websocket_connect(
-            "/ws?tag=a&tag=b", subprotocols=["a", "b"], headers={"X-Token": "t1"}
-        ) as ws,
+        connect(
+            client, "/ws?tag=a&tag=b", subprotocols=["a", "b"], headers={"X-Token": "t1"}
+        ) as conn,
     ):
-        ws.receive()
-    assert described["state_before"] == "connecting"
-    assert described["state"] == "open"
-    assert described["path"] == "/ws"
-    assert described["subprotocol"] == "b"
-    assert described["offered"] == ("a", "b")
-    assert described["header"] == "t1"
-    assert described["query"] == ["a", "b"]
-    assert described["client"] is not None
-    assert described["connected_at"].tzinfo is not None
+        conn.receive_close()
+    # The server-side session stays readable after it ended.
+    session = conn.session
+    assert states == ["connecting", "open"]
+    assert session.path == "/ws"
+    assert session.subprotocol == "b" == conn.accepted_subprotocol
+    assert session.requested_subprotocols == ("a", "b")
+    assert session.headers.get("x-token") == "t1"
+    assert session.query_params.getlist("tag") == ["a", "b"]
+    assert session.client is not None
+    assert session.connected_at.tzinfo is not None
 
 
 def test_headers_and_query_are_read_only() -> None:
@@ -236,9 +228,10 @@ def test_fastapi_dependency_and_add_middleware() -> None:
         await ws.send_json({"id": session.id, "live": await manager.count()})
         await ws.close()
 
-    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
-        body = ws.receive_json()
-    assert body["live"] == 1
+    with SessionClient(app) as client, client.connect("/ws") as conn:
+        body = conn.receive_json()
+        assert client.manager is manager  # found behind add_middleware
+    assert body == {"id": conn.session.id, "live": 1}
     assert len(body["id"]) >= 22
     assert manager.stats.accepted == 1 and manager.stats.ended == 1
 
@@ -265,9 +258,10 @@ def test_per_route_mounting() -> None:
             WebSocketRoute("/plain", plain),
         ]
     )
-    with TestClient(app) as client:
-        with client.websocket_connect("/managed") as ws:
-            assert len(ws.receive_text()) >= 22
+    with SessionClient(app) as client:
+        assert client.manager is manager  # found in the route's own middleware
+        with client.connect("/managed") as conn:
+            assert conn.receive_text() == conn.session.id
         with client.websocket_connect("/plain") as ws:
             assert ws.receive_text() == "False"
     assert manager.stats.accepted == 1

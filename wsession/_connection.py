@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 from http import HTTPStatus
-from time import monotonic, perf_counter
+from time import perf_counter
 from typing import Any
 
 import anyio
 
+from . import _timers
 from ._admission import Ticket
 from ._context import SCOPE_KEY, current_session
 from ._delivery import close_session, end_later
@@ -46,6 +47,7 @@ async def serve_connection(
     scope = dict(scope)  # never mutate the server's scope
     settings = manager.settings
     track = settings.idle_timeout is not None
+    now = _timers.clock.now  # looked up once per connection: nothing added per message
     session = Session(manager.id_factory(), scope, None, manager.new_data())
     outbound = Outbound(session, send, settings.max_backlog, settings.max_backlog_bytes, track)
     session._outbound = outbound
@@ -80,7 +82,7 @@ async def serve_connection(
         if message["type"] == "websocket.disconnect":
             session._client_disconnected(message)
         elif track:
-            session._last_activity = monotonic()
+            session._last_activity = now()
         return message
 
     session._task = _current_task()
@@ -178,7 +180,7 @@ async def _pump(
 def _arm_idle_timer(manager: SessionManager, session: Session) -> None:
     timeout = manager.settings.idle_timeout
     assert timeout is not None
-    session._last_activity = monotonic()
+    session._last_activity = _timers.clock.now()
     session._idle_timer = call_later(timeout, _check_idle, manager, session, timeout)
 
 
@@ -191,7 +193,7 @@ def _check_idle(manager: SessionManager, session: Session, timeout: float) -> No
     last = session._last_activity
     if outbound is not None and outbound.last_write > last:
         last = outbound.last_write
-    remaining = last + timeout - monotonic()
+    remaining = last + timeout - _timers.clock.now()
     if remaining > 0:
         session._idle_timer = call_later(remaining, _check_idle, manager, session, timeout)
     else:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from . import _timers
 from ._exceptions import SessionClosed
 from ._log import log_warning
 from ._timers import EMPTY_CONTEXT
@@ -85,9 +86,9 @@ class Outbound:
         "last_write",
         "max_bytes",
         "max_frames",
+        "now",
         "queued_bytes",
         "reserved",
-        "track",
     )
 
     def __init__(
@@ -102,7 +103,9 @@ class Outbound:
         self._driver: Callable[[], Any] | None = None  # cancels a helper task stuck writing
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self.track = track
+        # The clock's now() while the idle timeout needs last_write (read once: no lookup of the
+        # clock per frame), else None.
+        self.now: Callable[[], float] | None = _timers.clock.now if track else None
         self.last_write = 0.0
         self.queued_bytes = 0
         self.busy = False  # a write is pending: the writer role is taken
@@ -135,8 +138,9 @@ class Outbound:
             await self._send_other(message)
             return
         # The hot path: a data frame on a writable connection, written at once.
-        if self.track:
-            self.last_write = monotonic()
+        now = self.now
+        if now is not None:
+            self.last_write = now()
         self.busy = True
         try:
             await self._server_send(message)
@@ -185,8 +189,8 @@ class Outbound:
         (``max_frames`` frames, or ``max_bytes`` bytes once it holds anything)."""
         if self.ended or self.closing:
             return Offer.GONE
-        if self.track:
-            self.last_write = monotonic()
+        if self.now is not None:
+            self.last_write = self.now()
         if not self.busy:
             self.busy = self.reserved = True
             return Offer.WRITE
@@ -275,8 +279,8 @@ class Outbound:
         kind = message["type"]
         if kind == "websocket.accept":
             self.accepted = True
-        elif self.track and kind == "websocket.send":
-            self.last_write = monotonic()
+        elif self.now is not None and kind == "websocket.send":
+            self.last_write = self.now()
         try:
             await self._server_send(message)
         except OSError:

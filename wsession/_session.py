@@ -15,6 +15,7 @@ from ._types import Message, Scope
 
 if TYPE_CHECKING:
     from ._outbound import Outbound
+    from ._timers import Timer
 
 
 class SessionState(StrEnum):
@@ -89,9 +90,9 @@ class Expiry:
 
     def __init__(self, at: datetime) -> None:
         self.at = at
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Timer | None = None
 
-    def set_timer(self, timer: asyncio.TimerHandle | None) -> None:
+    def set_timer(self, timer: Timer | None) -> None:
         """Replace the timer, cancelling the previous one."""
         self.cancel()
         self.timer = timer
@@ -183,11 +184,11 @@ class Session:
         # Every frame to the client goes through this (see _outbound.py); None once ended.
         self._outbound = outbound
         self._task: asyncio.Task[Any] | None = None
-        self._force_end: asyncio.TimerHandle | None = None
+        self._force_end: Timer | None = None
         self._forced = False
         # Liveness bookkeeping (see _connection.py).
         self._last_activity = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: Timer | None = None
         self._expiry: Expiry | None = None  # see expires_at
 
     # -- read-only views of the handshake ------------------------------------------------
