@@ -14,8 +14,16 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from wsession import EndReason, Session, SessionManager, SessionState, WSessionMiddleware
+from wsession import (
+    EndReason,
+    Session,
+    SessionManager,
+    SessionState,
+    WSessionMiddleware,
+    get_session,
+)
 
 
 @dataclass
@@ -165,3 +173,32 @@ def open_session(session_id: str, send: Any, data: Any = None) -> Session:
     session._outbound = Outbound(session, send, 256, 1 << 20, track=False)
     session.state = SessionState.OPEN
     return session
+
+
+async def announce_and_read(ws: WebSocket) -> None:
+    """An endpoint: accept, send the session id, then read until the client leaves."""
+    await ws.accept()
+    await ws.send_text(get_session(ws).id)
+    try:
+        while True:
+            await ws.receive_text()
+    except WebSocketDisconnect:
+        pass
+
+
+def id_echo_app(manager: SessionManager, *, reads: bool = True) -> Starlette:
+    """An app at ``/ws`` that sends the session id, then echoes (or, with ``reads=False``,
+    never reads)."""
+
+    async def endpoint(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.send_text(get_session(ws).id)
+        if not reads:
+            await asyncio.Event().wait()
+        try:
+            while True:
+                await ws.send_text(await ws.receive_text())
+        except WebSocketDisconnect:
+            pass
+
+    return mount(endpoint, manager)

@@ -9,29 +9,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from starlette.applications import Starlette
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from wsession import EndReason, Refuse, Session, SessionManager, get_session
+from wsession import EndReason, Refuse, Session, SessionManager
 
-from .support import HookRecorder, mount, recorded, run_server
+from .support import HookRecorder, id_echo_app, mount, recorded, run_server
 
 pytestmark = pytest.mark.anyio
-
-
-def echo_app(manager: SessionManager) -> Starlette:
-    async def endpoint(ws: WebSocket) -> None:
-        await ws.accept()
-        await ws.send_text(get_session(ws).id)
-        try:
-            while True:
-                await ws.send_text(await ws.receive_text())
-        except WebSocketDisconnect:
-            pass
-
-    return mount(endpoint, manager)
 
 
 async def attempt(url: str) -> ClientConnection | int:
@@ -92,7 +78,7 @@ async def test_concurrent_handshakes_cannot_race_the_limits(
     limit = min(settings.values())
     gate = Gate()
     manager = SessionManager(on_connect=[gate], **settings)
-    async with run_server(echo_app(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         admitted, refused = await storm(manager, gate, f"{server.ws}/ws", 5)
         try:
             assert len(admitted) == limit
@@ -115,7 +101,7 @@ async def test_concurrent_handshakes_cannot_race_the_per_user_limit() -> None:
     manager.on_connect(gate)
     recorder = HookRecorder()
     recorder.install(manager)
-    async with run_server(echo_app(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         admitted, refused = await storm(manager, gate, f"{server.ws}/ws?user=alice", 5)
         try:
             assert len(admitted) == 1
@@ -165,7 +151,7 @@ LIMITS = {"max_sessions": 1, "max_sessions_per_ip": 1, "max_sessions_per_user": 
 @pytest.mark.parametrize("mode", ["refuse", "raise", "hang", "cancel"])
 async def test_a_failed_handshake_gives_its_slots_back(mode: str) -> None:
     manager, tasks = failing_manager(connect_timeout=0.2, **LIMITS)
-    async with run_server(echo_app(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         url = f"{server.ws}/ws?user=alice"
         failed = asyncio.create_task(attempt(f"{url}&mode={mode}"))
         if mode == "cancel":
@@ -184,7 +170,7 @@ async def test_a_failed_handshake_gives_its_slots_back(mode: str) -> None:
 
 async def test_a_refusal_after_the_hooks_gives_its_slots_back() -> None:
     manager, _ = failing_manager(max_sessions=2, max_sessions_per_ip=2, max_sessions_per_user=1)
-    async with run_server(echo_app(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         alice = await attempt(f"{server.ws}/ws?user=alice")
         assert not isinstance(alice, int)
         # Takes a total and an IP slot, runs the hooks, then meets the per-user limit.
@@ -229,7 +215,7 @@ async def test_a_handshake_in_its_hooks_when_drain_starts_is_refused() -> None:
     gate = Gate()
     manager, recorder = recorded()
     manager.on_connect(gate)
-    async with run_server(echo_app(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         pending = asyncio.create_task(attempt(f"{server.ws}/ws"))
         await poll(lambda: gate.arrived == 1)
         await manager.drain()  # nothing registered yet: returns at once
@@ -329,7 +315,7 @@ def test_trust_forwarded_for_points_to_trusted_proxies(value: bool) -> None:
 async def test_per_ip_limit_cannot_be_dodged_with_forwarded_for() -> None:
     manager = SessionManager(max_sessions_per_ip=1, trusted_proxies=["127.0.0.1"])
     # proxy_headers=False: wsession, not uvicorn, reads the header here (see the README).
-    async with run_server(echo_app(manager), proxy_headers=False) as server:
+    async with run_server(id_echo_app(manager), proxy_headers=False) as server:
         url = f"{server.ws}/ws"
 
         async def as_proxied(*lines: str) -> ClientConnection | int:
@@ -354,7 +340,7 @@ async def test_per_ip_limit_cannot_be_dodged_with_forwarded_for() -> None:
 
 async def test_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
     manager = SessionManager(max_sessions_per_ip=1, trusted_proxies=["10.0.0.1"])
-    async with run_server(echo_app(manager), proxy_headers=False) as server:
+    async with run_server(id_echo_app(manager), proxy_headers=False) as server:
         first = await connect(f"{server.ws}/ws", additional_headers={"X-Forwarded-For": "1.1.1.1"})
         with pytest.raises(InvalidStatus) as refused:
             await connect(f"{server.ws}/ws", additional_headers={"X-Forwarded-For": "2.2.2.2"})
@@ -386,14 +372,14 @@ async def test_same_origin_alone_trusts_the_host_header() -> None:
     # The documented trade-off: without allowed_hosts, a page served from evil.example whose
     # name now resolves to this server is "same-origin" with itself.
     manager = SessionManager(allowed_origins=["same-origin"])
-    async with run_server(echo_app(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         evil = "evil.example:8000"
         assert await rebinding_status(server.port, evil, f"http://{evil}") == 101
 
 
 async def test_allowed_hosts_refuses_a_rebinding_handshake() -> None:
     manager = SessionManager(allowed_origins=["same-origin"], allowed_hosts=["127.0.0.1"])
-    async with run_server(echo_app(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         evil = "evil.example:8000"
         assert await rebinding_status(server.port, evil, f"http://{evil}") == 403
         assert await rebinding_status(server.port, evil, None) == 403  # no Origin either
@@ -459,7 +445,7 @@ async def test_group_caps_are_enforced_by_join() -> None:
     from wsession import LimitExceeded, WSessionError
 
     manager = SessionManager(max_groups_per_session=3, max_group_name_length=10)
-    async with run_server(echo_app(manager)) as server, connect(f"{server.ws}/ws") as ws:
+    async with run_server(id_echo_app(manager)) as server, connect(f"{server.ws}/ws") as ws:
         session_id = await ws.recv()
         assert isinstance(session_id, str)
         assert await manager.join(session_id, "x" * 10)
@@ -482,7 +468,7 @@ async def test_concurrent_joins_cannot_race_the_group_cap() -> None:
     from wsession import LimitExceeded
 
     manager = SessionManager(max_groups_per_session=2)
-    async with run_server(echo_app(manager)) as server, connect(f"{server.ws}/ws") as ws:
+    async with run_server(id_echo_app(manager)) as server, connect(f"{server.ws}/ws") as ws:
         session_id = await ws.recv()
         assert isinstance(session_id, str)
         results = await asyncio.gather(
@@ -509,7 +495,7 @@ async def test_uvicorn_proxy_headers_let_a_local_client_pick_its_ip() -> None:
     # closes it. wsession's trusted_proxies is empty in both runs.
     for proxy_headers, second in ((True, "admitted"), (False, 429)):
         manager = SessionManager(max_sessions_per_ip=1)
-        async with run_server(echo_app(manager), proxy_headers=proxy_headers) as server:
+        async with run_server(id_echo_app(manager), proxy_headers=proxy_headers) as server:
             url = f"{server.ws}/ws"
             first = await connect(url, additional_headers={"X-Forwarded-For": "1.1.1.1"})
             try:

@@ -15,32 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from starlette.applications import Starlette
-from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from wsession import EndReason, Refuse, Session, SessionManager, get_session
+from wsession import EndReason, Refuse, Session, SessionManager
 
-from .support import HookRecorder, mount, read_until_closed, recorded, reset_connection, run_server
+from .support import (
+    HookRecorder,
+    id_echo_app,
+    read_until_closed,
+    recorded,
+    reset_connection,
+    run_server,
+)
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def app_for(manager: SessionManager, *, reads: bool = True) -> Starlette:
-    async def endpoint(ws: WebSocket) -> None:
-        await ws.accept()
-        await ws.send_text(get_session(ws).id)
-        if not reads:
-            await asyncio.Event().wait()
-        try:
-            while True:
-                await ws.send_text(await ws.receive_text())
-        except WebSocketDisconnect:
-            pass
-
-    return mount(endpoint, manager)
 
 
 async def refused_status(url: str, **kwargs: Any) -> int:
@@ -135,7 +125,7 @@ async def test_signal_drains_every_connection_with_1001(
 
 async def test_drain_refuses_new_connections_and_cuts_late_apps() -> None:
     manager, recorder = recorded(drain_timeout=0.5, drain_batch=2)
-    async with run_server(app_for(manager, reads=False)) as server:
+    async with run_server(id_echo_app(manager, reads=False)) as server:
         clients = [await connect(f"{server.ws}/ws") for _ in range(5)]
         for ws in clients:
             await ws.recv()
@@ -156,7 +146,7 @@ async def test_drain_refuses_new_connections_and_cuts_late_apps() -> None:
 
 async def test_total_limit_refuses_with_503_and_frees_a_slot() -> None:
     manager, recorder = recorded(max_sessions=2)
-    async with run_server(app_for(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         a = await connect(f"{server.ws}/ws")
         b = await connect(f"{server.ws}/ws")
         assert await refused_status(f"{server.ws}/ws") == 503
@@ -170,7 +160,7 @@ async def test_total_limit_refuses_with_503_and_frees_a_slot() -> None:
 
 async def test_per_ip_limit_with_trusted_forwarded_for() -> None:
     manager, recorder = recorded(max_sessions_per_ip=2, trusted_proxies=["127.0.0.1"])
-    async with run_server(app_for(manager), proxy_headers=False) as server:
+    async with run_server(id_echo_app(manager), proxy_headers=False) as server:
         url = f"{server.ws}/ws"
         ip1 = {"X-Forwarded-For": "203.0.113.9, 10.0.0.1"}
         ip2 = {"X-Forwarded-For": "10.0.0.2"}
@@ -195,7 +185,7 @@ async def test_per_user_limit() -> None:
         session.user_key = session.query_params["user"]
 
     recorder.install(manager)
-    async with run_server(app_for(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         alice = await connect(f"{server.ws}/ws?user=alice")
         assert await refused_status(f"{server.ws}/ws?user=alice") == 429
         bob = await connect(f"{server.ws}/ws?user=bob")
@@ -229,7 +219,7 @@ async def test_per_user_limit() -> None:
 )
 async def test_origin_allow_list(origin: str | None, admitted: bool) -> None:
     manager = SessionManager(allowed_origins=["https://app.example"])
-    async with run_server(app_for(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         url = f"{server.ws}/ws"
         if admitted:
             async with connect(url, origin=origin) as ws:  # type: ignore[arg-type]
@@ -241,7 +231,7 @@ async def test_origin_allow_list(origin: str | None, admitted: bool) -> None:
 
 async def test_missing_origin_can_be_refused_and_same_origin_matches_host() -> None:
     manager = SessionManager(allowed_origins=["same-origin"], allow_missing_origin=False)
-    async with run_server(app_for(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         url = f"{server.ws}/ws"
         assert await refused_status(url) == 403
         own = f"http://127.0.0.1:{server.port}"
@@ -262,7 +252,7 @@ def test_bad_origin_setting_names_it() -> None:
 
 async def test_idle_timeout_closes_idle_sessions_only() -> None:
     manager, recorder = recorded(idle_timeout=0.3)
-    async with run_server(app_for(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         idle = await connect(f"{server.ws}/ws")
         busy = await connect(f"{server.ws}/ws")
         idle_id = await idle.recv()
@@ -285,7 +275,7 @@ async def test_idle_timeout_closes_idle_sessions_only() -> None:
 
 async def test_detect_disconnect_notices_a_reset_client_of_an_app_that_never_reads() -> None:
     manager, recorder = recorded(detect_disconnect=True, close_timeout=0.2)
-    async with run_server(app_for(manager, reads=False)) as server:
+    async with run_server(id_echo_app(manager, reads=False)) as server:
         ws = await connect(f"{server.ws}/ws")
         sid = await ws.recv()
         reset_connection(ws)
@@ -296,7 +286,7 @@ async def test_detect_disconnect_notices_a_reset_client_of_an_app_that_never_rea
 async def test_without_detection_a_silent_app_is_not_told() -> None:
     """The cost-free default: uvicorn does not tell an app that never reads."""
     manager, recorder = recorded(close_timeout=0.1)
-    async with run_server(app_for(manager, reads=False)) as server:
+    async with run_server(id_echo_app(manager, reads=False)) as server:
         ws = await connect(f"{server.ws}/ws")
         sid = str(await ws.recv())
         reset_connection(ws)
@@ -318,7 +308,7 @@ async def test_hanging_connect_hook_refuses_within_its_timeout() -> None:
     async def hang(session: Session) -> None:
         await asyncio.Event().wait()
 
-    async with run_server(app_for(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         started = time.monotonic()
         assert await refused_status(f"{server.ws}/ws") == 500
         assert time.monotonic() - started < 2
@@ -334,7 +324,7 @@ async def test_hanging_disconnect_hook_is_abandoned_others_run() -> None:
     async def hang(session: Session) -> None:
         await asyncio.Event().wait()
 
-    async with run_server(app_for(manager)) as server:
+    async with run_server(id_echo_app(manager)) as server:
         ws = await connect(f"{server.ws}/ws")
         await ws.recv()
         await ws.close()

@@ -19,10 +19,9 @@ from wsession.backends.redis import RedisRegistry
 from wsession.metrics import SessionMetrics
 
 from .redis_support import RedisServer
-from .support import run_server
+from .support import announce_and_read, run_server
 from .test_redis_healing import HEARTBEAT, Recorder, wait_for
 from .test_redis_incarnation import node_process
-from .test_registry_contract import endpoint
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
 TOKEN = "live-counts-token"
@@ -39,7 +38,10 @@ async def test_healing_a_lost_worker_keeps_the_survivors_live_count(
     recorder = Recorder()
     recorder.install(manager, "survivor")
     app = Starlette(
-        routes=[WebSocketRoute("/ws", endpoint), Mount("/admin", admin_app(manager, token=TOKEN))],
+        routes=[
+            WebSocketRoute("/ws", announce_and_read),
+            Mount("/admin", admin_app(manager, token=TOKEN)),
+        ],
         middleware=[Middleware(WSessionMiddleware, manager=manager)],
     )
     async with manager, run_server(app) as server:

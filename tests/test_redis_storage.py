@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 
-from wsession import SessionManager, get_session
+from wsession import SessionManager
 from wsession.backends.redis import RedisRegistry
 
 from .redis_support import RedisServer
-from .support import mount, run_server, wait_unregistered
+from .support import announce_and_read, mount, run_server, wait_unregistered
 from .test_redis_healing import live_session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(30)]
@@ -97,16 +96,6 @@ async def test_group_and_user_sets_expire_as_a_safety_net(redis_server: RedisSer
 SECRET = "s3cret"
 
 
-async def endpoint(ws: WebSocket) -> None:
-    await ws.accept()
-    await ws.send_text(get_session(ws).id)
-    try:
-        while True:
-            await ws.receive_text()
-    except WebSocketDisconnect:
-        pass
-
-
 async def test_only_allow_listed_headers_reach_redis(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -119,7 +108,7 @@ async def test_only_allow_listed_headers_reach_redis(
     direct = Redis.from_url(redis_server.url, decode_responses=True)
     caplog.set_level(logging.WARNING, logger="wsession")
     try:
-        async with manager, other, run_server(mount(endpoint, manager)) as server:
+        async with manager, other, run_server(mount(announce_and_read, manager)) as server:
             ids = []
             for _ in range(2):
                 ws = await connect(

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 
-from wsession import EndReason, SendResult, Session, SessionManager, SessionRegistry, get_session
+from wsession import EndReason, SendResult, Session, SessionManager, SessionRegistry
 from wsession.backends import MemoryRegistry
 
 from .redis_support import RedisServer
 from .support import (
     HookRecorder,
     Server,
+    announce_and_read,
     mount,
     read_until_closed,
     recorded,
@@ -47,16 +47,6 @@ def make_registry(request: pytest.FixtureRequest) -> Callable[[], SessionRegistr
     return lambda: RedisRegistry(server.url, prefix=prefix, heartbeat=0.5)
 
 
-async def endpoint(ws: WebSocket) -> None:
-    await ws.accept()
-    await ws.send_text(get_session(ws).id)
-    try:
-        while True:
-            await ws.receive_text()
-    except WebSocketDisconnect:
-        pass
-
-
 @asynccontextmanager
 async def serving(
     make_registry: Callable[[], SessionRegistry], **settings: Any
@@ -68,7 +58,7 @@ async def serving(
         session.data.name = session.query_params.get("name", "")
         session.user_key = session.query_params.get("user") or None
 
-    async with manager, run_server(mount(endpoint, manager)) as server:
+    async with manager, run_server(mount(announce_and_read, manager)) as server:
         yield server, manager, recorder
 
 
@@ -240,7 +230,7 @@ async def test_redis_stores_dict_data_that_json_cannot_hold_as_text(
     def stamp(session: Session) -> None:
         session.data["when"] = when
 
-    async with owner, other, run_server(mount(endpoint, owner)) as server:
+    async with owner, other, run_server(mount(announce_and_read, owner)) as server:
         ws, sid = await join(server)
         seen = await other.get(sid)
         assert seen is not None and seen.node != other.registry.node_id  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
@@ -32,7 +32,7 @@ from wsession import SessionManager, get_session
 from wsession.backends import MemoryRegistry
 
 from .servers import SERVERS, ServerProcess, serve
-from .support import mount, reset_connection, run_server
+from .support import announce_and_read, mount, reset_connection, run_server
 
 pytestmark = pytest.mark.anyio
 
@@ -62,20 +62,11 @@ async def test_first_connections_enter_a_manager_no_lifespan_entered_exactly_onc
     registry = GatedRegistry()
     manager = SessionManager(registry=registry)
 
-    async def endpoint(ws: WebSocket) -> None:
-        await ws.accept()
-        await ws.send_text(get_session(ws).id)
-        try:
-            while True:
-                await ws.receive_text()
-        except WebSocketDisconnect:
-            pass
-
     async def one(server: Any) -> str:
         async with connect(f"{server.ws}/ws", open_timeout=10) as ws:
             return str(await ws.recv())
 
-    inner = mount(endpoint, manager)
+    inner = mount(announce_and_read, manager)
     scopes = 0
     both_in = asyncio.Event()
 
