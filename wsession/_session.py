@@ -91,6 +91,9 @@ class Session:
             the session is registered it cannot change (limits and indexes count it), and
             assigning raises :class:`~wsession.SessionStateError`.
         node: the id of the worker that owns the session (``None`` for a local registry).
+        groups: the names of the groups the session is in (change them through
+            ``manager.join``/``manager.leave``; left automatically when the session ends).
+        data: the app's per-session data (see above).
     """
 
     __slots__ = (
