@@ -1,4 +1,4 @@
-"""The example's own size caps, read from the environment (see README, "Limits and hostile
+"""The example's own size caps, read from the environment (see docs/production.md, "Limits and hostile
 input")."""
 
 from __future__ import annotations

@@ -314,7 +314,7 @@ def test_trust_forwarded_for_points_to_trusted_proxies(value: bool) -> None:
 
 async def test_per_ip_limit_cannot_be_dodged_with_forwarded_for() -> None:
     manager = SessionManager(max_sessions_per_ip=1, trusted_proxies=["127.0.0.1"])
-    # proxy_headers=False: wsession, not uvicorn, reads the header here (see the README).
+    # proxy_headers=False: wsession, not uvicorn, reads the header here (see docs/production.md).
     async with run_server(id_echo_app(manager), proxy_headers=False) as server:
         url = f"{server.ws}/ws"
 
@@ -490,7 +490,7 @@ def test_group_caps_have_defaults_and_are_validated() -> None:
 
 
 async def test_uvicorn_proxy_headers_let_a_local_client_pick_its_ip() -> None:
-    # What the README warns about: uvicorn (not wsession) trusts X-Forwarded-For from
+    # What docs/production.md warns about: uvicorn (not wsession) trusts X-Forwarded-For from
     # 127.0.0.1 by default, so a local client chooses its per-IP bucket; --no-proxy-headers
     # closes it. wsession's trusted_proxies is empty in both runs.
     for proxy_headers, second in ((True, "admitted"), (False, 429)):

@@ -1,5 +1,5 @@
-"""The README's testing examples are the files in tests/docs_examples/, which run as tests:
-this checks the README shows each of them verbatim."""
+"""The testing guide's examples (docs/testing.md) are the files in tests/docs_examples/, which
+run as tests: this checks the guide shows each of them verbatim."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_there_are_examples() -> None:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
-def test_the_readme_shows_the_example_verbatim(example: Path) -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_testing_guide_shows_the_example_verbatim(example: Path) -> None:
+    guide = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
     block = "```python\n" + example.read_text(encoding="utf-8") + "```\n"
-    assert block in readme, f"README.md does not show {example.name} as it is: copy it again"
+    assert block in guide, f"docs/testing.md does not show {example.name} as it is: copy it again"

@@ -131,6 +131,7 @@ class Settings(BaseModel):
         description="Close a session after this many seconds without a message either way.",
     )
     idle_close_code: int = Field(default=4408, ge=1000, le=4999)
+    """Close code used when ``idle_timeout`` closes a session (4408 by default)."""
     detect_disconnect: bool = Field(
         default=False,
         description="Read the connection in a background task so a dropped client is noticed "

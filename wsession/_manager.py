@@ -71,19 +71,26 @@ class SessionManager:
         **settings: Any,
     ) -> None:
         self.settings: Settings = validate_model(Settings, "SessionManager", settings)
+        """The validated :class:`~wsession.Settings` (frozen)."""
         self.data_model = _check_data_model(data_model)
+        """The pydantic model every session's ``data`` starts as, or ``None`` (a ``dict``)."""
         if registry is not None and not isinstance(registry, SessionRegistry):
             raise ConfigurationError(
                 f"registry: expected a SessionRegistry (MemoryRegistry, RedisRegistry, ...), "
                 f"got {type(registry).__name__}"
             )
         self.registry: SessionRegistry = registry if registry is not None else MemoryRegistry()
+        """Where live sessions are kept (the whole cluster's with a cluster registry)."""
         self.registry.bind(self)
         if id_factory is not None and not callable(id_factory):
             raise ConfigurationError(f"id_factory: must be callable, got {id_factory!r}")
         self.id_factory: Callable[[], str] = id_factory or new_connection_id
+        """Makes connection ids (:func:`~wsession.new_connection_id` by default)."""
         self.stats = Stats()
+        """This process's lifetime counters (:class:`~wsession.Stats`)."""
         self.admission = Admission(self.settings)
+        """The admission checks (Origin, Host, limits, draining) the middleware runs before the
+        connect hooks; internal, not meant to be called by apps."""
         self.local: dict[str, Session] = {}
         """This worker's live sessions (whatever the registry), by id."""
         self._local_changed: asyncio.Event | None = None

@@ -130,6 +130,9 @@ class Session:
             ``expiry_grace`` seconds after it unless :meth:`SessionManager.refresh
             <wsession.SessionManager.refresh>` moved it first.
         node: the id of the worker that owns the session (``None`` for a local registry).
+        groups: the names of the groups the session is in (change them through
+            ``manager.join``/``manager.leave``; left automatically when the session ends).
+        data: the app's per-session data (see above).
     """
 
     __slots__ = (

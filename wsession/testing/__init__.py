@@ -8,7 +8,7 @@ the ways clients leave, a clock tests move by hand, and a recorder of hooks.
 
 A pytest plugin (installed with wsession, used only when a test asks for its fixtures) offers
 ``wsession_app``, ``wsession_manager``, ``wsession_client``, ``wsession_clock`` and
-``wsession_recorder``; see the README's "Testing your app".
+``wsession_recorder``; see the guide, docs/testing.md.
 
 Importing this module needs Starlette's test client (``httpx``), as any Starlette test does.
 """
