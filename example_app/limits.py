@@ -1,5 +1,5 @@
-"""The example's own size caps, read from the environment (see docs/production.md, "Limits and hostile
-input")."""
+"""The example's own size caps, read from the environment (see docs/production.md, "Limits and
+hostile input")."""
 
 from __future__ import annotations
 
