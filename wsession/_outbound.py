@@ -266,7 +266,7 @@ class Outbound:
         """The connection is over: fail every waiting frame and stop a helper task stuck on a
         client that will never read again."""
         self.ended = True
-        self._fail_waiting(SessionClosed(self._session.id, "gone"))
+        self._fail_waiting()
         driver, self._driver = self._driver, None
         if driver is not None:
             driver()
@@ -365,7 +365,7 @@ class Outbound:
                 continue
             waiter.done.set()
         if self.ended:
-            self._fail_waiting(SessionClosed(self._session.id, "gone"))
+            self._fail_waiting()
 
     def _release(self) -> None:
         """Give the writer role up; if frames queued up meanwhile, hand it to a new task."""
@@ -375,15 +375,15 @@ class Outbound:
             return
         self.busy = self.reserved = False
         if self.ended:
-            self._fail_waiting(SessionClosed(self._session.id, "gone"))
+            self._fail_waiting()
 
-    def _fail_waiting(self, error: BaseException) -> None:
+    def _fail_waiting(self) -> None:
+        """Nothing more will be written: wake the app frames still waiting (their sends raise
+        :class:`SessionClosed`, except closes and accepts, which have nothing left to do)."""
         for message, waiter, _ in self._queue:
             if waiter is not None and not waiter.done.is_set():
-                if _after_our_close(message) is True or message["type"] == "websocket.close":
-                    waiter.done.set()  # nothing left to close
-                    continue
-                waiter.error = error
+                if _after_our_close(message) is not True and message["type"] != "websocket.close":
+                    waiter.error = SessionClosed(self._session.id, "gone")
                 waiter.done.set()
         self._queue = _NO_QUEUE
         self.queued_bytes = 0
