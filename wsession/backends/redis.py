@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from .._manager import SessionManager
+    from .._presence import PresenceChange
 
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOST_CLOSE_CODE = 1012  # "service restart": the client may reconnect at once
@@ -840,6 +841,15 @@ class RedisRegistry:
         except _redis_errors() as exc:
             self._fail(exc)
         return reached
+
+    # -- presence -----------------------------------------------------------------------------
+
+    async def publish_presence(self, changes: list[PresenceChange]) -> None:
+        """Store this worker's presence changes in Redis and publish them to the others."""
+
+    async def load_presence(self) -> dict[str, list[PresenceChange]]:
+        """The other workers' tracked sessions, read from Redis."""
+        return {}
 
     # -- internals: the listener ------------------------------------------------------------
 
