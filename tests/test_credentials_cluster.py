@@ -85,9 +85,8 @@ async def test_revoke_across_two_workers_closes_every_tab_within_a_second(
         for ws in (bob, carol):
             offline: set[str] = set()
             while len(offline) < 2:
-                message = await next_of(ws, "presence")
-                if message["event"] == "offline":
-                    offline.add(message["id"])
+                message = await next_of(ws, "presence_diff")
+                offline.update(i for person in message["leaves"] for i in person["ids"])
             assert offline == {alice_a_id, alice_b_id}
             await ws.send(json.dumps({"type": "echo", "text": "still here"}))
             assert (await next_of(ws, "echo"))["text"] == "still here"

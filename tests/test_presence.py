@@ -220,7 +220,9 @@ async def test_an_ended_session_leaves_every_topic_once() -> None:
                 await opened(alice)
                 session = alice.session
                 assert await manager.presence.track(session, "room", {"r": 1})
-                assert await manager.presence.subscribe(bob.session, "room")
+                assert (
+                    await manager.presence.subscribe(bob.session, "room") == {}
+                )  # alice: next diff
                 await flush(manager, clock)
                 await next_diffs(bob)
                 await alice.drop()
@@ -267,7 +269,7 @@ async def test_bounds_raise_clear_errors() -> None:
             assert "max_presence_members_per_topic (2) reached" in error["error"]
             await opened(c)
             assert await presence.count("lobby", sessions=True) == 2
-        assert await presence.subscribe(a.session, "s1")  # with lobby: two
+        assert await presence.subscribe(a.session, "s1") == {}  # with lobby: two
         with pytest.raises(LimitExceeded, match="max_presence_topics_per_session"):
             await presence.subscribe(a.session, "s2")
 
@@ -301,3 +303,32 @@ async def test_presence_costs_nothing_until_used() -> None:
     async with AsyncSessionClient(app, manager=manager) as client, client.connect("/ws") as conn:
         assert await conn.receive_json() == {"ok": True}
     assert manager._presence is None  # never made: no per-connection work or memory
+
+
+@pytest.mark.anyio
+async def test_subscribe_returns_the_base_the_diffs_apply_to() -> None:
+    with ManualClock() as clock:
+        async with running() as (manager, client), client.connect("/ws?user=bob") as bob:
+            await opened(bob)
+            await flush(manager, clock)
+            await next_diffs(bob)
+            presence = manager.presence
+            async with client.connect("/ws?user=alice") as alice:
+                await opened(alice)
+                # alice's join is not sent yet: a new subscriber's base does not hold it ...
+                base = await presence.subscribe(bob.session, "lobby")
+                assert base == {"bob": {bob.session.id: {"tab": ""}}}
+                assert await presence.subscribe(bob.session, "lobby") is base  # one per interval
+                assert set(await presence.people("lobby")) == {"alice", "bob"}  # now
+            # ... so when she leaves inside the interval, nothing at all is owed to anyone
+            await flush(manager, clock)
+            assert await next_diffs(bob) == []
+            async with client.connect("/ws?user=carol") as carol:
+                await opened(carol)
+                await flush(manager, clock)
+                assert len(await next_diffs(bob)) == 1
+                base = await presence.subscribe(bob.session, "lobby")
+                assert base == {  # after the diff, the base holds what it sent
+                    "bob": {bob.session.id: {"tab": ""}},
+                    "carol": {carol.session.id: {"tab": ""}},
+                }

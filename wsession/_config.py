@@ -139,7 +139,7 @@ class Settings(BaseModel):
         "LimitExceeded.",
     )
     max_presence_topics_per_session: int = Field(
-        default=100,
+        default=128,
         ge=1,
         description="Topics one session may be tracked in (and, separately, subscribed to); "
         "past it track()/subscribe() raise LimitExceeded.",

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 Meta = dict[str, Any]
 """One session's presence metadata: a JSON object."""
 
+People = dict[str, dict[str, Meta]]
+"""A topic's presence: person -> {session id: metadata}."""
+
 PresenceChange = tuple[str, str, str, Meta | None]
 """``(topic, session_id, person, meta)`` as a registry stores and publishes it; ``meta`` is
 ``None`` for a leave."""
@@ -115,6 +118,7 @@ class Presence:
         self._subscriptions: dict[str, set[str]] = {}  # sid -> topics it is subscribed to
         self._pending: dict[str, dict[str, _Entry | None]] = {}  # topic -> sid -> entry before
         self._outbox: list[PresenceChange] = []  # this worker's changes not yet published
+        self._snapshots: dict[str, People] = {}  # topic -> as of its last diff (cached)
         self._timer: Timer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loaded = False
@@ -189,7 +193,7 @@ class Presence:
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def people(self, topic: str) -> dict[str, dict[str, Meta]]:
+    async def people(self, topic: str) -> People:
         """Who is in ``topic``: person (``user_key``, or the session id of a session without
         one) -> {session id: metadata}, cluster-wide with a cluster registry.
 
@@ -218,11 +222,15 @@ class Presence:
 
     # -- subscriptions ----------------------------------------------------------------------
 
-    async def subscribe(self, session: Session, topic: str) -> bool:
+    async def subscribe(self, session: Session, topic: str) -> People | None:
         """Send ``session`` (one of this worker's) the diffs of ``topic`` from now on, until it
-        unsubscribes or ends. Diffs apply on top of a :meth:`people` taken when subscribing
-        (a change already in that list may be repeated by the next diff: apply diffs as set
-        operations). False when the session is not live on this worker.
+        unsubscribes or ends.
+
+        Returns the topic's people as of its last diff (same shape as :meth:`people`): the base
+        the diffs that follow apply to, exactly (a change not yet sent in a diff is in the next
+        one, never in this base; so a session's own track just before is in the next diff).
+        Give it to the client with the subscription. Shared by every subscriber of the same
+        interval: do not modify it. ``None`` when the session is not live on this worker.
 
         Raises:
             ValueError: ``topic`` is not a non-empty string.
@@ -230,8 +238,9 @@ class Presence:
                 topics already, or ``topic`` is longer than ``max_group_name_length``.
         """
         topic = self._check_topic(topic)
+        await self._ensure_loaded()
         if not self._live(session):
-            return False
+            return None
         limit = self._manager.settings.max_presence_topics_per_session
         topics = self._subscriptions.setdefault(session.id, set())
         if topic not in topics and len(topics) >= limit:
@@ -241,7 +250,26 @@ class Presence:
             )
         topics.add(topic)
         self._subscribers.setdefault(topic, {})[session.id] = session
-        return True
+        return self._published(topic)
+
+    def _published(self, topic: str) -> People:
+        """The topic as of its last diff: now, with this interval's changes undone (cached
+        until the next diff: every subscriber of one interval shares it)."""
+        cached = self._snapshots.get(topic)
+        if cached is not None:
+            return cached
+        people = {
+            person: {sid: entry.meta for sid, entry in sessions.items()}
+            for person, sessions in self._topics.get(topic, {}).items()
+        }
+        for session_id, before in self._pending.get(topic, {}).items():
+            after = self._where.get((topic, session_id))
+            if after is not None:
+                _discard(people, after.person, session_id)
+            if before is not None:
+                people.setdefault(before.person, {})[session_id] = before.meta
+        self._snapshots[topic] = people
+        return people
 
     async def unsubscribe(self, session: Session | str, topic: str) -> bool:
         """Stop sending ``topic``'s diffs to a session; False if it was not subscribed."""
@@ -394,6 +422,8 @@ class Presence:
         subscribers (one message per topic, through the ordered outbound path of each)."""
         self._timer = None
         pending, self._pending = self._pending, {}
+        for topic in pending:
+            self._snapshots.pop(topic, None)
         outbox, self._outbox = self._outbox, []
         sends: list[tuple[list[Session], Any]] = []
         for topic, before in pending.items():
