@@ -399,6 +399,12 @@ class SessionManager:
             self._presence = Presence(self)
         return self._presence
 
+    @property
+    def presence_if_used(self) -> Presence | None:
+        """:attr:`presence` if anything made it yet, else ``None`` (for registries, which must
+        not create it for apps that never use presence)."""
+        return self._presence
+
     def _end_presence(self, session: Session) -> None:
         """Called once by a session's teardown: it leaves every presence topic."""
         if self._presence is not None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._delivery import deliver_all, to_message
-from ._exceptions import InvalidMessage, LimitExceeded
+from ._exceptions import InvalidMessage, LimitExceeded, RegistryUnavailable
 from ._json import encode_json
 from ._log import log_error
 from ._session import Session
@@ -142,7 +142,6 @@ class Presence:
             LimitExceeded: ``topic`` is longer than ``max_group_name_length``, ``meta`` is over
                 ``max_presence_meta_bytes``, the session is in ``max_presence_topics_per_session``
                 topics, or ``topic`` has ``max_presence_members_per_topic`` sessions.
-            RegistryUnavailable: a cluster registry could not load the cluster's presence.
         """
         topic = self._check_topic(topic)
         stored = self._check_meta(meta)
@@ -195,11 +194,9 @@ class Presence:
 
     async def people(self, topic: str) -> People:
         """Who is in ``topic``: person (``user_key``, or the session id of a session without
-        one) -> {session id: metadata}, cluster-wide with a cluster registry.
-
-        Raises:
-            RegistryUnavailable: a cluster registry could not load the cluster's presence.
-        """
+        one) -> {session id: metadata}, cluster-wide with a cluster registry (this worker's
+        view: while a cluster registry cannot reach its store, what it knew, plus the changes
+        of this worker's sessions)."""
         await self._ensure_loaded()
         return {
             person: {sid: entry.meta for sid, entry in sessions.items()}
@@ -293,8 +290,12 @@ class Presence:
         for topic in self._subscriptions.pop(session.id, ()):
             _discard(self._subscribers, topic, session.id)
 
-    def apply_remote(self, node: str, changes: list[PresenceChange]) -> None:
-        """Apply another worker's published changes (called by a cluster registry)."""
+    def apply_remote(
+        self, node: str, changes: list[PresenceChange], *, announce: bool = True
+    ) -> None:
+        """Apply another worker's published changes (called by a cluster registry). With
+        ``announce=False`` (what was there before this worker looked) they are not sent as a
+        diff: they are part of every subscriber's base."""
         owned = self._nodes.setdefault(node, set())
         for topic, session_id, person, meta in changes:
             key = (topic, session_id)
@@ -306,7 +307,7 @@ class Presence:
                     self._drop(topic, session_id)
                     owned.discard(key)
             else:
-                self._put(topic, session_id, _Entry(person, meta, node))
+                self._put(topic, session_id, _Entry(person, meta, node), announce=announce)
                 owned.add(key)
         if not owned:
             del self._nodes[node]
@@ -319,9 +320,9 @@ class Presence:
             if entry is not None and entry.node == node:
                 self._drop(topic, session_id)
 
-    def take_outbox(self) -> list[PresenceChange]:
-        """This worker's tracked sessions as changes to publish in full (a cluster registry
-        writing its state again after an outage)."""
+    def tracked_here(self) -> list[PresenceChange]:
+        """This worker's tracked sessions, as changes that write them in full (a cluster
+        registry writing its state again after an outage or under a new node id)."""
         return [
             (topic, sid, entry.person, entry.meta)
             for sid, topics in self._local.items()
@@ -373,22 +374,28 @@ class Presence:
         async with self._loading:
             if self._loaded:
                 return
-            loaded = await self._manager.registry.load_presence()
+            try:
+                loaded = await self._manager.registry.load_presence()
+            except RegistryUnavailable:
+                return  # local presence works meanwhile; the next call tries again
             touched = self._touched or set()
             for node, changes in loaded.items():
                 fresh = [c for c in changes if (c[0], c[1]) not in touched]
                 if fresh:
-                    self.apply_remote(node, fresh)
+                    self.apply_remote(node, fresh, announce=False)
             self._loaded, self._touched = True, None
 
-    def _put(self, topic: str, session_id: str, entry: _Entry) -> None:
+    def _put(self, topic: str, session_id: str, entry: _Entry, *, announce: bool = True) -> None:
         key = (topic, session_id)
         old = self._where.get(key)
         if old is not None:
             _discard(self._topics[topic], old.person, session_id)
         else:
             self._sizes[topic] = self._sizes.get(topic, 0) + 1
-        self._note(topic, session_id, old)
+        if announce:
+            self._note(topic, session_id, old)
+        else:
+            self._snapshots.pop(topic, None)
         self._where[key] = entry
         self._topics.setdefault(topic, {}).setdefault(entry.person, {})[session_id] = entry
 
