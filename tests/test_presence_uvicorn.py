@@ -78,3 +78,43 @@ async def test_tabs_are_grouped_by_person_and_a_second_tab_is_one_diff() -> None
         await follow(bob, view, lambda v: "alice" not in v.people())
         assert view.people() == {"bob": {welcome["id"]}}
         await bob.close()
+
+
+async def test_presence_equals_the_live_sessions_after_a_storm_with_mixed_endings() -> None:
+    """1,000 clients arrive at once (every one tracked in and subscribed to the lobby); a
+    quarter close cleanly, a quarter drop without a close frame, a tenth are kicked by the
+    server; once the storm settles, presence is exactly the live sessions, and a subscriber
+    that applied every diff to its welcome's base sees the same."""
+    app = create_app(environ={"WSESSION_PRESENCE_INTERVAL": "0.2"})
+    manager = app.state.sessions
+    clients = 1000
+    async with run_server(app, ws_max_queue=4096) as server:
+        watcher, welcome = await open_tab(server.ws, "watcher")
+        view = View(welcome)
+
+        async def arrive(i: int) -> tuple[ClientConnection, str]:
+            ws, w = await open_tab(server.ws, f"user{i % 400}")  # 400 people, 2-3 tabs each
+            return ws, str(w["id"])
+
+        tabs = await asyncio.wait_for(asyncio.gather(*(arrive(i) for i in range(clients))), 25)
+        closing, dropping = tabs[:250], tabs[250:500]
+        kicked = tabs[500:600]
+        await asyncio.gather(*(ws.close() for ws, _ in closing))
+        for ws, _ in dropping:
+            ws.transport.abort()
+        for _, session_id in kicked:
+            await manager.close(session_id, 4000, "kicked")
+        alive = {session_id for _, session_id in tabs[600:]} | {welcome["id"]}
+
+        deadline = asyncio.get_running_loop().time() + 15
+        await manager._wait_local(lambda: set(manager.local) == alive, deadline)
+        assert set(manager.local) == alive
+        await follow(watcher, view, lambda v: set(v.ids) == alive, timeout=15)
+        people = await manager.presence.people("lobby")
+        assert {i for sessions in people.values() for i in sessions} == alive
+        assert await manager.presence.count("lobby", sessions=True) == len(alive)
+        expected_people = {f"user{i % 400}" for i in range(600, clients)} | {"watcher"}
+        assert set(people) == set(view.people()) == expected_people
+        for ws, _ in tabs[600:]:
+            await ws.close()
+        await watcher.close()
