@@ -6,6 +6,7 @@ worker, every client subscribed. Two servers, one after the other, same storm:
 - ``diff``: wsession presence (``presence_interval``, default 0.5 s): each connection is
   tracked in ``lobby`` and subscribed; its welcome carries the lobby as of the last diff;
   changes go out as one ``presence_diff`` per interval to every subscriber.
+- ``none`` (with ``--modes none``): no presence at all, the cost floor of the handshakes.
 - ``naive``: what the example did before issue 15: the welcome lists everyone online and each
   arrival is broadcast to every other connection (one frame each).
 
@@ -74,7 +75,9 @@ def make_app(mode: str, interval: float) -> Any:
     async def ws_endpoint(ws: WebSocket) -> None:
         session = get_session(ws)
         await ws.accept()
-        if mode == "naive":
+        if mode == "none":  # the floor: handshake and a small welcome, no presence at all
+            await ws.send_json({"type": "welcome", "id": session.id})
+        elif mode == "naive":
             online = [{"id": s.id, "name": s.user_key} for s in manager.local.values()]
             await ws.send_json({"type": "welcome", "id": session.id, "online": online})
             event = {"type": "presence", "event": "online", "id": session.id}
@@ -221,7 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.interval, args.deflate)
+        profile = os.environ.get("WSESSION_BENCH_PROFILE")
+        if profile:  # where the server's time goes: python -m pstats FILE
+            import cProfile
+
+            cProfile.runctx(
+                "serve(args.serve, args.port, args.interval, args.deflate)",
+                globals(),
+                {"args": args},
+                profile,
+            )
+        else:
+            serve(args.serve, args.port, args.interval, args.deflate)
         return 0
     results = {}
     for mode in args.modes.split(","):
