@@ -32,11 +32,15 @@ lint: install
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache site dist build
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-presence
 
 # Benchmarks against bare Starlette (not part of `make test`; see BENCHMARKS.md).
 bench: install
 	$(BIN)/python -m bench
+
+# Presence join storm (issue 15): 2,000 clients in 2 s, diffs against the naive broadcast.
+bench-presence: install
+	$(BIN)/python -m bench.presence
 
 # Seconds-long check that the benchmark harness works (numbers are not judged).
 bench-smoke: install

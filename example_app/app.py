@@ -36,9 +36,20 @@ Contract (outside checks rely on it; extend it, never rename it):
   refreshed by ``expires_at`` plus ``WSESSION_EXPIRY_GRACE`` seconds (default 5) is closed with
   code 4401, reason "expired". Without the TTL, ``refresh`` answers ``{"type": "error", ...}``.
 
-  Every connection is told when another one comes or goes: ``{"type": "presence", "event":
-  "online" | "offline", "id": ID, "name": NAME}``. Connections with the same NAME share a user
-  key, so ``send_user`` reaches all of one person's tabs.
+  Presence (``manager.presence``): every connection is tracked in the topic ``lobby`` and
+  subscribed to it; connections with the same NAME share a user key (one person, several tabs),
+  so ``send_user`` reaches all of one person's tabs. The welcome also carries ``"presence":
+  [{"name": NAME, "ids": [ID, ...]}, ...]``: the lobby grouped by person, as of the last diff
+  (the diffs that follow apply to it exactly; this connection's own join is in the next one).
+  Changes arrive as one message per topic per ``WSESSION_PRESENCE_INTERVAL`` seconds (default
+  0.5): ``{"type": "presence_diff", "topic": T, "joins": [{"name", "ids"}, ...], "leaves":
+  [{"name", "ids"}, ...]}`` (the connections of each person that joined or left; a connection
+  that came and went inside one interval is in neither). A person is online while they have at
+  least one id. Each room (group) is a topic too: ``join`` also tracks and subscribes the
+  connection there, and ``joined`` is followed by a ``presence_diff`` of that topic whose
+  ``joins`` are the room's people so far; ``leave`` untracks it. (This replaces the
+  per-connection ``{"type": "presence", "event": "online" | "offline", "id", "name"}`` message
+  sent to everyone on every arrival and departure, which cost O(N) frames per arrival.)
 - ``GET /``: the single-page demo (static/index.html).
 - ``GET /api/sessions``: ``{"sessions": [{"id", "name", "connected_at"}, ...]}``.
 - ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``.
@@ -95,6 +106,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsession import (
+    PresenceDiff,
     Refuse,
     RegistryUnavailable,
     SendResult,
@@ -120,6 +132,7 @@ class Member(BaseModel):
 STATIC = Path(__file__).parent / "static"
 UNAVAILABLE = "temporarily unavailable"
 logger = logging.getLogger("example_app")
+LOBBY = "lobby"
 KICK_CODE = 4000
 REVOKE_CODE = 4403
 
@@ -141,6 +154,7 @@ _ENV_SETTINGS: dict[str, tuple[str, Any]] = {
     "WSESSION_IDLE_TIMEOUT": ("idle_timeout", float),
     "WSESSION_EXPIRY_GRACE": ("expiry_grace", float),
     "WSESSION_REVOCATION_TTL": ("revocation_ttl", float),
+    "WSESSION_PRESENCE_INTERVAL": ("presence_interval", float),
 }
 
 
@@ -222,10 +236,7 @@ def create_app(
         return None if ttl is None else datetime.now(UTC) + ttl
 
     quiet_refused_handshakes()
-
-    @sessions.on_disconnect
-    async def announce_offline(session: Session) -> None:
-        await sessions.broadcast(_presence("offline", session), exclude=session.id)
+    sessions.presence.render = _render_diff  # sessions leave their topics when they end
 
     async def ws_endpoint(websocket: WebSocket) -> None:
         session = get_session(websocket)
@@ -234,16 +245,19 @@ def create_app(
             others = await sessions.sessions(lambda s: s.id != session.id)
         except RegistryUnavailable:  # Redis down: this worker's own sessions still work
             others = [s for s in sessions.local.values() if s.id != session.id]
+        presence = sessions.presence
+        await presence.track(session, LOBBY)
+        lobby = await presence.subscribe(session, LOBBY)
         welcome: dict[str, Any] = {
             "type": "welcome",
             "id": session.id,
             "name": session.data.name,
             "online": [{"id": s.id, "name": s.data.name} for s in others],
+            "presence": _people(lobby or {}),
         }
         if session.expires_at is not None:
             welcome["expires_at"] = session.expires_at.isoformat()
         await session.send_json(welcome)
-        await sessions.broadcast(_presence("online", session), exclude=session.id)
         try:
             while True:
                 message = await websocket.receive()
@@ -369,8 +383,18 @@ async def _registry_unavailable(request: Request, exc: Exception) -> JSONRespons
     return JSONResponse({"error": "registry unavailable", "detail": UNAVAILABLE}, status_code=503)
 
 
-def _presence(event: str, session: Session) -> dict[str, Any]:
-    return {"type": "presence", "event": event, "id": session.id, "name": session.data.name}
+def _people(people: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Presence grouped by person, as the example sends it (the user key is the name)."""
+    return [{"name": name, "ids": list(ids)} for name, ids in people.items()]
+
+
+def _render_diff(diff: PresenceDiff) -> dict[str, Any]:
+    return {
+        "type": "presence_diff",
+        "topic": diff.topic,
+        "joins": _people(diff.joins),
+        "leaves": _people(diff.leaves),
+    }
 
 
 async def _handle(sessions: SessionManager, session: Session, raw: str) -> None:
@@ -401,11 +425,21 @@ async def _handle(sessions: SessionManager, session: Session, raw: str) -> None:
     elif kind == "broadcast":
         await sessions.broadcast({"type": "broadcast", **sender, "text": text})
     elif kind in ("join", "leave") and isinstance(group, str) and group:
+        presence = sessions.presence
         if kind == "join":
             await sessions.join(session.id, group)
+            await presence.track(session, group)
+            base = await presence.subscribe(session, group) or {}
+            await session.send_json({"type": "joined", "group": group})
+            # The room's people so far, as a diff from nothing (the later diffs apply to it).
+            await session.send_json(
+                _render_diff(PresenceDiff(group, base, {}, frozenset(), frozenset()))
+            )
         else:
             await sessions.leave(session.id, group)
-        await session.send_json({"type": "joined" if kind == "join" else "left", "group": group})
+            await presence.untrack(session, group)
+            await presence.unsubscribe(session, group)
+            await session.send_json({"type": "left", "group": group})
     elif kind == "group" and isinstance(group, str) and group:
         await sessions.send_group(group, {"type": "group", "group": group, **sender, "text": text})
     else:

@@ -111,6 +111,10 @@ async def test_metrics_count_a_scripted_scenario(monkeypatch: pytest.MonkeyPatch
         assert value(live, "wsession_sessions_refused_total", reason="bad_name") == 1
 
         (ann, _), (ben, _), (cat, cat_id) = clients
+        for ws, _ in clients:  # a presence diff reached each (sends counted by the manager)
+            async with asyncio.timeout(5):
+                while json.loads(await ws.recv())["type"] != "presence_diff":
+                    pass
         await ann.close()
         await ben.close()
         kicked = await http.post(f"{server.http}/api/kick/{cat_id}")
@@ -119,7 +123,7 @@ async def test_metrics_count_a_scripted_scenario(monkeypatch: pytest.MonkeyPatch
         assert closed is not None and closed.code == 4000
         await recorder.wait_ended(3)
         # Each disconnect hook is timed after it returns: wait for the last observation.
-        await until(lambda: manager.stats.hook_seconds["disconnect"].count == 2 * 3)
+        await until(lambda: manager.stats.hook_seconds["disconnect"].count == 3)
 
         samples = await scrape(http, server)
         assert value(samples, "wsession_sessions_live") == 0
@@ -131,8 +135,9 @@ async def test_metrics_count_a_scripted_scenario(monkeypatch: pytest.MonkeyPatch
         assert value(samples, "wsession_slow_consumers_total") == 0
         assert value(samples, "wsession_dropped_messages_total") == 0
         # Two connect hooks (the recorder's, then the name check) ran for all four attempts;
-        # two disconnect hooks (the recorder's and the offline announcement) for three endings.
-        for phase, calls in (("connect", 2 * 4), ("disconnect", 2 * 3)):
+        # one disconnect hook (the recorder's; presence leaves in the teardown, no hook) for
+        # three endings.
+        for phase, calls in (("connect", 2 * 4), ("disconnect", 3)):
             histogram = manager.stats.hook_seconds[phase]
             assert value(samples, "wsession_hook_duration_seconds_count", phase=phase) == calls
             assert value(

@@ -236,3 +236,33 @@ async def test_redis_stores_dict_data_that_json_cannot_hold_as_text(
         assert seen is not None and seen.node != other.registry.node_id  # type: ignore[attr-defined]
         assert seen.data == {"when": str(when)}
         await ws.close()
+
+
+async def test_presence_on_one_worker(make_registry: Callable[[], SessionRegistry]) -> None:
+    """Presence answers the same on either registry: tracked sessions grouped by user, one
+    diff per interval to subscribers, nothing left once the sessions end, and no other
+    worker's presence to load."""
+    async with serving(make_registry, presence_interval=0.05) as (server, manager, _):
+        assert await manager.registry.load_presence() == {}
+        a, a_id = await join(server, "user=ann")
+        b, b_id = await join(server, "user=ann")
+        c, c_id = await join(server, "user=cid")
+        presence = manager.presence
+        for session_id, meta in ((a_id, {"tab": 1}), (b_id, {"tab": 2}), (c_id, {})):
+            assert await presence.track(manager.local[session_id], "room", meta)
+        assert await presence.subscribe(manager.local[c_id], "room") == {}
+        diff = json.loads(await asyncio.wait_for(c.recv(), 5))
+        assert diff["joins"] == {"ann": {a_id: {"tab": 1}, b_id: {"tab": 2}}, "cid": {c_id: {}}}
+        assert await presence.people("room") == diff["joins"]
+        assert await presence.count("room") == 2
+        await a.close()
+        await b.close()
+        diffs: list[dict[str, Any]] = []
+        while sum(len(d["leaves"].get("ann", {})) for d in diffs) < 2:
+            diffs.append(json.loads(await asyncio.wait_for(c.recv(), 5)))
+        assert diffs[-1]["departed"] == ["ann"]
+        assert await presence.people("room") == {"cid": {c_id: {}}}
+        await c.close()
+        await wait_unregistered(manager)
+        assert await presence.count("room", sessions=True) == 0
+        assert await manager.registry.load_presence() == {}

@@ -23,6 +23,7 @@ from ._expiry import RefreshHook
 from ._ids import new_connection_id
 from ._manager import Hook, SessionManager
 from ._middleware import WSessionMiddleware
+from ._presence import Presence, PresenceDiff
 from ._session import EndReason, Session, SessionState
 from ._stats import Stats
 from .backends import MemoryRegistry, SessionRegistry
@@ -35,6 +36,8 @@ __all__ = [
     "InvalidMessage",
     "LimitExceeded",
     "MemoryRegistry",
+    "Presence",
+    "PresenceDiff",
     "RefreshHook",
     "Refuse",
     "RegistryUnavailable",

@@ -124,6 +124,32 @@ class Settings(BaseModel):
         ge=1,
         description="Characters in a group name; join() with a longer one raises LimitExceeded.",
     )
+    # -- presence (see wsession/_presence.py; nothing is allocated until it is used) ----------
+    presence_interval: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="Seconds over which presence changes are coalesced into one diff per topic "
+        "(a join and a leave of one session inside it cancel out).",
+    )
+    max_presence_meta_bytes: int = Field(
+        default=1024,
+        ge=2,
+        description="Bytes of one session's presence metadata (as JSON); track() past it raises "
+        "LimitExceeded.",
+    )
+    max_presence_topics_per_session: int = Field(
+        default=128,
+        ge=1,
+        description="Topics one session may be tracked in (and, separately, subscribed to); "
+        "past it track()/subscribe() raise LimitExceeded.",
+    )
+    max_presence_members_per_topic: int = Field(
+        default=100_000,
+        ge=1,
+        description="Sessions tracked in one topic (cluster-wide as this worker sees it); track() "
+        "past it raises LimitExceeded (default 100,000).",
+    )
     # -- liveness ---------------------------------------------------------------------------
     idle_timeout: float | None = Field(
         default=None,

@@ -337,6 +337,7 @@ async def _teardown(manager: SessionManager, session: Session, ticket: Ticket) -
             await _unregister(manager, session)
         finally:
             manager.admission.release(ticket)
+            manager._end_presence(session)  # once: the teardown runs once per session
             manager._forget_local(session)
             # Drop what ties a closed session to the server's connection object, so a session
             # kept by user code does not keep the connection's buffers alive.

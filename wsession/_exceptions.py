@@ -69,8 +69,10 @@ class LimitExceeded(WSessionError, ValueError):
     """A request would exceed a configured cap, so it was not carried out.
 
     Raised by :meth:`~wsession.SessionManager.join` past ``max_group_name_length`` or
-    ``max_groups_per_session``; the message names the setting. Also a ``ValueError``, so code
-    that validated its input with ``except ValueError`` keeps working.
+    ``max_groups_per_session``, and by presence (:class:`~wsession.Presence`) past
+    ``max_presence_meta_bytes``, ``max_presence_topics_per_session`` or
+    ``max_presence_members_per_topic``; the message names the setting. Also a ``ValueError``,
+    so code that validated its input with ``except ValueError`` keeps working.
     """
 
 

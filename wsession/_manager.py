@@ -23,6 +23,7 @@ from ._exceptions import ConfigurationError, LimitExceeded, Refuse, RegistryUnav
 from ._expiry import RefreshHook
 from ._ids import new_connection_id
 from ._log import log_warning
+from ._presence import Presence
 from ._session import EndReason, Session
 from ._stats import Stats
 from .backends import MemoryRegistry, SessionRegistry
@@ -94,6 +95,7 @@ class SessionManager:
         self.local: dict[str, Session] = {}
         """This worker's live sessions (whatever the registry), by id."""
         self._local_changed: asyncio.Event | None = None
+        self._presence: Presence | None = None  # made on first use: free for apps without it
         self._signal_handlers: dict[int, Any] = {}
         self._drain_task: asyncio.Task[None] | None = None
         self._entered = False
@@ -392,6 +394,28 @@ class SessionManager:
     async def close_user(self, user_key: str, code: int = 1000, reason: str = "") -> int:
         """Close every session of one user; returns how many were closed."""
         return await self.registry.close_user(user_key, _check_code(code), reason)
+
+    # -- presence ---------------------------------------------------------------------------
+
+    @property
+    def presence(self) -> Presence:
+        """Who is online, per topic and per user, with batched diffs to subscribers (see
+        :class:`~wsession.Presence`). Created on first use: apps that never touch it pay
+        nothing per connection."""
+        if self._presence is None:
+            self._presence = Presence(self)
+        return self._presence
+
+    @property
+    def presence_if_used(self) -> Presence | None:
+        """:attr:`presence` if anything made it yet, else ``None`` (for registries, which must
+        not create it for apps that never use presence)."""
+        return self._presence
+
+    def _end_presence(self, session: Session) -> None:
+        """Called once by a session's teardown: it leaves every presence topic."""
+        if self._presence is not None:
+            self._presence.session_ended(session)
 
     # -- credentials on long-lived connections --------------------------------------------
 

@@ -37,7 +37,8 @@
     name: "",
     myId: null,
     socket: null,
-    online: new Map(), // id -> name, the others connected now
+    online: new Map(), // id -> name, the others' connections (tabs), from the lobby's diffs
+    roomPeople: new Map(), // room -> Map(id -> name), from each room's diffs
     gone: new Set(), // ids announced offline; /api/sessions can list them a moment longer
     rooms: new Set(), // rooms we are in; re-joined after a reconnect
     attempt: 0, // failed connections in a row, for the backoff
@@ -151,6 +152,7 @@
     state.myId = null;
     $("me-id").textContent = "";
     state.online.clear();
+    state.roomPeople.clear();
     renderPeople();
     if (event.code === KICK_CODE) {
       state.kicked = true;
@@ -195,25 +197,21 @@
         state.myId = message.id;
         state.attempt = 0;
         $("me-id").textContent = message.id;
-        state.online = new Map(message.online.map((p) => [p.id, p.name]));
+        state.online = new Map();
+        for (const { name, ids } of message.presence) {
+          for (const id of ids) if (id !== message.id) state.online.set(id, name);
+        }
         renderPeople();
         setStatus("connected", "connected");
         for (const room of state.rooms) send({ type: "join", group: room });
         refreshAdmin();
         break;
-      case "presence":
-        if (message.id === state.myId) break;
-        if (message.event === "online") {
-          state.online.set(message.id, message.name);
-          addLog("presence", message.name, "came online", { id: message.id, event: "online" });
-        } else {
-          state.online.delete(message.id);
-          state.gone.add(message.id);
-          if (state.gone.size > 1000) state.gone.delete(state.gone.values().next().value);
-          addLog("presence", message.name, "went offline", { id: message.id, event: "offline" });
+      case "presence_diff":
+        if (message.topic === "lobby") onLobbyDiff(message);
+        else if (state.roomPeople.has(message.topic)) {
+          applyDiff(state.roomPeople.get(message.topic), message);
+          renderRooms();
         }
-        renderPeople();
-        refreshAdmin();
         break;
       case "dm":
         addLog("dm", message.from === "server" ? "server" : message.name, message.text, {
@@ -233,6 +231,7 @@
         break;
       case "joined":
         state.rooms.add(message.group);
+        state.roomPeople.set(message.group, new Map()); // filled by the diff that follows
         renderRooms();
         if (state.selectOnJoin === message.group) {
           state.selectOnJoin = null;
@@ -241,6 +240,7 @@
         break;
       case "left":
         state.rooms.delete(message.group);
+        state.roomPeople.delete(message.group);
         renderRooms();
         addLog("system", "you", `left #${message.group}`);
         break;
@@ -253,6 +253,47 @@
       default:
         addLog("error", "server", `unknown message type ${JSON.stringify(message.type)}`);
     }
+  }
+
+  // Diffs are set operations on the ids of each person: a repeated join changes nothing.
+  function applyDiff(people, diff) {
+    for (const { ids } of diff.leaves) for (const id of ids) people.delete(id);
+    for (const { name, ids } of diff.joins) for (const id of ids) people.set(id, name);
+  }
+
+  function onLobbyDiff(diff) {
+    for (const { name, ids } of diff.leaves) {
+      for (const id of ids) {
+        if (!state.online.delete(id)) continue;
+        state.gone.add(id);
+        if (state.gone.size > 1000) state.gone.delete(state.gone.values().next().value);
+        const still = tabsOf(name) > 0;
+        addLog("presence", name, still ? "closed a tab" : "went offline", { id, event: "offline" });
+      }
+    }
+    for (const { name, ids } of diff.joins) {
+      for (const id of ids) {
+        if (id === state.myId || state.online.has(id)) continue;
+        const again = tabsOf(name) > 0;
+        state.online.set(id, name);
+        addLog("presence", name, again ? "opened another tab" : "came online", { id, event: "online" });
+      }
+    }
+    renderPeople();
+    refreshAdmin();
+  }
+
+  const tabsOf = (name) => [...state.online.values()].filter((n) => n === name).length;
+
+  // One entry per person (name): their first connection is the one a direct message goes to.
+  function peopleOf(online) {
+    const people = new Map();
+    for (const [id, name] of online) {
+      if (!people.has(name)) people.set(name, []);
+      people.get(name).push(id);
+    }
+    for (const ids of people.values()) ids.sort();
+    return [...people].sort((a, b) => a[0].localeCompare(b[0]));
   }
 
   const who = (message) => (message.from === state.myId ? "you" : message.name);
@@ -282,10 +323,10 @@
 
   function renderPeople() {
     const list = $("online-list");
-    const people = [...state.online].sort((a, b) => a[1].localeCompare(b[1]) || a[0].localeCompare(b[0]));
+    const people = peopleOf(state.online);
     const target = $("target-select").value;
     list.replaceChildren(
-      ...people.map(([id, name]) =>
+      ...people.map(([name, ids]) =>
         el(
           "li",
           {},
@@ -293,19 +334,22 @@
             "button",
             {
               type: "button",
-              class: `person${target === `dm:${id}` ? " selected" : ""}`,
-              title: `message ${name} (${id})`,
-              dataset: { testid: "person", id, name },
-              onclick: () => selectTarget(`dm:${id}`),
+              class: `person${ids.some((id) => target === `dm:${id}`) ? " selected" : ""}`,
+              title: `message ${name} (${ids[0]})`,
+              dataset: { testid: "person", id: ids[0], name, tabs: String(ids.length) },
+              onclick: () => selectTarget(`dm:${ids[0]}`),
             },
             el("span", { class: "dot", "aria-hidden": "true" }),
             el("span", { class: "person-name", text: name }),
-            el("code", { class: "person-id", text: id.slice(0, 6) }),
+            ids.length > 1 ? el("span", { class: "person-tabs", text: `${ids.length} tabs` }) : "",
+            el("code", { class: "person-id", text: ids[0].slice(0, 6) }),
           ),
         ),
       ),
     );
-    $("online-count").textContent = String(people.length + (state.myId ? 1 : 0));
+    const names = new Set(people.map(([name]) => name));
+    if (state.myId) names.add(state.name);
+    $("online-count").textContent = String(names.size);
     $("online-empty").hidden = people.length > 0 || state.myId === null;
     renderTargets();
   }
@@ -317,11 +361,11 @@
       ...rooms.map((room) =>
         el(
           "li",
-          { dataset: { testid: "room", room } },
+          { dataset: { testid: "room", room, people: String(peopleOf(state.roomPeople.get(room) ?? new Map()).length) } },
           el("button", {
             type: "button",
             class: "room-name",
-            text: `#${room}`,
+            text: `#${room} (${peopleOf(state.roomPeople.get(room) ?? new Map()).length})`,
             title: `write to #${room}`,
             onclick: () => selectTarget(`room:${room}`),
           }),
@@ -343,8 +387,8 @@
     const select = $("target-select");
     const previous = select.value;
     const options = [el("option", { value: "everyone", text: "Everyone (broadcast)" })];
-    for (const [id, name] of [...state.online].sort((a, b) => a[1].localeCompare(b[1]))) {
-      options.push(el("option", { value: `dm:${id}`, text: `${name} (direct)` }));
+    for (const [name, ids] of peopleOf(state.online)) {
+      options.push(el("option", { value: `dm:${ids[0]}`, text: `${name} (direct)` }));
     }
     for (const room of [...state.rooms].sort()) {
       options.push(el("option", { value: `room:${room}`, text: `#${room}` }));

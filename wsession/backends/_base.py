@@ -12,6 +12,7 @@ from .._types import Message
 
 if TYPE_CHECKING:
     from .._manager import SessionManager
+    from .._presence import PresenceChange
 
 SessionFilter = Callable[[Session], bool]
 
@@ -89,3 +90,18 @@ class SessionRegistry(Protocol):
 
     async def is_denied(self, key: str) -> bool:
         """Whether ``key`` is on the denylist (its ``ttl`` has not run out)."""
+
+    async def publish_presence(self, changes: list[PresenceChange]) -> None:
+        """Store this worker's presence changes (``(topic, session_id, person, meta)``, ``meta``
+        ``None`` for a leave) and tell the other workers, which apply them with
+        ``manager.presence.apply_remote``. Called once per ``presence_interval`` at most;
+        never raises for an unreachable store (cluster registries log it). Local registries do
+        nothing."""
+
+    async def load_presence(self) -> dict[str, list[PresenceChange]]:
+        """The other workers' tracked sessions, by worker (called once, when presence is first
+        used). Local registries return ``{}``.
+
+        Raises:
+            RegistryUnavailable: a cluster registry cannot reach its store.
+        """

@@ -46,6 +46,11 @@ class Keys:
         """Set of the session ids a node owns (what survivors claim when it dies)."""
         return f"{self.prefix}:n:{node}:s"
 
+    def presence(self, node: str) -> str:
+        """Hash of a node's presence entries: ``[topic, session id]`` -> ``[person, meta]``
+        (JSON), what a worker starting later loads."""
+        return f"{self.prefix}:p:{node}"
+
     def lease(self, node: str) -> str:
         """A node's lease: exists while its heartbeat runs."""
         return f"{self.prefix}:lease:{node}"

@@ -13,6 +13,7 @@ from ._base import SessionFilter
 
 if TYPE_CHECKING:
     from .._manager import SessionManager
+    from .._presence import PresenceChange
 
 
 class MemoryRegistry:
@@ -206,6 +207,15 @@ class MemoryRegistry:
             return True
         del self._denied[key]
         return False
+
+    # -- presence (one process: nothing to share) --------------------------------------------
+
+    async def publish_presence(self, changes: list[PresenceChange]) -> None:
+        """Nothing to do: every session of this registry is in this process."""
+
+    async def load_presence(self) -> dict[str, list[PresenceChange]]:
+        """No other workers: ``{}``."""
+        return {}
 
 
 def _discard(index: dict[str, dict[str, Session]], key: str, session_id: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 from collections import defaultdict, deque
 from collections.abc import Iterable
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from .._manager import SessionManager
+    from .._presence import PresenceChange
 
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOST_CLOSE_CODE = 1012  # "service restart": the client may reconnect at once
@@ -458,10 +460,20 @@ class RedisRegistry:
                     self._pending_removals
                 ):
                     await self._remove_in_redis(session_id)
+                await self._presence_gone()
                 await client.delete(self._keys.lease(self.node_id))
                 await client.srem(self._keys.nodes, self.node_id)
         self._enter(LinkState.STOPPED)
         await self._close_own_client()
+
+    async def _presence_gone(self) -> None:
+        """At shutdown: this worker's presence leaves everywhere at once (the sessions it
+        drained left their topics, but their leaves would be published one interval later,
+        after the registry closed)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(self._keys.presence(self.node_id))
+        pipe.publish(self._keys.broadcast, encode_envelope("presence_lost", node=self.node_id))
+        await pipe.execute()
 
     async def _close_own_client(self) -> None:
         """Close the client and pool the registry made (never one given to it); bounded."""
@@ -841,6 +853,86 @@ class RedisRegistry:
             self._fail(exc)
         return reached
 
+    # -- presence -----------------------------------------------------------------------------
+
+    async def publish_presence(self, changes: list[PresenceChange]) -> None:
+        """Store this worker's presence changes in its presence hash and publish them on the
+        broadcast channel, in one round trip. Skipped while Redis is unreachable: when it is
+        back the worker writes and publishes its presence in full again (see
+        :meth:`_presence_reset`)."""
+        if self._state is not LinkState.AVAILABLE or not changes:
+            return
+        try:
+            async with self._bounded():
+                pipe = self.redis.pipeline(transaction=False)
+                _write_presence(pipe, self._keys.presence(self.node_id), changes)
+                pipe.publish(
+                    self._keys.broadcast,
+                    encode_envelope("presence", origin=self.node_id, changes=changes),
+                )
+                await pipe.execute()
+        except _redis_errors() as exc:
+            self._fail(exc)
+
+    async def load_presence(self) -> dict[str, list[PresenceChange]]:
+        """The other workers' presence entries, from their presence hashes.
+
+        Raises:
+            RegistryUnavailable: Redis is unreachable.
+        """
+        async with self._cluster("presence"):
+            nodes = [n for n in await self.redis.smembers(self._keys.nodes) if n != self.node_id]
+            pipe = self.redis.pipeline(transaction=False)
+            for node in nodes:
+                pipe.hgetall(self._keys.presence(node))
+            hashes = await pipe.execute() if nodes else []
+        loaded: dict[str, list[PresenceChange]] = {}
+        for node, entries in zip(nodes, hashes, strict=True):
+            changes: list[PresenceChange] = []
+            for field, value in entries.items():
+                topic, session_id = json.loads(field)
+                person, meta = json.loads(value)
+                changes.append((topic, session_id, person, meta))
+            if changes:
+                loaded[node] = changes
+        return loaded
+
+    async def _presence_reset(self) -> None:
+        """Write this worker's presence again in full, and tell the others to replace what they
+        hold for it (after an outage, whose changes were not published, and at start, which
+        also clears what a crashed previous start under this node id left). One round trip;
+        nothing is published when there is nothing to replace."""
+        presence = self._bound().presence_if_used
+        tracked = presence.tracked_here() if presence is not None else []
+        key = self._keys.presence(self.node_id)
+        async with self._bounded():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(key)
+            _write_presence(pipe, key, tracked)
+            deleted, *_ = await pipe.execute()
+            if not deleted and not tracked:
+                return
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.publish(self._keys.broadcast, encode_envelope("presence_lost", node=self.node_id))
+            if tracked:
+                pipe.publish(
+                    self._keys.broadcast,
+                    encode_envelope("presence", origin=self.node_id, changes=tracked),
+                )
+            await pipe.execute()
+
+    async def _presence_lost(self, node: str) -> None:
+        """A lost worker's presence leaves everywhere: drop its hash, tell every worker (each
+        sends the leaves as one diff per topic), and apply it here."""
+        async with self._bounded():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(self._keys.presence(node))
+            pipe.publish(self._keys.broadcast, encode_envelope("presence_lost", node=node))
+            await pipe.execute()
+        presence = self._bound().presence_if_used
+        if presence is not None:
+            presence.node_lost(node)
+
     # -- internals: the listener ------------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -883,6 +975,9 @@ class RedisRegistry:
             return
         local = self._local
         try:
+            if op in ("presence", "presence_lost"):
+                self._on_presence(op, fields)
+                return
             if op == "broadcast":
                 if fields.get("origin") != self.node_id and message is not None:
                     exclude = fields.get("exclude")
@@ -906,6 +1001,19 @@ class RedisRegistry:
                         await local.leave(session.id, group)
         except Exception:
             log_error(None, "failed to handle a %r message from the cluster", op, exc=True)
+
+    def _on_presence(self, op: str, fields: dict[str, Any]) -> None:
+        """Apply another worker's presence changes, or drop a lost worker's presence."""
+        if op == "presence":
+            origin = str(fields["origin"])
+            if origin != self.node_id:
+                changes = [(str(t), str(i), str(p), m) for t, i, p, m in fields["changes"]]
+                self._bound().presence.apply_remote(origin, changes)
+            return
+        presence = self._bound().presence_if_used
+        node = str(fields["node"])
+        if presence is not None and node != self.node_id:
+            presence.node_lost(node)
 
     def _offer_all(self, targets: list[Session], message: Message) -> None:
         manager = self._bound()
@@ -1029,6 +1137,7 @@ class RedisRegistry:
                 raise
         if not self._unwritten and not self._pending_removals:
             self._enter(LinkState.AVAILABLE)
+            await self._presence_reset()
 
     def _declared_lost(self, node: str) -> None:
         """The cluster declared this worker lost (it was cut off or blocked past its lease, or
@@ -1180,6 +1289,7 @@ class RedisRegistry:
             claimed = await self._claim_sessions(node)
             async with self._bounded():
                 await self._scripts["FORGET_NODE"](args=[self.prefix, node])
+            await self._presence_lost(node)
         except _redis_errors() as exc:
             self._fail(exc)
         except Exception:
@@ -1279,3 +1389,14 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 def _outage_errors() -> tuple[type[BaseException], ...]:
     """:func:`_redis_errors` plus this registry's own RegistryUnavailable."""
     return (*_redis_errors(), RegistryUnavailable)
+
+
+def _write_presence(pipe: Any, key: str, changes: list[PresenceChange]) -> None:
+    """Queue the writes of ``changes`` to a presence hash on ``pipe`` (in order: a later change
+    of one entry wins)."""
+    for topic, session_id, person, meta in changes:
+        field = json.dumps([topic, session_id], separators=(",", ":"))
+        if meta is None:
+            pipe.hdel(key, field)
+        else:
+            pipe.hset(key, field, json.dumps([person, meta], separators=(",", ":")))
