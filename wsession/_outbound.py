@@ -231,16 +231,12 @@ class Outbound:
         for entry in self._queue:
             message, waiter, _ = entry
             if waiter is None:
-                continue
-            swallow = _after_our_close(message)
+                continue  # queued manager data: dropped
             if message["type"] == "websocket.accept" and accept_first:
                 kept.append(entry)  # the app's own accept (it may name a subprotocol)
                 accept_first = False
-            elif swallow is None or swallow:
-                waiter.done.set()
             else:
-                waiter.error = SessionClosed(self._session.id, "closed by the server")
-                waiter.done.set()
+                self._settle(message, waiter, "closed by the server")
         if accept_first and not self.accepted:
             kept.append(({"type": "websocket.accept"}, None, 0))
         kept.append(({"type": "websocket.close", "code": code, "reason": reason}, None, -1))
@@ -382,12 +378,17 @@ class Outbound:
         :class:`SessionClosed`, except closes and accepts, which have nothing left to do)."""
         for message, waiter, _ in self._queue:
             if waiter is not None and not waiter.done.is_set():
-                if _after_our_close(message) is not True and message["type"] != "websocket.close":
-                    waiter.error = SessionClosed(self._session.id, "gone")
-                waiter.done.set()
+                self._settle(message, waiter, "gone")
         self._queue = _NO_QUEUE
         self.queued_bytes = 0
         self._wake_room()
+
+    def _settle(self, message: Message, waiter: _Waiter, state: str) -> None:
+        """Wake an app frame that will never be written: a data frame's send raises
+        :class:`SessionClosed`; an accept, close or denial has nothing left to do."""
+        if message["type"] == "websocket.send":
+            waiter.error = SessionClosed(self._session.id, state)
+        waiter.done.set()
 
     def _queued(self) -> deque[_Entry]:
         if self._queue is _NO_QUEUE:
