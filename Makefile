@@ -32,7 +32,7 @@ lint: install
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache site dist build
 
-.PHONY: bench bench-smoke bench-presence
+.PHONY: bench bench-smoke bench-presence bench-resume
 
 # Benchmarks against bare Starlette (not part of `make test`; see BENCHMARKS.md).
 bench: install
@@ -43,6 +43,10 @@ bench-presence: install
 	$(BIN)/python -m bench.presence
 
 # Seconds-long check that the benchmark harness works (numbers are not judged).
+# What session resumption costs: recording per message, resume latency, memory per detached session.
+bench-resume: install
+	$(BIN)/python -m bench.resume
+
 bench-smoke: install
 	$(BIN)/python -m bench --smoke
 

@@ -50,9 +50,28 @@ Contract (outside checks rely on it; extend it, never rename it):
   ``joins`` are the room's people so far; ``leave`` untracks it. (This replaces the
   per-connection ``{"type": "presence", "event": "online" | "offline", "id", "name"}`` message
   sent to everyone on every arrival and departure, which cost O(N) frames per arrival.)
+  Resumption (``WSESSION_RESUME_WINDOW``, seconds, default 120; 0 turns it off): the welcome
+  carries ``"resume": TOKEN`` (``null`` when off) and ``"resumed": false``. With resumption
+  on, every other message the server sends to a client carries ``"seq": N``: 1 for the
+  session's first, then increasing by exactly 1, never reset by a resume. A connection lost
+  without a clean close (dropped TCP, server restart with 1001/1012, idle timeout) leaves the
+  session detached for the window.
+  Reconnecting with ``WS /ws?name=NAME&resume=TOKEN&last=N`` (N: the last ``seq`` the client
+  processed): if recovered, the welcome has the same ``id``, a new ``resume`` token (each token
+  works once) and ``"resumed": true``, and is followed by every message with ``seq > N``, in
+  order, then live traffic; a resumed welcome has no ``presence`` (the client keeps its list;
+  the replayed diffs bring it up to date). Otherwise (token forged, used, expired or from a
+  session that ended, or N older than the replay buffer holds) the client gets a new ``id``
+  and ``"resumed": false``, as for a first connection: never a partial replay.
+  ``WSESSION_RESUME_SECRET`` (32+ characters) signs the tokens; by default a random key per
+  process.
 - ``GET /``: the single-page demo (static/index.html).
-- ``GET /api/sessions``: ``{"sessions": [{"id", "name", "connected_at"}, ...]}``.
-- ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``.
+- ``GET /api/sessions``: ``{"sessions": [{"id", "name", "connected_at", "state"}, ...]}``;
+  ``state`` is ``"open"`` or ``"detached"``.
+- ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``,
+  ``detached`` (sessions waiting to be resumed) and ``resumed_total``. At rest:
+  ``connected_total == disconnected_total + live + detached`` (a resume is not a new
+  connection).
   (With Redis, ``/api/sessions`` and ``/api/stats`` answer 503 ``{"error": "registry
   unavailable", "detail": "temporarily unavailable"}`` while Redis is unreachable; WebSocket
   actions that need the cluster answer ``{"type": "error", "error": "temporarily
@@ -113,6 +132,7 @@ from wsession import (
     Session,
     SessionManager,
     SessionRegistry,
+    SessionState,
     WSessionMiddleware,
     get_session,
 )
@@ -155,7 +175,10 @@ _ENV_SETTINGS: dict[str, tuple[str, Any]] = {
     "WSESSION_EXPIRY_GRACE": ("expiry_grace", float),
     "WSESSION_REVOCATION_TTL": ("revocation_ttl", float),
     "WSESSION_PRESENCE_INTERVAL": ("presence_interval", float),
+    "WSESSION_RESUME_WINDOW": ("resume_window", float),
+    "WSESSION_RESUME_SECRET": ("resume_secret", str),
 }
+RESUME_WINDOW = 120.0  # the example's default; WSESSION_RESUME_WINDOW=0 turns resumption off
 
 
 def settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -169,6 +192,8 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]
     settings: dict[str, Any] = {
         "allowed_origins": [o.strip() for o in origins.split(",") if o.strip()],
         "allow_missing_origin": True,
+        "resume_window": RESUME_WINDOW,
+        "resume_seq_field": "seq",  # every message but the welcome carries "seq"
     }
     for variable, (name, convert) in _ENV_SETTINGS.items():
         if environ.get(variable):
@@ -229,6 +254,7 @@ def create_app(
 
     if ttl is not None or sessions.settings.revocation_ttl is not None:
         sessions.on_connect(check_credentials)  # only when asked for: no cost otherwise
+        sessions.on_resume(check_credentials)  # a resume never skips authentication
 
     @sessions.on_refresh
     def extend(session: Session, credential: Any) -> datetime | None:
@@ -245,19 +271,25 @@ def create_app(
             others = await sessions.sessions(lambda s: s.id != session.id)
         except RegistryUnavailable:  # Redis down: this worker's own sessions still work
             others = [s for s in sessions.local.values() if s.id != session.id]
-        presence = sessions.presence
-        await presence.track(session, LOBBY)
-        lobby = await presence.subscribe(session, LOBBY)
         welcome: dict[str, Any] = {
             "type": "welcome",
             "id": session.id,
             "name": session.data.name,
             "online": [{"id": s.id, "name": s.data.name} for s in others],
-            "presence": _people(lobby or {}),
+            "resume": session.resume_token,
+            "resumed": session.resumed,
         }
+        if not session.resumed:
+            # A resumed session is still tracked and subscribed: its client keeps its list,
+            # and the replay that follows the welcome brings it up to date.
+            presence = sessions.presence
+            await presence.track(session, LOBBY)
+            lobby = await presence.subscribe(session, LOBBY)
+            welcome["presence"] = _people(lobby or {})
         if session.expires_at is not None:
             welcome["expires_at"] = session.expires_at.isoformat()
-        await session.send_json(welcome)
+        # Sent as it is (not through the session): the welcome is the one unnumbered message.
+        await websocket.send_json(welcome)
         try:
             while True:
                 message = await websocket.receive()
@@ -284,9 +316,12 @@ def create_app(
 
     async def stats(request: Request) -> JSONResponse:
         counters = sessions.stats
+        detached = len(sessions.detached)
         return JSONResponse(
             {
-                "live": await sessions.count(),
+                "live": await sessions.count() - detached,
+                "detached": detached,
+                "resumed_total": counters.resumed,
                 "connected_total": counters.accepted,
                 "disconnected_total": counters.ended,
                 "rejected_total": counters.refused,
@@ -451,6 +486,7 @@ def _describe(session: Session) -> dict[str, Any]:
         "id": session.id,
         "name": session.data.name,
         "connected_at": session.connected_at.isoformat(),
+        "state": "detached" if session.state is SessionState.DETACHED else "open",
     }
 
 

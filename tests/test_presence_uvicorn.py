@@ -84,8 +84,11 @@ async def test_presence_equals_the_live_sessions_after_a_storm_with_mixed_ending
     """1,000 clients arrive at once (every one tracked in and subscribed to the lobby); a
     quarter close cleanly, a quarter drop without a close frame, a tenth are kicked by the
     server; once the storm settles, presence is exactly the live sessions, and a subscriber
-    that applied every diff to its welcome's base sees the same."""
-    app = create_app(environ={"WSESSION_PRESENCE_INTERVAL": "0.2"})
+    that applied every diff to its welcome's base sees the same. (Resumption off: with it, a
+    dropped session stays present while it waits for its client; see test_resume.py.)"""
+    app = create_app(
+        environ={"WSESSION_PRESENCE_INTERVAL": "0.2", "WSESSION_RESUME_WINDOW": "0"}
+    )
     manager = app.state.sessions
     clients = 1000
     async with run_server(app, ws_max_queue=4096) as server:

@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -196,6 +197,49 @@ class Settings(BaseModel):
         "denylist (shared by every worker with a cluster registry) that connect hooks read "
         "with manager.is_revoked(). None: no denylist, revocation only closes.",
     )
+    # -- resumption (see wsession/_resume.py; nothing is allocated while it is off) -----------
+    resume_window: float = Field(
+        default=0,
+        ge=0,
+        le=86400,
+        description="Seconds a session whose connection was lost (dropped, server restart "
+        "1001/1012, idle timeout, cancelled) stays detached, waiting for its client to resume "
+        "it with its resume token; messages sent to it meanwhile are kept for the replay. "
+        "0: off (every ending ends the session).",
+    )
+    resume_buffer: int = Field(
+        default=1000,
+        ge=1,
+        description="Messages kept per session for a replay (the last ones numbered). A "
+        "detached session whose missed messages would not fit ends (replay lost).",
+    )
+    resume_buffer_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="Payload bytes (characters for text) kept per session for a replay.",
+    )
+    resume_secret: SecretStr | None = Field(
+        default=None,
+        description="Key that signs resume tokens (HMAC-SHA256; at least 32 characters). None: "
+        "a random key per process, which is enough while sessions resume on the worker that "
+        "holds them.",
+    )
+    resume_seq_field: str | None = Field(
+        default=None,
+        description="Add each numbered message's sequence number to it as this JSON field "
+        "(for text messages that are JSON objects, like every dict sent through wsession); "
+        "None: the message is left as it is (read Session.seq instead).",
+    )
+    resume_token_param: str = Field(
+        default="resume",
+        min_length=1,
+        description="Query parameter of the handshake that carries the resume token.",
+    )
+    resume_last_param: str = Field(
+        default="last",
+        min_length=1,
+        description="Query parameter with the last sequence number the client processed.",
+    )
     # -- shutdown -----------------------------------------------------------------------------
     drain_timeout: float = Field(
         default=10.0,
@@ -228,6 +272,27 @@ class Settings(BaseModel):
                 "trusted_proxies=['127.0.0.1'] behind a proxy on the same host"
             )
         return values
+
+    @model_validator(mode="after")
+    def _resumption_fits(self) -> Settings:
+        if self.resume_window > 0 and self.slow_consumer is SlowConsumerPolicy.WAIT:
+            raise ValueError(
+                "slow_consumer='wait' cannot keep numbered messages in order with "
+                "resume_window: use 'close' (the client resumes) or 'drop'"
+            )
+        secret = self.resume_secret
+        if secret is not None and len(secret.get_secret_value()) < 32:
+            raise ValueError("resume_secret must be at least 32 characters")
+        return self
+
+    @field_validator("resume_seq_field")
+    @classmethod
+    def _plain_field(cls, value: str | None) -> str | None:
+        if value is not None and not (
+            value and value.isprintable() and '"' not in value and "\\" not in value
+        ):
+            raise ValueError("resume_seq_field must be a plain JSON field name")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -19,8 +19,9 @@ from ._expiry import arm as arm_expiry
 from ._expiry import disarm as disarm_expiry
 from ._lifecycle import count_ending, run_disconnect_hooks
 from ._log import log_error, log_warning
-from ._manager import SessionManager
+from ._manager import Hook, SessionManager
 from ._outbound import Outbound
+from ._resume import Resumption, run_hooks
 from ._session import EndReason, Session, SessionState
 from ._timers import call_later, timed_out
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -54,19 +55,28 @@ async def serve_connection(
     scope[SCOPE_KEY] = session
     current_session.set(session)  # the connection's own task: no token to keep
     try:
-        ticket = await _admit(manager, session, scope)
+        admitted = await _admit(manager, session, scope)
     except BaseException:
         current_session.set(None)  # cancelled during the connect hooks: nothing was set up
         raise
-    if isinstance(ticket, Refuse):
-        refusal = ticket
+    if isinstance(admitted, Refuse):
+        refusal = admitted
         manager.stats.refused += 1
         manager.stats.refused_by[refusal.label] += 1
         current_session.set(None)
         await _refuse(scope, send, refusal)
         return None
 
-    # Admitted: ``ticket`` is released by _teardown in the ``finally`` below; no await before it.
+    # Admitted: ``ticket`` is released by the teardown in the ``finally`` below; no await
+    # before it.
+    ticket, taken = admitted
+    resumption = manager.resumption
+    app_send: Send = outbound.send
+    if taken is not session:
+        # This connection resumed a detached session: the app gets that session.
+        session = taken
+        outbound = Outbound(session, send, settings.max_backlog, settings.max_backlog_bytes, track)
+        session._outbound = outbound
     pump: asyncio.Task[None] | None = None
     if settings.detect_disconnect:
         inbox: asyncio.Queue[Message] = asyncio.Queue(settings.read_ahead)
@@ -85,15 +95,22 @@ async def serve_connection(
             session._last_activity = now()
         return message
 
+    app_receive: Receive = receive_wrapper
+    if session.resumed:
+        assert resumption is not None
+        app_send, app_receive = resumption.wrap(session, outbound, outbound.send, receive_wrapper)
     session._task = _current_task()
-    manager.stats.accepted += 1
     if track:
         _arm_idle_timer(manager, session)
     try:
-        await manager.registry.add(session)
-        session._registered = True
+        if not session.resumed:
+            manager.stats.accepted += 1
+            if resumption is not None:
+                resumption.start(session)
+            await manager.registry.add(session)
+            session._registered = True
         arm_expiry(manager, session)  # nothing unless a connect hook set expires_at
-        return await app(scope, receive_wrapper, outbound.send)
+        return await app(scope, app_receive, app_send)
     except BaseException as exc:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             if session._forced and _uncancel_own(session):
@@ -107,19 +124,26 @@ async def serve_connection(
     finally:
         if session.end_reason is None:
             session._end(EndReason.APP_RETURNED, None, None)
-        session.state = SessionState.CLOSED
         for timer in (session._force_end, session._idle_timer):
             if timer is not None:
                 timer.cancel()
         disarm_expiry(session)
         if pump is not None:
             pump.cancel()
-        await _teardown(manager, session, ticket)
+        if resumption is not None and resumption.should_detach(session, outbound.accepted):
+            await _detach(manager, resumption, session, ticket)
+        else:
+            session.state = SessionState.CLOSED
+            await _teardown(manager, session, ticket)
         current_session.set(None)
 
 
-async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Refuse | Ticket:
-    """Admission checks and connect hooks: the refusal, or the admitted connection's ticket.
+async def _admit(
+    manager: SessionManager, session: Session, scope: Scope
+) -> Refuse | tuple[Ticket, Session]:
+    """Admission checks and connect hooks (or, for a resume, the resume hooks): the refusal,
+    or the admitted connection's ticket and session (``session``, or the detached session this
+    connection resumes).
 
     Limit slots are reserved before the hooks and given back here whenever the connection is
     not admitted (refusal, failing or late hook, cancellation); once admitted, the session is in
@@ -135,7 +159,20 @@ async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Ref
         return ticket
     admitted = False
     try:
-        refusal = await _run_connect_hooks(manager, session)
+        resumption = manager.resumption
+        asked = resumption.requested(scope) if resumption is not None else None
+        if asked is not None:
+            assert resumption is not None
+            claimed = await resumption.claim_or_take_over(*asked)
+            if isinstance(claimed, str):
+                manager.stats.resume_failed[claimed] += 1  # a new session, as if not asked
+            else:
+                taken = await _take_over(manager, resumption, claimed, scope, ticket)
+                if isinstance(taken, Refuse):
+                    return taken
+                admitted = True
+                return ticket, claimed
+        refusal = await _run_connect_hooks(manager, session, manager.connect_hooks)
         if refusal is None:
             refusal = admission.after_hooks(ticket, session)
             if refusal is None and session.id in manager.local:
@@ -151,10 +188,36 @@ async def _admit(manager: SessionManager, session: Session, scope: Scope) -> Ref
             return refusal
         manager.local[session.id] = session  # no await since the check: the id is ours
         admitted = True
-        return ticket
+        return ticket, session
     finally:
         if not admitted:
             admission.release(ticket)
+
+
+async def _take_over(
+    manager: SessionManager, resumption: Resumption, session: Session, scope: Scope, ticket: Ticket
+) -> Refuse | None:
+    """Let a new connection take a claimed detached session over, if its resume hooks and the
+    per-user limit admit it; otherwise the session waits again (same token, rest of its
+    window)."""
+    session._reattach(scope)  # the hooks authenticate the new handshake
+    scope[SCOPE_KEY] = session
+    current_session.set(session)
+    taken = False
+    try:
+        refusal = await _run_connect_hooks(manager, session, manager.resume_hooks)
+        if refusal is None:
+            refusal = manager.admission.after_hooks(ticket, session)
+        if refusal is not None:
+            manager.stats.resume_failed["refused"] += 1
+            return refusal
+        resumption.resumed(session)
+        manager.local[session.id] = session
+        taken = True
+        return None
+    finally:
+        if not taken:
+            resumption.unclaim(session)
 
 
 async def _pump(
@@ -198,7 +261,9 @@ def _check_idle(manager: SessionManager, session: Session, timeout: float) -> No
         session._idle_timer = call_later(remaining, _check_idle, manager, session, timeout)
     else:
         log_warning(session.id, "idle for %ss: closing %s", timeout, session.id)
-        close_session(manager, session, manager.settings.idle_close_code, "idle timeout")
+        close_session(
+            manager, session, manager.settings.idle_close_code, "idle timeout", resumable=True
+        )
 
 
 def _current_task() -> asyncio.Task[Any] | None:
@@ -230,8 +295,11 @@ def _replay(first: Message, receive: Receive) -> Receive:
 # -- connect hooks ------------------------------------------------------------------------
 
 
-async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refuse | None:
-    """Run every connect hook in order; return the refusal, if any.
+async def _run_connect_hooks(
+    manager: SessionManager, session: Session, hooks: tuple[Hook, ...]
+) -> Refuse | None:
+    """Run ``hooks`` (the connect hooks, or the resume hooks) in order; return the refusal,
+    if any.
 
     Whether a hook is async is decided per call, from what it returned: a sync callable that
     returns an awaitable (``functools.partial``, a lambda, a decorator) is awaited and bounded
@@ -241,7 +309,7 @@ async def _run_connect_hooks(manager: SessionManager, session: Session) -> Refus
     deadline = None if timeout is None else perf_counter() + timeout
     timings = manager.stats.hook_seconds["connect"]
     try:
-        for hook in manager.connect_hooks:
+        for hook in hooks:
             started = perf_counter()
             try:
                 result = hook(session)
@@ -345,6 +413,30 @@ async def _teardown(manager: SessionManager, session: Session, ticket: Ticket) -
             if outbound is not None:
                 outbound.shutdown()
             session._task = None
+
+
+async def _detach(
+    manager: SessionManager, resumption: Resumption, session: Session, ticket: Ticket
+) -> None:
+    """The connection is gone but the session waits for its client (``resume_window``).
+
+    What ties the session to this connection is cut before the first ``await``, so a resume
+    that claims it later gets a clean session; it becomes claimable only after the detach
+    hooks ran (meanwhile messages for it are kept), even if this task is cancelled.
+    """
+    outbound, session._outbound = session._outbound, None
+    session._task = None
+    manager.admission.release(ticket)
+    manager._forget_local(session)
+    resumption.detach(session)
+    try:
+        if outbound is not None:
+            if outbound.closing:  # our idle close: let the client read it
+                await outbound.finish()
+            outbound.shutdown()
+        await run_hooks(manager, session, manager.detach_hooks, "detach")
+    finally:
+        resumption.park(session)
 
 
 async def _unregister(manager: SessionManager, session: Session) -> None:

@@ -16,12 +16,14 @@ from pydantic import BaseModel
 from ._json import check_text, encode_json
 from ._log import log_warning
 from ._outbound import Offer, Outbound, carry, carry_soon
+from ._resume import RESUMABLE
 from ._session import EndReason, Session, SessionState
 from ._timers import call_later
 from ._types import Message
 
 if TYPE_CHECKING:
     from ._manager import SessionManager
+    from ._resume import Journal
 
 
 class SendResult(StrEnum):
@@ -87,6 +89,16 @@ async def deliver(manager: SessionManager, session: Session, message: Message) -
 async def _deliver_one(
     manager: SessionManager, session: Session, message: Message, nbytes: int
 ) -> SendResult:
+    journal = session._resume
+    if journal is not None:
+        result, outbound, stamped = offer_numbered(manager, session, journal, message)
+        if outbound is None:
+            assert result is not None
+            return result
+        carried = await carry([(outbound, stamped)])
+        if carried.written:
+            return SendResult.DELIVERED
+        return SendResult.QUEUED  # pending, or kept for a resume
     for _ in range(1000):  # bounded: each round waits for room or ends
         outbound = _outbound(session)
         if outbound is None:
@@ -115,6 +127,13 @@ def try_deliver(manager: SessionManager, session: Session, message: Message) -> 
     """Send without awaiting anything: the result, or ``None`` when the ``wait`` policy must
     wait for room (nothing was sent then). A frame taken now is written soon, in order with
     every other frame for the session, so it reports ``queued``. Not counted in ``stats``."""
+    journal = session._resume
+    if journal is not None:
+        result, numbered_out, stamped = offer_numbered(manager, session, journal, message)
+        if numbered_out is None:
+            return result
+        carry_soon([(numbered_out, stamped)])
+        return SendResult.QUEUED
     outbound = _outbound(session)
     if outbound is None:
         return SendResult.GONE
@@ -147,6 +166,18 @@ async def deliver_all(
     policy = manager.settings.slow_consumer
     for session in targets:
         if session.id == exclude:
+            continue
+        journal = session._resume
+        if journal is not None:
+            result, numbered_out, stamped = offer_numbered(manager, session, journal, message)
+            if numbered_out is not None:
+                writes.append((numbered_out, stamped))
+            elif result is SendResult.QUEUED:
+                queued += 1
+            elif result is SendResult.DROPPED:
+                dropped += 1
+            else:
+                gone += 1
             continue
         outbound = _outbound(session)
         if outbound is None:
@@ -190,6 +221,45 @@ async def deliver_all(
     return delivered + queued
 
 
+def offer_numbered(
+    manager: SessionManager, session: Session, journal: Journal, message: Message
+) -> tuple[SendResult | None, Outbound | None, Message]:
+    """Number ``message`` for a resumable session and take it (no ``await``): ``(None,
+    outbound, numbered)`` when the caller holds the writer role and must carry it, else
+    ``(result, None, message)``. A detached or resuming session keeps it for its replay; a
+    full backlog gives the number back (``drop``) or closes (``close``); the ``wait`` policy is
+    refused with resumption by the settings."""
+    state = session.state
+    if state is SessionState.DETACHED or (journal.held and state is not SessionState.CLOSED):
+        journal.stamp(message)
+        if journal.lost:
+            if state is SessionState.DETACHED and manager.resumption is not None:
+                manager.resumption.overflowed(session)
+            return SendResult.GONE, None, message
+        return SendResult.QUEUED, None, message
+    outbound = _outbound(session)
+    if outbound is None:
+        return SendResult.GONE, None, message
+    stamped = journal.stamp(message)
+    offer = outbound.offer(stamped, message_size(stamped))
+    if offer is Offer.WRITE:
+        return None, outbound, stamped
+    if offer is Offer.QUEUED:
+        return SendResult.QUEUED, None, stamped
+    if offer is Offer.GONE:
+        # The connection is ending: if the session detaches, this message is in its replay.
+        reason = session.end_reason
+        if reason is None or session._may_detach or reason in RESUMABLE:
+            return SendResult.QUEUED, None, stamped
+        return SendResult.GONE, None, stamped
+    journal.unstamp()  # never written: the client must not see a gap in the numbers
+    if manager.settings.slow_consumer is SlowConsumerPolicy.DROP:
+        manager.stats.dropped += 1
+        return SendResult.DROPPED, None, message
+    close_slow_consumer(manager, session)
+    return SendResult.GONE, None, message
+
+
 def close_slow_consumer(manager: SessionManager, session: Session) -> None:
     """Apply the ``close`` slow-consumer policy: count it, log it, close with
     ``slow_consumer_code`` behind what was already written."""
@@ -206,6 +276,7 @@ def close_session(
     *,
     grace: float | None = None,
     end_reason: EndReason = EndReason.SERVER_CLOSED,
+    resumable: bool = False,
 ) -> bool:
     """Close ``session`` from outside its task (kick, limits, slow consumer, drain).
 
@@ -214,8 +285,13 @@ def close_session(
     accepted yet is accepted first, so the client can read the code. The app's later sends fail
     like a client disconnect. If the app has not ended within ``grace`` seconds
     (``close_timeout`` by default) its task is cancelled; its disconnect hooks then run exactly
-    once as for any other ending. Returns False when the session was already ending.
+    once as for any other ending. ``resumable``: with ``resume_window`` the session detaches
+    (its client may resume it) instead of ending (idle timeout). A detached session ends now
+    (kick, revoke). Returns False when the session was already ending.
     """
+    if session.state is SessionState.DETACHED:
+        resumption = manager.resumption
+        return resumption is not None and resumption.close(session, code, reason)
     if session.state not in (SessionState.OPEN, SessionState.CONNECTING):
         return False
     outbound = session._outbound
@@ -224,6 +300,7 @@ def close_session(
     accept_first = session.state is SessionState.CONNECTING
     delay = manager.settings.close_timeout if grace is None else grace
     session._end(end_reason, code, reason)
+    session._may_detach = resumable
     outbound.close(code, reason, accept_first=accept_first, timeout=delay)
     end_later(session, delay)
     return True

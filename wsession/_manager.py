@@ -7,10 +7,11 @@ import contextlib
 import inspect
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
-from types import FrameType, TracebackType
+from secrets import token_bytes
+from types import FrameType, MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
@@ -24,6 +25,7 @@ from ._expiry import RefreshHook
 from ._ids import new_connection_id
 from ._log import log_warning
 from ._presence import Presence
+from ._resume import Resumption
 from ._session import EndReason, Session
 from ._stats import Stats
 from .backends import MemoryRegistry, SessionRegistry
@@ -52,6 +54,8 @@ class SessionManager:
         on_disconnect: disconnect hooks, run in reverse order exactly once per session whose
             connect hooks completed, however it ended.
         on_refresh: refresh hooks (see :meth:`on_refresh`), run in order by :meth:`refresh`.
+        on_detach: detach hooks (see :meth:`on_detach`), with ``resume_window``.
+        on_resume: resume hooks (see :meth:`on_resume`), with ``resume_window``.
         id_factory: makes connection ids (default: 128 random bits, URL-safe). Ids must be
             unguessable and unique; a duplicate of a live id is an error.
         **settings: fields of :class:`~wsession.Settings` (``connect_timeout``, ...).
@@ -68,6 +72,8 @@ class SessionManager:
         on_connect: Sequence[Hook] = (),
         on_disconnect: Sequence[Hook] = (),
         on_refresh: Sequence[RefreshHook] = (),
+        on_detach: Sequence[Hook] = (),
+        on_resume: Sequence[Hook] = (),
         id_factory: Callable[[], str] | None = None,
         **settings: Any,
     ) -> None:
@@ -115,6 +121,23 @@ class SessionManager:
             _check_hook(hook, f"on_refresh[{i}]") for i, hook in enumerate(on_refresh)
         )
         """Refresh hooks, in the order they run (add more with :meth:`on_refresh`)."""
+        self.detach_hooks: tuple[Hook, ...] = tuple(
+            _check_hook(hook, f"on_detach[{i}]") for i, hook in enumerate(on_detach)
+        )
+        """Detach hooks, in the order they run (add more with :meth:`on_detach`)."""
+        self.resume_hooks: tuple[Hook, ...] = tuple(
+            _check_hook(hook, f"on_resume[{i}]") for i, hook in enumerate(on_resume)
+        )
+        """Resume hooks, in the order they run (add more with :meth:`on_resume`)."""
+        self.resumption: Resumption | None = None
+        """Session resumption (``resume_window``; internal: apps use :attr:`detached`,
+        :attr:`Session.resume_token <wsession.Session.resume_token>` and the hooks)."""
+        if self.settings.resume_window > 0:
+            secret = self.settings.resume_secret
+            self.resumption = Resumption(
+                self,
+                secret.get_secret_value().encode() if secret is not None else token_bytes(32),
+            )
 
     # -- hook registration ------------------------------------------------------------------
 
@@ -140,6 +163,40 @@ class SessionManager:
         self.refresh_hooks = (*self.refresh_hooks, _check_hook(hook, "on_refresh"))
         return hook
 
+    def on_detach(self, hook: H) -> H:
+        """Decorator: add a detach hook (after those already registered).
+
+        ``hook(session)`` (sync or async) runs when a session's connection is lost and the
+        session becomes detached (``resume_window``), with ``session.end_reason`` saying how the
+        connection ended. A notification: failures are logged and counted, nothing is refused.
+        The disconnect hooks still run once, when the session really ends.
+        """
+        self.detach_hooks = (*self.detach_hooks, _check_hook(hook, "on_detach"))
+        return hook
+
+    def on_resume(self, hook: H) -> H:
+        """Decorator: add a resume hook (after those already registered).
+
+        ``hook(session)`` (sync or async) runs, in order and together bounded by
+        ``connect_timeout``, when a new connection presents a detached session's resume token,
+        before it takes the session over. ``session.headers``, ``query_params`` and ``client``
+        are the new handshake's by then: authenticate it as a connect hook would (a resume never
+        skips authentication) and raise :class:`~wsession.Refuse` to refuse it. A refused resume
+        leaves the session detached for the rest of its window, with the same token. Connect
+        hooks do not run again for a resumed session.
+        """
+        self.resume_hooks = (*self.resume_hooks, _check_hook(hook, "on_resume"))
+        return hook
+
+    @property
+    def detached(self) -> Mapping[str, Session]:
+        """This worker's detached sessions by id (read-only; empty without
+        ``resume_window``). They are registered too: :meth:`get`, :meth:`sessions` and
+        :meth:`count` include them (their ``state`` is ``detached``)."""
+        if self.resumption is None:
+            return _NO_SESSIONS
+        return self.resumption.detached
+
     # -- lifespan -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
@@ -163,6 +220,8 @@ class SessionManager:
             if self.local:
                 await self.drain()
         finally:
+            if self.resumption is not None:
+                await self.resumption.end_all()
             await self.registry.__aexit__(exc_type, exc, tb)
 
     async def _ensure_started(self) -> None:
@@ -240,6 +299,10 @@ class SessionManager:
         for session in list(self.local.values()):
             force_end(session)
         await self._wait_local(lambda: not self.local, deadline)
+        if self.resumption is not None:
+            # Nobody can resume them once this process is gone: they end here, hooks and all.
+            with anyio.move_on_after(max(0.0, deadline - loop.time())):
+                await self.resumption.end_all()
         if self.local:
             log_warning(
                 None,
@@ -533,6 +596,7 @@ class SessionManager:
 
 
 C = TypeVar("C")
+_NO_SESSIONS: Mapping[str, Session] = MappingProxyType({})
 
 
 def _check_hook(hook: C, name: str) -> C:

@@ -203,6 +203,18 @@ class Outbound:
         self.queued_bytes += nbytes
         return Offer.QUEUED
 
+    def replay(self, messages: list[Message]) -> None:
+        """Queue a resumed session's missed messages, in order, ahead of any manager frame
+        offered later (no bounds: the journal bounded them already)."""
+        if self.ended or self.closing or not messages:
+            return
+        queue = self._queued()
+        for message in messages:
+            queue.append((message, None, 0))
+        if not self.busy:
+            self.busy = self.reserved = True
+            spawn(self._write_queue)
+
     async def wait_for_room(self, timeout: float) -> bool:
         """Wait until the queue shrinks or the path ends; False after ``timeout``."""
         if self._room is None:

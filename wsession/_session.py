@@ -15,6 +15,7 @@ from ._types import Message, Scope
 
 if TYPE_CHECKING:
     from ._outbound import Outbound
+    from ._resume import Journal
     from ._timers import Timer
 
 
@@ -22,13 +23,16 @@ class SessionState(StrEnum):
     """Where a session is in its life.
 
     ``connecting``: connect hooks done, the app has not accepted yet. ``open``: accepted.
-    ``closing``: a close was sent or received, the app is still running. ``closed``: ended;
-    disconnect hooks are running or have run.
+    ``closing``: a close was sent or received, the app is still running. ``detached``: its
+    connection was lost and it waits ``resume_window`` seconds for its client to resume it
+    (messages sent to it are kept for the replay). ``closed``: ended; disconnect hooks are
+    running or have run.
     """
 
     CONNECTING = "connecting"
     OPEN = "open"
     CLOSING = "closing"
+    DETACHED = "detached"
     CLOSED = "closed"
 
 
@@ -60,6 +64,12 @@ class EndReason(StrEnum):
     ``user_key``): the app never ran, the session was never registered."""
     NODE_LOST = "node lost"
     """The worker that owned the session died (cluster registries only)."""
+    RESUME_EXPIRED = "resume window expired"
+    """It was detached and its client did not resume it within ``resume_window``."""
+    REPLAY_LOST = "replay lost"
+    """It was detached and can no longer be resumed in full: its replay buffer overflowed, or
+    its client came back from a point the buffer no longer holds (the client got a new
+    session)."""
 
 
 _LOST_CODES = frozenset({1005, 1006})
@@ -133,6 +143,9 @@ class Session:
         groups: the names of the groups the session is in (change them through
             ``manager.join``/``manager.leave``; left automatically when the session ends).
         data: the app's per-session data (see above).
+        resumed: True when this connection resumed a detached session (``resume_window``):
+            same id, data, groups and user key; the messages its client missed are written
+            right after the app's first frame (its welcome).
     """
 
     __slots__ = (
@@ -142,10 +155,12 @@ class Session:
         "_forced",
         "_idle_timer",
         "_last_activity",
+        "_may_detach",
         "_outbound",
         "_query_string",
         "_raw_headers",
         "_registered",
+        "_resume",
         "_subprotocols",
         "_task",
         "_user_key",
@@ -159,6 +174,7 @@ class Session:
         "id",
         "node",
         "path",
+        "resumed",
         "state",
         "subprotocol",
     )
@@ -193,6 +209,10 @@ class Session:
         self._last_activity = 0.0
         self._idle_timer: Timer | None = None
         self._expiry: Expiry | None = None  # see expires_at
+        # Resumption (see _resume.py): the journal when resume_window is set.
+        self._resume: Journal | None = None
+        self._may_detach = False  # wsession closed it in a way its client may resume from
+        self.resumed = False
 
     # -- read-only views of the handshake ------------------------------------------------
 
@@ -274,6 +294,22 @@ class Session:
         """True once the session has ended (disconnect hooks are running or have run)."""
         return self.state is SessionState.CLOSED
 
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last message wsession numbered for this session (every
+        message sent through wsession's APIs, with ``resume_window``; never reset by a resume),
+        0 before the first one or without resumption."""
+        journal = self._resume
+        return journal.seq if journal is not None else 0
+
+    @property
+    def resume_token(self) -> str | None:
+        """The token a client presents to resume this session (``resume_window``; ``None``
+        without). Give it to the client (in a welcome message); it changes on every resume and
+        works once."""
+        journal = self._resume
+        return journal.token if journal is not None else None
+
     # -- sending ---------------------------------------------------------------------------
 
     async def send_text(self, text: str) -> None:
@@ -303,8 +339,19 @@ class Session:
             SessionClosed: the session is not open, or the client left while sending.
         """
         out = self._outbound
+        journal = self._resume
+        if (
+            journal is not None
+            and journal.held
+            and self.state is not SessionState.CLOSED
+            and message.get("type") == "websocket.send"
+        ):
+            journal.stamp(message)  # resuming: written with the replay, in its order
+            return
         if self.state is not SessionState.OPEN or out is None:
             raise SessionClosed(self.id, self.state.value)
+        if journal is not None:
+            message = journal.stamp(message)  # kept: a resumed client gets it if it was lost
         try:
             await out.send(message)
         except SessionClosed:
@@ -323,6 +370,31 @@ class Session:
             self.close_reason = close_reason
             if self.state is not SessionState.CLOSED:
                 self.state = SessionState.CLOSING
+
+    def _end_detached(self, reason: EndReason, code: int | None, close_reason: str | None) -> None:
+        """A detached session ends (window over, replay lost, closed): this is the reason its
+        disconnect hooks see (with the code and reason of the close, if one closed it)."""
+        self.end_reason = reason
+        if code is not None:
+            self.close_code, self.close_reason = code, close_reason
+        self.state = SessionState.CLOSED
+
+    def _reattach(self, scope: Scope) -> None:
+        """A new connection resumed this detached session: its handshake is the session's now
+        (resume hooks read it), and it starts again as ``connecting``."""
+        client = scope.get("client")
+        self.client = (client[0], client[1]) if client else None
+        self.path = scope.get("path", "")
+        self._raw_headers = scope.get("headers", [])
+        self._query_string = scope.get("query_string", b"")
+        self._subprotocols = tuple(scope.get("subprotocols", ()))
+        self.subprotocol = None
+        self.state = SessionState.CONNECTING
+        self.end_reason = None
+        self.close_code = self.close_reason = None
+        self._forced = self._may_detach = False
+        self._force_end = None
+        self.resumed = True
 
     def _app_sends(self, message: Message) -> None:
         """The app sends a control message (called before it is written)."""

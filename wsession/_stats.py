@@ -57,6 +57,14 @@ class Stats:
             ``"session"``.
         revoked: sessions those calls closed (on any worker; another worker's counted once its
             worker was told).
+        detached: times a session's connection was lost and the session detached
+            (``resume_window``) instead of ending.
+        resumed: times a new connection resumed a detached session (not counted in
+            ``accepted``: it is the same session).
+        resume_failed: resume attempts that got a new session instead, by why: ``"invalid"``
+            (a token this secret did not sign), ``"unknown"`` (no such detached session here:
+            used, expired, ended or another worker's), ``"replay_lost"`` (its buffer no longer
+            holds what the client missed), ``"refused"`` (a resume hook refused; no session).
     """
 
     accepted: int = 0
@@ -75,6 +83,9 @@ class Stats:
     refreshes: Counter[str] = field(default_factory=Counter)
     revocations: Counter[str] = field(default_factory=Counter)
     revoked: int = 0
+    detached: int = 0
+    resumed: int = 0
+    resume_failed: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready copy of the counters (histograms as count and sum)."""
@@ -92,6 +103,9 @@ class Stats:
             "refreshes": dict(self.refreshes),
             "revocations": dict(self.revocations),
             "revoked": self.revoked,
+            "detached": self.detached,
+            "resumed": self.resumed,
+            "resume_failed": dict(self.resume_failed),
             "hook_seconds": {
                 phase: {"count": h.count, "sum": h.total} for phase, h in self.hook_seconds.items()
             },

@@ -1,0 +1,449 @@
+"""Session resumption: a session outlives a dropped connection for ``resume_window`` seconds.
+
+Three parts, one per class:
+
+- :class:`Journal` (one per session, only with ``resume_window``): every message wsession
+  delivers to the session gets the next sequence number and is kept in a bounded ring, so a
+  client that comes back with the last number it processed gets exactly what followed it.
+- resume tokens: ``session_id.nonce.mac``; the nonce is random and replaced on every resume
+  (single use), the MAC (HMAC-SHA256 with ``resume_secret``) rejects forged tokens before any
+  lookup.
+- :class:`Resumption` (one per manager): this worker's *detached* sessions, claiming one for a
+  new connection (one winner: the claim has no ``await``), releasing its replay, and ending it
+  when its window runs out, its journal overflows or it is closed while detached.
+
+The connection code decides *when* (``_connection.py``); this module owns the state.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import inspect
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import _timers
+from ._lifecycle import count_ending, run_disconnect_hooks
+from ._log import log_error, log_warning
+from ._outbound import spawn
+from ._session import EndReason, Session, SessionState
+from ._shield import run_shielded
+from ._timers import Timer, call_later
+from ._types import Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from ._manager import SessionManager
+    from ._outbound import Outbound
+
+TAKEN_OVER = 4409
+"""Close code for a connection whose session a new connection resumed (with its token) before
+the old one noticed that its client was gone."""
+
+# Why a connection ended, for which the session waits for its client instead of ending.
+RESUMABLE = frozenset({EndReason.CONNECTION_LOST, EndReason.SERVER_SHUTDOWN, EndReason.CANCELLED})
+
+
+def _size(message: Message) -> int:
+    text = message.get("text")
+    return len(text) if text is not None else len(message.get("bytes") or b"")
+
+
+class Journal:
+    """One session's sequence numbers, replay ring and resume token (see the module docstring).
+
+    ``pinned``: while the session is detached (or resuming), the number after which nothing may
+    be dropped from the ring: the client may need all of it. A message that would push such an
+    entry out marks the journal ``lost`` instead (the session then ends: never a partial replay).
+    """
+
+    __slots__ = (
+        "client_last",
+        "deadline",
+        "entries",
+        "field",
+        "held",
+        "lost",
+        "max_bytes",
+        "max_messages",
+        "nbytes",
+        "nonce",
+        "parked",
+        "pinned",
+        "seq",
+        "timer",
+        "token",
+    )
+
+    def __init__(self, max_messages: int, max_bytes: int, field: str | None) -> None:
+        self.seq = 0  # the last number given
+        self.entries: deque[tuple[int, Message, int]] = deque()
+        self.nbytes = 0
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.field = field
+        self.pinned: int | None = None
+        self.lost = False
+        self.held = False  # resuming: numbered messages wait in the ring until the replay
+        self.client_last = 0
+        self.nonce = ""
+        self.token = ""
+        self.timer: Timer | None = None  # the window, while detached
+        self.deadline = 0.0  # when the window ends (clock time), while detached
+        self.parked: anyio.Event | None = None  # set when it detaches (a take-over waits)
+
+    def stamp(self, message: Message) -> Message:
+        """Number a ``websocket.send`` message and keep it; returns what to write (with the
+        ``resume_seq_field`` added to a JSON object's text). Other messages pass unchanged."""
+        if message.get("type") != "websocket.send":
+            return message
+        self.seq = seq = self.seq + 1
+        field = self.field
+        if field is not None:
+            text = message.get("text")
+            if text is not None and len(text) >= 2 and text[0] == "{" and text[-1] == "}":
+                rest = text[1:]
+                sep = "," if rest.strip() != "}" else ""
+                message = {"type": "websocket.send", "text": f'{{"{field}":{seq}{sep}{rest}'}
+        size = _size(message)
+        self.entries.append((seq, message, size))
+        self.nbytes += size
+        self._trim()
+        return message
+
+    def unstamp(self) -> None:
+        """Take back the last :meth:`stamp` (its message was dropped before anyone saw it)."""
+        _, _, size = self.entries.pop()
+        self.nbytes -= size
+        self.seq -= 1
+
+    def _trim(self) -> None:
+        entries = self.entries
+        while len(entries) > self.max_messages or (
+            self.nbytes > self.max_bytes and len(entries) > 1
+        ):
+            if self.pinned is not None and entries[0][0] > self.pinned:
+                self.lost = True  # everything left may still be needed: keep it, and end
+                return
+            _, _, size = entries.popleft()
+            self.nbytes -= size
+
+    def since(self, last: int) -> list[Message] | None:
+        """Every kept message numbered after ``last``, in order; ``None`` when the ring no
+        longer holds all of them (or ``last`` is a number never given)."""
+        if last < 0 or last > self.seq or self.lost:
+            return None
+        first = self.entries[0][0] if self.entries else self.seq + 1
+        if last + 1 < first:
+            return None
+        return [message for seq, message, _ in self.entries if seq > last]
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _mac(secret: bytes, session_id: str, nonce: str) -> str:
+    digest = hmac.new(secret, f"{session_id}.{nonce}".encode(), hashlib.sha256).digest()
+    return _b64(digest[:18])
+
+
+def make_token(secret: bytes, session_id: str, nonce: str) -> str:
+    """The resume token for ``session_id`` with ``nonce``."""
+    return f"{session_id}.{nonce}.{_mac(secret, session_id, nonce)}"
+
+
+def read_token(secret: bytes, token: str) -> tuple[str, str] | None:
+    """``(session_id, nonce)`` of a token this secret signed, else ``None``."""
+    if len(token) > 512:
+        return None
+    parts = token.rsplit(".", 2)
+    if len(parts) != 3:
+        return None
+    session_id, nonce, mac = parts
+    if not hmac.compare_digest(mac, _mac(secret, session_id, nonce)):
+        return None
+    return session_id, nonce
+
+
+# -- the manager's part ----------------------------------------------------------------------------
+
+Hook = Callable[[Session], Awaitable[None] | None]
+
+
+class Resumption:
+    """This worker's detached sessions and the rules for detaching, claiming and ending them
+    (made by the manager when ``resume_window`` is set)."""
+
+    def __init__(self, manager: SessionManager, secret: bytes) -> None:
+        self._manager = manager
+        self._secret = secret
+        self._detached: dict[str, Session] = {}
+        self.closed = False  # the manager is shutting down: nothing detaches any more
+
+    @property
+    def detached(self) -> Mapping[str, Session]:
+        """This worker's detached sessions by id (read-only)."""
+        return MappingProxyType(self._detached)
+
+    # -- a new session --------------------------------------------------------------------
+
+    def start(self, session: Session) -> None:
+        """Give an admitted session its journal and first token."""
+        settings = self._manager.settings
+        journal = Journal(
+            settings.resume_buffer, settings.resume_buffer_bytes, settings.resume_seq_field
+        )
+        session._resume = journal
+        self._new_token(session, journal)
+
+    def _new_token(self, session: Session, journal: Journal) -> None:
+        journal.nonce = _b64(secrets.token_bytes(16))
+        journal.token = make_token(self._secret, session.id, journal.nonce)
+
+    def requested(self, scope: Scope) -> tuple[str, str] | None:
+        """``(token, last)`` from the handshake's query string, if it asks to resume."""
+        settings = self._manager.settings
+        query = scope.get("query_string", b"")
+        if not query or settings.resume_token_param.encode() not in query:
+            return None
+        from starlette.datastructures import QueryParams
+
+        params = QueryParams(query)
+        token = params.get(settings.resume_token_param)
+        if not token:
+            return None
+        return token, params.get(settings.resume_last_param, "")
+
+    # -- resuming --------------------------------------------------------------------------
+
+    async def claim_or_take_over(self, token: str, last_text: str) -> Session | str:
+        """:meth:`claim`, after ending the old connection of the session ``token`` names if
+        that connection has not noticed yet that its client is gone (a dropped TCP connection
+        is often seen late, or only at the next write): the token proves the new connection is
+        the same client. The old one is closed with ``TAKEN_OVER`` (its client, if any is
+        left, should not reconnect) and the session detaches as if it had dropped."""
+        read = read_token(self._secret, token)
+        if read is not None:
+            live = self._manager.local.get(read[0])
+            journal = live._resume if live is not None else None
+            if (
+                live is not None
+                and journal is not None
+                and hmac.compare_digest(read[1], journal.nonce)
+            ):
+                from ._delivery import close_session
+
+                if journal.parked is None:
+                    journal.parked = anyio.Event()
+                parked = journal.parked
+                close_session(
+                    self._manager, live, TAKEN_OVER, "resumed by a new connection", resumable=True
+                )
+                with anyio.move_on_after(self._manager.settings.close_timeout + 1):
+                    await parked.wait()
+        return self.claim(token, last_text)
+
+    def claim(self, token: str, last_text: str) -> Session | str:
+        """Take the detached session ``token`` names for a new connection, or say why not
+        (``"invalid"``, ``"unknown"``, ``"replay_lost"``). No ``await``: of two claims of one
+        session exactly one wins. A valid token whose replay is lost ends its session."""
+        read = read_token(self._secret, token)
+        if read is None:
+            return "invalid"
+        session_id, nonce = read
+        session = self._detached.get(session_id)
+        journal = session._resume if session is not None else None
+        if session is None or journal is None or not hmac.compare_digest(nonce, journal.nonce):
+            return "unknown"  # not detached here, already resumed (used token), or ended
+        try:
+            last = int(last_text) if last_text else -1
+        except ValueError:
+            last = -1
+        del self._detached[session_id]
+        if journal.timer is not None:
+            journal.timer.cancel()
+            journal.timer = None
+        if journal.since(last) is None:
+            # The client cannot get everything it missed: it starts afresh, and this session
+            # (whose token it has used) ends now rather than at the end of its window.
+            self._end_soon(session, EndReason.REPLAY_LOST)
+            return "replay_lost"
+        journal.pinned = journal.client_last = last
+        journal.held = True
+        return session
+
+    def unclaim(self, session: Session) -> None:
+        """A resume hook refused the new connection: the session waits again, for the rest of
+        its window, with the same token."""
+        journal = session._resume
+        assert journal is not None
+        journal.held = False
+        session.state = SessionState.DETACHED
+        self._park(session, journal, journal.deadline - _timers.clock.now())
+
+    def resumed(self, session: Session) -> None:
+        """The new connection was admitted: the session is its own again, with a new token."""
+        journal = session._resume
+        assert journal is not None
+        self._new_token(session, journal)
+        self._manager.stats.resumed += 1
+
+    def wrap(
+        self, session: Session, outbound: Outbound, send: Send, receive: Receive
+    ) -> tuple[Send, Receive]:
+        """The app's ``send``/``receive`` for a resumed connection: the missed messages are
+        written right after the app's first frame after its accept (its welcome), or when the
+        app waits for the client without having sent one."""
+        journal = session._resume
+        assert journal is not None
+
+        async def send_then_replay(message: Message) -> None:
+            await send(message)
+            if journal.held and outbound.accepted and message["type"] == "websocket.send":
+                self.release(session, outbound)
+
+        async def replay_then_receive() -> Message:
+            if journal.held and outbound.accepted:
+                self.release(session, outbound)
+            return await receive()
+
+        return send_then_replay, replay_then_receive
+
+    def release(self, session: Session, outbound: Outbound) -> None:
+        """Write the missed messages (and those numbered while resuming), then live traffic."""
+        journal = session._resume
+        assert journal is not None
+        journal.held = False
+        missed = journal.since(journal.client_last)
+        journal.pinned = None
+        if missed is None:  # the ring overflowed while resuming: never a partial replay
+            from ._delivery import close_session
+
+            log_warning(session.id, "replay of %s lost while resuming: closing", session.id)
+            close_session(self._manager, session, 1011, "replay lost")
+            return
+        outbound.replay(missed)
+
+    # -- detaching ---------------------------------------------------------------------------
+
+    def should_detach(self, session: Session, accepted: bool) -> bool:
+        """Whether a connection that just ended leaves its session detached (waiting for its
+        client) rather than ended."""
+        if self.closed or not accepted or session._resume is None or session._resume.lost:
+            return False
+        if self._manager.draining:
+            return False  # this process is going away and its detached sessions with it
+        return session.end_reason in RESUMABLE or session._may_detach
+
+    def detach(self, session: Session) -> None:
+        """The session's connection ended resumably: from now on messages for it are kept
+        (it becomes claimable with :meth:`park`, once its detach hooks ran)."""
+        journal = session._resume
+        assert journal is not None
+        journal.pinned = journal.seq
+        session.state = SessionState.DETACHED
+        journal.deadline = _timers.clock.now() + self._manager.settings.resume_window
+        self._manager.stats.detached += 1
+
+    def park(self, session: Session) -> None:
+        """Make a detached session claimable for the rest of its window (or end it, if its
+        journal overflowed or the manager shut down meanwhile)."""
+        journal = session._resume
+        assert journal is not None
+        if journal.lost:
+            self._end_soon(session, EndReason.REPLAY_LOST)
+        elif self.closed:
+            self._end_soon(session, EndReason.SERVER_SHUTDOWN)
+        else:
+            self._park(session, journal, journal.deadline - _timers.clock.now())
+        parked, journal.parked = journal.parked, None
+        if parked is not None:
+            parked.set()  # a take-over waits for this
+
+    def _park(self, session: Session, journal: Journal, delay: float) -> None:
+        self._detached[session.id] = session
+        journal.timer = call_later(max(0.0, delay), self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        if self._detached.get(session.id) is session:
+            self._end_soon(session, EndReason.RESUME_EXPIRED)
+
+    def overflowed(self, session: Session) -> None:
+        """A detached session's journal is full: it can no longer be resumed in full."""
+        if self._detached.get(session.id) is session:
+            log_warning(session.id, "replay buffer of detached %s full: ending it", session.id)
+            self._end_soon(session, EndReason.REPLAY_LOST)
+
+    def close(self, session: Session, code: int, reason: str) -> bool:
+        """Close (kick, revoke) a detached session: it ends now. False if not detached here."""
+        if self._detached.get(session.id) is not session:
+            return False
+        self._take_out(session, EndReason.SERVER_CLOSED, code, reason)
+        spawn(self._end, session)
+        return True
+
+    def _end_soon(self, session: Session, reason: EndReason) -> None:
+        self._take_out(session, reason, None, None)
+        spawn(self._end, session)
+
+    def _take_out(
+        self, session: Session, reason: EndReason, code: int | None, close_reason: str | None
+    ) -> None:
+        self._detached.pop(session.id, None)
+        journal = session._resume
+        if journal is not None and journal.timer is not None:
+            journal.timer.cancel()
+            journal.timer = None
+        session._end_detached(reason, code, close_reason)
+
+    async def end_all(self) -> None:
+        """End every detached session now and wait for their disconnect hooks (shutdown:
+        nobody can resume them any more, and nothing detaches from now on)."""
+        self.closed = True
+        for session in list(self._detached.values()):
+            self._take_out(session, EndReason.SERVER_SHUTDOWN, None, None)
+            await self._end(session)
+
+    async def _end(self, session: Session) -> None:
+        """The detached session's teardown: disconnect hooks once, then unregistered."""
+        manager = self._manager
+        count_ending(manager, session)
+        try:
+            await run_shielded(run_disconnect_hooks(manager, session))
+        finally:
+            try:
+                await run_shielded(manager.registry.remove(session))
+            except Exception:
+                log_error(session.id, "registry could not remove %s", session.id, exc=True)
+            finally:
+                manager._end_presence(session)
+                session._resume = None
+
+
+async def run_hooks(
+    manager: SessionManager, session: Session, hooks: tuple[Hook, ...], what: str
+) -> None:
+    """Run notification hooks (``on_detach``) in order; failures are logged and counted."""
+    for hook in hooks:
+        try:
+            result = hook(session)
+            if result is not None and inspect.isawaitable(result):
+                await run_shielded(_bounded(result, manager.settings.disconnect_timeout))
+        except Exception:
+            manager.stats.hook_errors += 1
+            log_error(session.id, "%s hook %r failed for %s", what, hook, session.id, exc=True)
+
+
+async def _bounded(result: Awaitable[Any], timeout: float) -> None:
+    with anyio.move_on_after(timeout):
+        await result
