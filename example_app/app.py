@@ -54,15 +54,17 @@ Contract (outside checks rely on it; extend it, never rename it):
   carries ``"resume": TOKEN`` (``null`` when off) and ``"resumed": false``. With resumption
   on, every other message the server sends to a client carries ``"seq": N``: 1 for the
   session's first, then increasing by exactly 1, never reset by a resume. A connection lost
-  without a clean close (dropped TCP, server restart with 1001/1012, idle timeout) leaves the
-  session detached for the window.
+  without a clean close (dropped TCP, idle timeout) leaves the session detached for the window,
+  on the worker that held it (a restarted or another worker answers a resume with a new
+  session: resumption across workers is not built yet).
   Reconnecting with ``WS /ws?name=NAME&resume=TOKEN&last=N`` (N: the last ``seq`` the client
   processed): if recovered, the welcome has the same ``id``, a new ``resume`` token (each token
-  works once) and ``"resumed": true``, and is followed by every message with ``seq > N``, in
-  order, then live traffic; a resumed welcome has no ``presence`` (the client keeps its list;
-  the replayed diffs bring it up to date). Otherwise (token forged, used, expired or from a
-  session that ended, or N older than the replay buffer holds) the client gets a new ``id``
-  and ``"resumed": false``, as for a first connection: never a partial replay.
+  works once), ``"resumed": true`` and ``"replay": K`` (how many missed messages follow), and is
+  followed by every message with ``seq > N``, in order, then live traffic; a resumed welcome
+  has no ``presence`` (the client keeps its list; the replayed diffs bring it up to date).
+  Otherwise (token forged, used, expired or from a session that ended, or N older than the
+  replay buffer holds) the client gets a new ``id`` and ``"resumed": false``, as for a first
+  connection: never a partial replay.
   ``WSESSION_RESUME_SECRET`` (32+ characters) signs the tokens; by default a random key per
   process.
 - ``GET /``: the single-page demo (static/index.html).
@@ -279,7 +281,9 @@ def create_app(
             "resume": session.resume_token,
             "resumed": session.resumed,
         }
-        if not session.resumed:
+        if session.resumed:
+            welcome["replay"] = session.pending_replay  # the missed messages that follow
+        else:
             # A resumed session is still tracked and subscribed: its client keeps its list,
             # and the replay that follows the welcome brings it up to date.
             presence = sessions.presence

@@ -86,9 +86,7 @@ async def test_presence_equals_the_live_sessions_after_a_storm_with_mixed_ending
     server; once the storm settles, presence is exactly the live sessions, and a subscriber
     that applied every diff to its welcome's base sees the same. (Resumption off: with it, a
     dropped session stays present while it waits for its client; see test_resume.py.)"""
-    app = create_app(
-        environ={"WSESSION_PRESENCE_INTERVAL": "0.2", "WSESSION_RESUME_WINDOW": "0"}
-    )
+    app = create_app(environ={"WSESSION_PRESENCE_INTERVAL": "0.2", "WSESSION_RESUME_WINDOW": "0"})
     manager = app.state.sessions
     clients = 1000
     async with run_server(app, ws_max_queue=4096) as server:

@@ -48,6 +48,7 @@ async def app_endpoint(websocket: WebSocket) -> None:
             "id": session.id,
             "resume": session.resume_token,
             "resumed": session.resumed,
+            "replay": session.pending_replay,
         }
     )
     try:
@@ -129,6 +130,7 @@ async def test_a_dropped_client_resumes_with_exactly_what_it_missed() -> None:
         again = welcome(second)
         assert again["id"] == sid and again["resumed"] is True
         assert again["resume"] != hello["resume"]  # rotated
+        assert again["replay"] == 4 and hello["replay"] == 0  # seq 3..6 follow
         # Welcome first, then every message after 2 once and in order, then live traffic.
         assert seqs(second) == [3, 4, 5, 6]
         assert [m.get("n") for m in received(second)[1:]] == [2, 3, 4, 5]

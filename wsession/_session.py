@@ -303,6 +303,16 @@ class Session:
         return journal.seq if journal is not None else 0
 
     @property
+    def pending_replay(self) -> int:
+        """On a resumed connection, before the replay: how many missed messages will follow the
+        app's first frame (tell the client in the welcome); 0 otherwise. Messages sent to the
+        session meanwhile come after them, numbered on."""
+        journal = self._resume
+        if journal is None or not journal.held:
+            return 0
+        return journal.seq - journal.client_last
+
+    @property
     def resume_token(self) -> str | None:
         """The token a client presents to resume this session (``resume_window``; ``None``
         without). Give it to the client (in a welcome message); it changes on every resume and
