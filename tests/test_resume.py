@@ -512,3 +512,58 @@ async def test_a_resumed_session_causes_no_presence_leave_or_join() -> None:
             await watcher.wait_for(lambda: len(watcher.data) == base + 1)
             assert received(watcher)[-1].get("leaves")
             watcher.close()
+
+
+async def test_an_idle_timeout_detaches_and_the_client_resumes() -> None:
+    with ManualClock() as clock:
+        manager, recorder, server = make(idle_timeout=30)
+        async with anyio.create_task_group() as tg:
+            client = await connect(server, tg)
+            hello = welcome(client)
+            clock.advance(30)
+            await client.wait_for(lambda: client.close_frame is not None)
+            assert client.close_frame is not None and client.close_frame["code"] == 4408
+            await detached(manager, hello["id"])
+            await manager.send(hello["id"], {"n": 1})
+            again = await connect(server, tg, hello["resume"], 0)
+            await again.wait_for(lambda: len(again.data) >= 2)
+            assert welcome(again)["resumed"] is True
+            assert received(again)[1] == {"seq": 1, "n": 1}
+            again.close()
+        assert recorder.ended_ids() == [hello["id"]]
+
+
+async def test_a_resume_cancelled_in_its_hooks_leaves_the_session_waiting() -> None:
+    manager, recorder, server = make()
+    entered = anyio.Event()
+
+    @manager.on_resume
+    async def hang(session: Session) -> None:
+        entered.set()
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        client = await connect(server, tg)
+        hello = welcome(client)
+        client.drop()
+        await detached(manager, hello["id"])
+        attempt = await server.connect(tg, query_string=f"resume={hello['resume']}&last=0".encode())
+        await entered.wait()
+        assert hello["id"] not in manager.detached  # claimed while the hook runs
+        attempt.cancel()  # the server gives up on that handshake
+        await attempt.done.wait()
+        assert manager.detached[hello["id"]].state is SessionState.DETACHED
+        assert recorder.ended == []
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_on_trio_a_lost_connection_ends_the_session_as_without_resumption() -> None:
+    manager, recorder, server = make()
+    async with anyio.create_task_group() as tg:
+        client = await connect(server, tg)
+        hello = welcome(client)
+        assert hello["resume"]  # tokens and numbering work; detaching needs asyncio
+        client.drop()
+        await recorder.wait_ended(1)
+    assert recorder.reasons() == [EndReason.CONNECTION_LOST] and not manager.detached

@@ -17,6 +17,7 @@ The connection code decides *when* (``_connection.py``); this module owns the st
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -343,7 +344,13 @@ class Resumption:
             return False
         if self._manager.draining:
             return False  # this process is going away and its detached sessions with it
-        return session.end_reason in RESUMABLE or session._may_detach
+        if not (session.end_reason in RESUMABLE or session._may_detach):
+            return False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False  # trio: the window's timer needs asyncio; the session ends as before
+        return True
 
     def detach(self, session: Session) -> None:
         """The session's connection ended resumably: from now on messages for it are kept
