@@ -72,6 +72,8 @@ def make_app(mode: str, interval: float) -> Any:
     else:
         manager.presence.render = render
 
+    cache: dict[str, Any] = {"base": None, "text": "[]"}
+
     async def ws_endpoint(ws: WebSocket) -> None:
         session = get_session(ws)
         await ws.accept()
@@ -85,8 +87,14 @@ def make_app(mode: str, interval: float) -> Any:
         else:
             await manager.presence.track(session, "lobby")
             base = await manager.presence.subscribe(session, "lobby") or {}
-            people = [{"name": n, "ids": list(i)} for n, i in base.items()]
-            await ws.send_json({"type": "welcome", "id": session.id, "presence": people})
+            if base is not cache["base"]:
+                # One base per interval, shared by every subscriber of it: encode it once (the
+                # example app does the same), not once per arrival.
+                cache["base"] = base
+                people = [{"name": n, "ids": list(i)} for n, i in base.items()]
+                cache["text"] = json.dumps(people, separators=(",", ":"))
+            head = json.dumps({"type": "welcome", "id": session.id}, separators=(",", ":"))
+            await ws.send_text(f'{head[:-1]},"presence":{cache["text"]}}}')
         try:
             while True:
                 await ws.receive_text()

@@ -12,6 +12,8 @@ from typing import Any
 
 import uvicorn
 
+from wsession import ConfigurationError
+
 from .limits import Limits, env_number
 
 SHUTDOWN_MARGIN = 2.0
@@ -36,6 +38,10 @@ def uvicorn_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
       uvicorn's signal handler (``drain_on_signal``), so a shutdown takes at most
       ``WSESSION_DRAIN_TIMEOUT`` (default 10) plus this.
     - ``log_level``: ``WSESSION_LOG_LEVEL`` (default ``info``).
+    - ``ws_per_message_deflate``: ``WSESSION_WS_DEFLATE`` (``1`` on, default off). With
+      permessage-deflate every frame is compressed once per connection, so one presence diff
+      sent to 2,000 subscribers costs 2,000 compressions: a join storm then took seconds per
+      handshake (see BENCHMARKS.md, presence).
 
     Raises:
         ConfigurationError: a value is malformed.
@@ -49,7 +55,17 @@ def uvicorn_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "forwarded_allow_ips": proxies or None,
         "timeout_graceful_shutdown": graceful,
         "log_level": environ.get("WSESSION_LOG_LEVEL", "info"),
+        "ws_per_message_deflate": _flag(environ, "WSESSION_WS_DEFLATE"),
     }
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"{name} must be 1 or 0, got {raw!r}")
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ Contract (outside checks rely on it; extend it, never rename it):
 
 - ``WS /ws?name=NAME``: NAME must be 1-32 printable characters, else HTTP 403 before accept.
   The first message after accept is ``{"type": "welcome", "id": ID, "name": NAME, "online":
-  [{"id", "name"}, ...]}`` (the others online). Then, client message -> what arrives:
+  [{"id", "name"}, ...]}`` (the others online, as of the last lobby ``presence_diff``: the
+  same people as ``presence`` below, one entry per connection). Then, client message -> what
+  arrives:
 
   - ``{"type": "echo", "text": T}`` -> ``{"type": "echo", "text": T}`` to the sender;
   - ``{"type": "dm", "to": ID, "text": T}`` -> ``{"type": "dm", "from": SENDER_ID, "name":
@@ -109,6 +111,7 @@ HTTP status and are not logged as errors (see ``example_app/log_noise.py``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -132,6 +135,7 @@ from wsession import (
     RegistryUnavailable,
     SendResult,
     Session,
+    SessionClosed,
     SessionManager,
     SessionRegistry,
     SessionState,
@@ -266,34 +270,28 @@ def create_app(
     quiet_refused_handshakes()
     sessions.presence.render = _render_diff  # sessions leave their topics when they end
 
+    lobby_fields = _LobbyFields()
+
     async def ws_endpoint(websocket: WebSocket) -> None:
         session = get_session(websocket)
         await websocket.accept()
-        try:
-            others = await sessions.sessions(lambda s: s.id != session.id)
-        except RegistryUnavailable:  # Redis down: this worker's own sessions still work
-            others = [s for s in sessions.local.values() if s.id != session.id]
+        presence = sessions.presence
+        if not session.resumed:  # a resumed session is still tracked and subscribed
+            await presence.track(session, LOBBY)
+        lobby = await presence.subscribe(session, LOBBY) or {}
         welcome: dict[str, Any] = {
             "type": "welcome",
             "id": session.id,
             "name": session.data.name,
-            "online": [{"id": s.id, "name": s.data.name} for s in others],
             "resume": session.resume_token,
             "resumed": session.resumed,
         }
         if session.resumed:
             welcome["replay"] = session.pending_replay  # the missed messages that follow
-        else:
-            # A resumed session is still tracked and subscribed: its client keeps its list,
-            # and the replay that follows the welcome brings it up to date.
-            presence = sessions.presence
-            await presence.track(session, LOBBY)
-            lobby = await presence.subscribe(session, LOBBY)
-            welcome["presence"] = _people(lobby or {})
         if session.expires_at is not None:
             welcome["expires_at"] = session.expires_at.isoformat()
         # Sent as it is (not through the session): the welcome is the one unnumbered message.
-        await websocket.send_json(welcome)
+        await websocket.send_text(lobby_fields.welcome(welcome, lobby, session))
         try:
             while True:
                 message = await websocket.receive()
@@ -312,8 +310,8 @@ def create_app(
                     # The details (host:port, redis-py's text) are for operators, not clients.
                     logger.warning("cluster registry unavailable: %s", exc)
                     await session.send_json({"type": "error", "error": UNAVAILABLE})
-        except WebSocketDisconnect:
-            pass
+        except (WebSocketDisconnect, SessionClosed):
+            pass  # the client left (a reply through the session found it gone)
 
     async def list_sessions(request: Request) -> JSONResponse:
         return JSONResponse({"sessions": [_describe(s) for s in await sessions.sessions()]})
@@ -420,6 +418,40 @@ async def _registry_unavailable(request: Request, exc: Exception) -> JSONRespons
     # the details (host:port, redis-py's text) in the server log.
     logger.warning("cluster registry unavailable: %s", exc)
     return JSONResponse({"error": "registry unavailable", "detail": UNAVAILABLE}, status_code=503)
+
+
+class _LobbyFields:
+    """The welcome's ``online`` and ``presence`` fields as JSON text, encoded once per presence
+    interval: every welcome of one interval gets the same base (the lobby as of the last
+    diff), so a join storm costs one encoding per interval instead of one O(N) list per
+    arrival."""
+
+    def __init__(self) -> None:
+        self._base: object = None  # the shared snapshot the texts were made from
+        self._online = self._people = "[]"
+
+    def welcome(self, head: dict[str, Any], lobby: dict[str, Any], session: Session) -> str:
+        """The welcome's text: ``head`` plus ``online`` and, unless the session was resumed
+        (its client keeps its list; the replay brings it up to date), ``presence``."""
+        if lobby is not self._base:
+            self._base = lobby
+            self._online = encode_json(_online(lobby))
+            self._people = encode_json(_people(lobby))
+        online = self._online
+        if session.resumed:  # the base may hold this very session: leave it out (rare path)
+            online = encode_json([o for o in _online(lobby) if o["id"] != session.id])
+            return f'{encode_json(head)[:-1]},"online":{online}}}'
+        return f'{encode_json(head)[:-1]},"online":{online},"presence":{self._people}}}'
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON text, as Starlette's ``send_json`` writes it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _online(people: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """The others online, as the welcome lists them (``{"id", "name"}`` per connection)."""
+    return [{"id": sid, "name": name} for name, ids in people.items() for sid in ids]
 
 
 def _people(people: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

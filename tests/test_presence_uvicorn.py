@@ -119,3 +119,26 @@ async def test_presence_equals_the_live_sessions_after_a_storm_with_mixed_ending
         for ws, _ in tabs[600:]:
             await ws.close()
         await watcher.close()
+
+
+async def test_the_welcome_lists_the_others_online_as_of_the_last_diff() -> None:
+    """``online`` is ``presence`` flattened (one entry per connection), without the new
+    connection itself; welcomes of one interval share one encoding of the base."""
+    app = create_app(environ={"WSESSION_PRESENCE_INTERVAL": "0.1"})
+    async with run_server(app) as server:
+        first, hello = await open_tab(server.ws, "ann")
+        assert hello["online"] == [] and hello["presence"] == []
+        view = View(hello)
+        second, hello2 = await open_tab(server.ws, "bob")
+        await follow(first, view, lambda v: hello2["id"] in v.ids)  # an interval passed
+        third, hello3 = await open_tab(server.ws, "bob")
+        expected = sorted([hello["id"], hello2["id"]])
+        assert sorted(o["id"] for o in hello3["online"]) == expected
+        assert {o["id"]: o["name"] for o in hello3["online"]} == {
+            hello["id"]: "ann",
+            hello2["id"]: "bob",
+        }
+        flattened = sorted(i for p in hello3["presence"] for i in p["ids"])
+        assert flattened == expected and hello3["id"] not in flattened
+        for ws in (first, second, third):
+            await ws.close()
