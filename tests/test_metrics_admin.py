@@ -450,3 +450,22 @@ async def test_log_records_carry_the_connection_id(
         samples = await scrape(http, server)
         assert value(samples, "wsession_hook_errors_total") == 2
         assert value(samples, "wsession_sessions_refused_total", reason="hook_error") == 1
+
+
+@pytest.mark.anyio
+async def test_resumption_metrics_are_exported() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from wsession import SessionManager
+    from wsession.metrics import register_metrics
+
+    manager = SessionManager(resume_window=60)
+    manager.stats.detached, manager.stats.resumed = 3, 2
+    manager.stats.resume_failed["unknown"] = 1
+    registry = CollectorRegistry()
+    register_metrics(manager, registry)
+    text = generate_latest(registry).decode()
+    assert "wsession_sessions_detached 0.0" in text
+    assert "wsession_sessions_detached_events_total 3.0" in text
+    assert "wsession_sessions_resumed_total 2.0" in text
+    assert 'wsession_resume_failed_total{reason="unknown"} 1.0' in text

@@ -567,3 +567,22 @@ async def test_on_trio_a_lost_connection_ends_the_session_as_without_resumption(
         client.drop()
         await recorder.wait_ended(1)
     assert recorder.reasons() == [EndReason.CONNECTION_LOST] and not manager.detached
+
+
+@pytest.mark.parametrize("last", ["", "x", "1.5"])
+async def test_a_resume_without_a_usable_last_number_is_invalid_and_harms_nothing(
+    last: str,
+) -> None:
+    manager, recorder, server = make()
+    async with anyio.create_task_group() as tg:
+        client = await connect(server, tg)
+        hello = welcome(client)
+        client.drop()
+        await detached(manager, hello["id"])
+        query = f"resume={hello['resume']}&last={last}".encode()
+        attempt = await server.connect(tg, query_string=query)
+        await attempt.wait_for(lambda: len(attempt.data) >= 1)
+        assert welcome(attempt)["resumed"] is False
+        assert manager.stats.resume_failed["invalid"] == 1
+        assert hello["id"] in manager.detached and recorder.ended == []
+        tg.cancel_scope.cancel()

@@ -256,20 +256,22 @@ class Resumption:
 
     def claim(self, token: str, last_text: str) -> Session | str:
         """Take the detached session ``token`` names for a new connection, or say why not
-        (``"invalid"``, ``"unknown"``, ``"replay_lost"``). No ``await``: of two claims of one
-        session exactly one wins. A valid token whose replay is lost ends its session."""
+        (``"invalid"``: not a token of ours, or ``last`` is not a number; ``"unknown"``;
+        ``"replay_lost"``). No ``await``: of two claims of one session exactly one wins. A valid
+        token whose replay is lost (``last`` older than the buffer, or newer than any number
+        given) ends its session."""
         read = read_token(self._secret, token)
         if read is None:
             return "invalid"
         session_id, nonce = read
+        try:
+            last = int(last_text)
+        except ValueError:
+            return "invalid"  # without the last number it processed nothing can be replayed
         session = self._detached.get(session_id)
         journal = session._resume if session is not None else None
         if session is None or journal is None or not hmac.compare_digest(nonce, journal.nonce):
             return "unknown"  # not detached here, already resumed (used token), or ended
-        try:
-            last = int(last_text) if last_text else -1
-        except ValueError:
-            last = -1
         del self._detached[session_id]
         if journal.timer is not None:
             journal.timer.cancel()

@@ -28,6 +28,10 @@ Exported metrics (``wsession`` is the default namespace):
 - ``wsession_revocations_total{kind}``: ``revoke_user`` / ``revoke_session`` calls (``user``,
   ``session``).
 - ``wsession_revoked_sessions_total``: sessions those revocations closed (on any worker).
+- ``wsession_sessions_detached`` (gauge): sessions waiting for their client to resume them
+  (``resume_window``); ``wsession_sessions_detached_events_total``: times a session detached;
+  ``wsession_sessions_resumed_total``: resumes; ``wsession_resume_failed_total{reason}``: resume
+  attempts that got a new session (``invalid``, ``unknown``, ``replay_lost``, ``refused``).
 
 Every number is per process: with ``uvicorn --workers N`` each worker counts its own
 connections, and Prometheus should scrape every worker (prometheus-client's multiprocess mode
@@ -110,6 +114,7 @@ class SessionMetrics(Collector):
         sends = dict(stats.sends)
         refreshes = dict(stats.refreshes)
         revocations = dict(stats.revocations)
+        resume_failed = dict(stats.resume_failed)
         hooks = {phase: (h.cumulative(), h.total) for phase, h in stats.hook_seconds.items()}
 
         yield GaugeMetricFamily(
@@ -187,6 +192,27 @@ class SessionMetrics(Collector):
             f"{ns}_revoked_sessions",
             "Sessions closed by revocations made in this process (on any worker).",
             value=stats.revoked,
+        )
+        yield GaugeMetricFamily(
+            f"{ns}_sessions_detached",
+            "Sessions of this process waiting for their client to resume them (resume_window).",
+            value=len(self.manager.detached),
+        )
+        yield CounterMetricFamily(
+            f"{ns}_sessions_detached_events",
+            "Times a session's connection was lost and the session detached instead of ending.",
+            value=stats.detached,
+        )
+        yield CounterMetricFamily(
+            f"{ns}_sessions_resumed",
+            "Times a new connection resumed a detached session.",
+            value=stats.resumed,
+        )
+        yield _labelled(
+            f"{ns}_resume_failed",
+            "Resume attempts that got a new session instead, by reason.",
+            "reason",
+            resume_failed,
         )
 
     def describe(self) -> Iterable[Metric]:
