@@ -11,6 +11,7 @@ Needs a system Chromium (see tests/test_browser.py); without one these tests ski
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -232,6 +233,13 @@ def test_backoff_grows_exponentially_up_to_the_cap(page: Page, stub: Stub) -> No
     ]
     assert [a["code"] for a in attempts] == [1012, 1006, 1006, 1006]
     assert len(stub.wait_connects(5)) == 5
+    # ...and it really waits: each handshake comes at least its delay after the one before
+    # (a lower bound only, so a loaded machine cannot fail it; 20 ms for measuring apart).
+    times = stub.state()["connect_times"]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times[1:])]
+    assert all(
+        gap >= delay / 1000 - 0.02 for gap, delay in zip(gaps, [100, 150, 150], strict=True)
+    ), gaps
     # The count restarts after a welcome: the next drop starts again from the first delay.
     assert client_value(page, "attempt") == 0
     stub.post("close", code=1012)

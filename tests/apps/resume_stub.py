@@ -19,6 +19,7 @@ import asyncio
 import json
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,7 @@ class StubState:
     sessions: dict[str, StubSession] = field(default_factory=dict)
     latest: StubSession | None = None
     connects: list[dict[str, str]] = field(default_factory=list)
+    connect_times: list[float] = field(default_factory=list)  # time.monotonic() of each
     received: list[Any] = field(default_factory=list)
     refuse: int = 0
     announce_replay: bool = True
@@ -118,6 +120,7 @@ def create_app() -> Starlette:
     async def ws_endpoint(ws: WebSocket) -> None:
         async with state.changed:
             state.connects.append(dict(ws.query_params))
+            state.connect_times.append(time.monotonic())
             state.changed.notify_all()
         await state.gate.wait()  # /ctl/hold keeps a handshake waiting here
         if state.refuse > 0:
@@ -216,6 +219,7 @@ def create_app() -> Starlette:
         return JSONResponse(
             {
                 "connects": state.connects,
+                "connect_times": state.connect_times,
                 "received": state.received,
                 "sessions": {
                     s.id: {"seq": s.seq, "attached": s.socket is not None}
