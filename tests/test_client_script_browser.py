@@ -354,6 +354,22 @@ def test_close_while_waiting_to_reconnect_cancels_the_retry(page: Page, stub: St
     assert client_value(page, "state") == "closed"
 
 
+def test_connect_while_waiting_reconnects_at_once(page: Page, stub: Stub) -> None:
+    page.clock.install()  # fake timers, so the test can run past the 30 s retry
+    start(page, {"backoffBase": 60_000, "backoffCap": 60_000}, jitter=0.5)
+    [welcome] = wait_events(page, "welcome", 1)
+    stub.proxy.cut()
+    wait_events(page, "reconnecting", 1)
+    page.evaluate("window.client.connect()")
+    [recovered] = wait_events(page, "recovered", 1)
+    assert recovered["id"] == welcome["id"]
+    # The pending retry was cancelled: past its time the client has not opened another
+    # socket (a retry would have set the state to "connecting" in the timer itself).
+    page.clock.run_for(31_000)
+    assert client_value(page, "state") == "open"
+    assert len(stub.state()["connects"]) == 2
+
+
 def test_the_script_also_loads_as_a_module(browser: Browser, stub: Stub) -> None:
     context = browser.new_context()
     try:

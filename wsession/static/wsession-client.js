@@ -121,11 +121,15 @@
       if (handlers !== undefined) handlers.delete(fn);
     }
 
-    /** Open the connection (done by the constructor unless `autoConnect: false`). */
+    /**
+     * Open the connection (done by the constructor unless `autoConnect: false`); while
+     * waiting to reconnect, reconnect now (e.g. on the window's `online` event).
+     */
     connect() {
       if (this.state === "connecting" || this.state === "open") return;
+      clearTimeout(this._timer);
+      if (this.state !== "reconnecting") this.attempt = 0;
       this._closing = false;
-      this.attempt = 0;
       this._open();
     }
 
