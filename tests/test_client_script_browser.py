@@ -88,9 +88,15 @@ def stub() -> Iterator[Stub]:
 
 
 @pytest.fixture
-def page(browser: Browser, stub: Stub) -> Iterator[Page]:
+def page_errors() -> list[str]:
+    """Uncaught errors of the page; a test that expects some takes them out."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Browser, stub: Stub, page_errors: list[str]) -> Iterator[Page]:
     context = browser.new_context()
-    errors: list[str] = []
+    errors = page_errors
     opened = context.new_page()
     opened.set_default_timeout(WAIT_MS)
     opened.on("pageerror", lambda error: errors.append(str(error)))
@@ -368,6 +374,26 @@ def test_connect_while_waiting_reconnects_at_once(page: Page, stub: Stub) -> Non
     page.clock.run_for(31_000)
     assert client_value(page, "state") == "open"
     assert len(stub.state()["connects"]) == 2
+
+
+def test_a_throwing_handler_does_not_stop_the_others(
+    page: Page, stub: Stub, page_errors: list[str]
+) -> None:
+    page.evaluate(
+        "window.client_errors = 0; window.addEventListener('error', () => window.client_errors++)"
+    )
+    start(page)
+    # (void: Playwright would call the unsubscribe function that on() returns)
+    page.evaluate("void window.client.on('message', () => { throw new Error('app bug'); })")
+    wait_events(page, "welcome", 1)
+    stub.send(2)
+    wait_seq(page, 2)
+    # The page's own handler (added first) saw both; the error still reached the page.
+    assert seqs(page) == [1, 2]
+    page.wait_for_function("window.client_errors >= 2")
+    assert client_value(page, "state") == "open"
+    assert len(page_errors) == 2 and all("app bug" in error for error in page_errors)
+    page_errors.clear()
 
 
 def test_the_script_also_loads_as_a_module(browser: Browser, stub: Stub) -> None:
