@@ -396,6 +396,51 @@ def test_a_throwing_handler_does_not_stop_the_others(
     page_errors.clear()
 
 
+FAKE_SOCKET = """
+class FakeSocket {
+  constructor(url) { this.url = url; this.readyState = 0; FakeSocket.made.push(this); }
+  open() { this.readyState = 1; this.onopen({}); }
+  push(message) { this.onmessage({ data: JSON.stringify(message) }); }
+  drop() { this.readyState = 3; this.onclose({ code: 1006, reason: "", wasClean: false }); }
+  send() {}
+  close() {}
+}
+FakeSocket.made = [];
+window.FakeSocket = FakeSocket;
+null;  // a string evaluating to a function would be called by Playwright
+"""
+
+
+def test_the_server_side_names_are_configurable(page: Page) -> None:
+    """seqField / resumeParam / lastParam follow the server's resume_* settings."""
+    page.evaluate(FAKE_SOCKET)
+    page.evaluate(
+        """() => {
+        const client = new WSessionClient('ws://127.0.0.1:9/ws?name=Ann', {
+          seqField: 'n', resumeParam: 'r', lastParam: 'l', WebSocket: FakeSocket,
+          backoffBase: 1, backoffCap: 1,
+        });
+        for (const name of WSessionClient.events) {
+          client.on(name, (detail) => window.log.push({ event: name, detail }));
+        }
+        window.client = client;
+        const first = FakeSocket.made[0];
+        first.open();
+        first.push({ type: 'welcome', id: 'A', resume: 'T1', resumed: false });
+        first.push({ type: 'msg', n: 1 });
+        first.push({ type: 'msg', n: 2 });
+        first.push({ type: 'msg', n: 2, seq: 99 });
+        first.drop();
+      }"""
+    )
+    page.wait_for_function("FakeSocket.made.length === 2")
+    assert page.evaluate("FakeSocket.made[0].url") == "ws://127.0.0.1:9/ws?name=Ann"
+    assert page.evaluate("FakeSocket.made[1].url") == "ws://127.0.0.1:9/ws?name=Ann&r=T1&l=2"
+    assert [m["n"] for m in details(page, "message")] == [1, 2]
+    assert client_value(page, "duplicates") == 1
+    page.evaluate("window.client.close()")
+
+
 def test_the_script_also_loads_as_a_module(browser: Browser, stub: Stub) -> None:
     context = browser.new_context()
     try:

@@ -22,7 +22,8 @@
   const DEFAULTS = Object.freeze({
     // Close codes after which the client reconnects: going away, no status, abnormal
     // (connection lost or never made), server error, service restart, try again later. Any
-    // other code (1000, 1008, 4401, 4403, ...) means "do not come back" and ends the client.
+    // other code (1000, 1008, 4401, 4403, 4409 "resumed by a new connection", ...) means
+    // "do not come back" and ends the client.
     reconnectOn: Object.freeze([1001, 1005, 1006, 1011, 1012, 1013]),
     backoffBase: 500, // ms: the first retry waits up to this long
     backoffCap: 10000, // ms: no retry waits longer than this
@@ -31,6 +32,11 @@
     autoConnect: true, // connect from the constructor
     random: Math.random, // the jitter source (tests make it deterministic)
     WebSocket: undefined, // the WebSocket class; default: the global one
+    // The names the server uses (its settings resume_seq_field, resume_token_param and
+    // resume_last_param).
+    seqField: "seq",
+    resumeParam: "resume",
+    lastParam: "last",
   });
 
   const EVENTS = Object.freeze([
@@ -73,6 +79,11 @@
       throw new TypeError("WSessionClient: reconnectOn must be an array of close codes");
     }
     if (typeof random !== "function") throw new TypeError("WSessionClient: random must be a function");
+    for (const name of ["seqField", "resumeParam", "lastParam"]) {
+      if (typeof merged[name] !== "string" || merged[name] === "") {
+        throw new TypeError(`WSessionClient: ${name} must be a non-empty string`);
+      }
+    }
     merged.reconnectOn = Object.freeze([...reconnectOn]);
     return Object.freeze(merged);
   }
@@ -171,11 +182,12 @@
       const url = new URL(this.url, base);
       if (url.protocol === "http:") url.protocol = "ws:";
       else if (url.protocol === "https:") url.protocol = "wss:";
-      url.searchParams.delete("resume");
-      url.searchParams.delete("last");
+      const { resumeParam, lastParam } = this.options;
+      url.searchParams.delete(resumeParam);
+      url.searchParams.delete(lastParam);
       if (this._token !== null) {
-        url.searchParams.set("resume", this._token);
-        url.searchParams.set("last", String(this.lastSeq));
+        url.searchParams.set(resumeParam, this._token);
+        url.searchParams.set(lastParam, String(this.lastSeq));
       }
       return url.toString();
     }
@@ -219,7 +231,8 @@
         this._welcome(message);
         return;
       }
-      const seq = message !== null && typeof message.seq === "number" ? message.seq : null;
+      const field = this.options.seqField;
+      const seq = message !== null && typeof message[field] === "number" ? message[field] : null;
       if (seq !== null) {
         if (seq <= this.lastSeq) {
           this.duplicates += 1; // delivered already (a replay overlapping live traffic)
