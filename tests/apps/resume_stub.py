@@ -260,6 +260,8 @@ class DropProxy:
         self._target = target_port
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._gate = asyncio.Event()  # cleared by hold(): new connections wait to be forwarded
+        self._gate.set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="drop-proxy")
         self._thread.start()
@@ -279,6 +281,7 @@ class DropProxy:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         try:
+            await self._gate.wait()
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
         except OSError:
             writer.transport.abort()
@@ -313,6 +316,14 @@ class DropProxy:
         count: int = self._call(abort_all())
         return count
 
+    def hold(self) -> None:
+        """New connections are accepted but wait, unforwarded, until :meth:`release`."""
+        self._loop.call_soon_threadsafe(self._gate.clear)
+
+    def release(self) -> None:
+        """Forward the waiting connections and every new one."""
+        self._loop.call_soon_threadsafe(self._gate.set)
+
     def close(self) -> None:
         """Stop listening, drop what is open, stop the loop and join its thread."""
 
@@ -320,6 +331,7 @@ class DropProxy:
             self._server.close()
             for writer in list(self._writers):
                 writer.transport.abort()
+            self._gate.set()
             if self._tasks:  # the handlers end at once when their transports are gone
                 await asyncio.wait(list(self._tasks), timeout=3)
 
