@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_MODULES = (
@@ -154,6 +154,15 @@ def http(method: str, url: str, body: Any = None, token: str | None = None) -> t
         return int(error.code), bytes(error.read())
 
 
+def next_message(ws: ClientConnection) -> dict[str, Any]:
+    """The next message that is not a presence diff (those come on the example's own clock)."""
+    for _ in range(20):  # each recv waits at most STEP_TIMEOUT; one connection sees few diffs
+        message: dict[str, Any] = json.loads(ws.recv(timeout=STEP_TIMEOUT))
+        if message.get("type") != "presence_diff":
+            return message
+    raise SmokeFailure("only presence diffs arrived (20 of them)")
+
+
 def exercise_example(port: int) -> None:
     """The example's contract, one check per surface."""
     base = f"http://127.0.0.1:{port}"
@@ -163,9 +172,13 @@ def exercise_example(port: int) -> None:
         welcome = json.loads(ws.recv(timeout=STEP_TIMEOUT))
         check(welcome.get("type") == "welcome", f"first message is not a welcome: {welcome}")
         session_id = welcome["id"]
+        # Resumption is on by default in the example: every message but the welcome is numbered.
+        check(isinstance(welcome.get("resume"), str), f"the welcome has no resume token: {welcome}")
         ws.send(json.dumps({"type": "echo", "text": "ping"}))
-        echo = json.loads(ws.recv(timeout=STEP_TIMEOUT))
+        echo = next_message(ws)
+        echo_seq = echo.pop("seq", None)
         check(echo == {"type": "echo", "text": "ping"}, f"echo answered {echo}")
+        check(isinstance(echo_seq, int) and echo_seq >= 1, f"echo numbered {echo_seq!r}")
 
         status, raw = http("GET", f"{base}/api/sessions")
         ids = [entry["id"] for entry in json.loads(raw)["sessions"]] if status == 200 else []
@@ -175,8 +188,10 @@ def exercise_example(port: int) -> None:
 
         status, raw = http("POST", f"{base}/api/send/{session_id}", {"text": "from http"})
         check(status == 200, f"POST /api/send answered {status}: {raw!r}")
-        dm = json.loads(ws.recv(timeout=STEP_TIMEOUT))
+        dm = next_message(ws)
+        dm_seq = dm.pop("seq", None)
         check(dm == {"type": "dm", "from": "server", "text": "from http"}, f"dm arrived as {dm}")
+        check(isinstance(dm_seq, int) and dm_seq > echo_seq, f"dm numbered {dm_seq!r}")
 
         status, raw = http("GET", f"{base}/metrics")
         check(status == 200 and b"wsession_sessions_live 1.0" in raw, f"/metrics: {status}")
