@@ -441,6 +441,38 @@ def test_the_server_side_names_are_configurable(page: Page) -> None:
     page.evaluate("window.client.close()")
 
 
+def test_without_resumption_on_the_server_it_reconnects_as_new(page: Page) -> None:
+    """A welcome with ``"resume": null``: no resume parameters, and not_recovered."""
+    page.evaluate(FAKE_SOCKET)
+    page.evaluate(
+        """() => {
+        const client = new WSessionClient('ws://127.0.0.1:9/ws?name=Ann', {
+          WebSocket: FakeSocket, backoffBase: 1, backoffCap: 1,
+        });
+        for (const name of WSessionClient.events) {
+          client.on(name, (detail) => window.log.push({ event: name, detail }));
+        }
+        window.client = client;
+        FakeSocket.made[0].open();
+        FakeSocket.made[0].push({ type: 'welcome', id: 'A', resume: null, resumed: false });
+        FakeSocket.made[0].push({ type: 'msg' });
+        FakeSocket.made[0].drop();
+      }"""
+    )
+    page.wait_for_function("FakeSocket.made.length === 2")
+    assert page.evaluate("FakeSocket.made[1].url") == "ws://127.0.0.1:9/ws?name=Ann"
+    page.evaluate(
+        """() => {
+        FakeSocket.made[1].open();
+        FakeSocket.made[1].push({ type: 'welcome', id: 'B', resume: null, resumed: false });
+      }"""
+    )
+    [lost] = details(page, "not_recovered")
+    assert (lost["id"], lost["previousId"], lost["last"]) == ("B", "A", 0)
+    assert len(details(page, "message")) == 1  # unnumbered messages are delivered as they are
+    page.evaluate("window.client.close()")
+
+
 def test_the_script_also_loads_as_a_module(browser: Browser, stub: Stub) -> None:
     context = browser.new_context()
     try:
