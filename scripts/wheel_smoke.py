@@ -5,9 +5,10 @@
     python scripts/wheel_smoke.py --python python3 dist/wsession-X-py3-none-any.whl
 
 1. A fresh venv gets the wheel (not editable) with the ``example`` and ``redis`` extras.
-2. Every file of the source package (``wsession/**/*.py`` and ``py.typed``) must be in the
-   installed distribution, and every public module must import from that venv's
-   site-packages, never from this checkout.
+2. Every file of the source package (``wsession/**/*.py``, ``py.typed`` and the JavaScript
+   client ``wsession/static/*.js``) must be in the installed distribution, every public module
+   must import from that venv's site-packages, never from this checkout, and
+   ``wsession.client_script_path()`` must name the installed copy of the script.
 3. A copy of ``example_app/`` (it is not part of the wheel), alone in a scratch directory, is
    served by that venv's ``python -m example_app``; one WebSocket round trip (welcome, echo,
    a server-sent ``dm`` through ``POST /api/send``), ``/api/sessions``, ``/api/stats``,
@@ -21,6 +22,7 @@ Exits non-zero with a message on the first failed check.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_MODULES = (
@@ -46,6 +48,9 @@ PUBLIC_MODULES = (
     "wsession.metrics",
     "wsession.admin",
 )
+# Package files by suffix: the modules, and the JavaScript client (wsession/static/).
+PACKAGE_SUFFIXES = (".py", ".js")
+CLIENT_SCRIPT = ROOT / "wsession" / "static" / "wsession-client.js"
 ADMIN_TOKEN = "wheel-smoke-token"
 STEP_TIMEOUT = 10.0
 
@@ -81,15 +86,19 @@ def check_installed_files(venv_python: Path, scratch: Path) -> None:
     expected = sorted(
         path.relative_to(ROOT).as_posix()
         for path in (ROOT / "wsession").rglob("*")
-        if path.is_file() and (path.suffix == ".py" or path.name == "py.typed")
+        if path.is_file() and (path.suffix in PACKAGE_SUFFIXES or path.name == "py.typed")
     )
     probe = (
-        "import importlib, importlib.metadata, json\n"
+        "import hashlib, importlib, importlib.metadata, json, wsession\n"
         f"mods = {{m: importlib.import_module(m).__file__ for m in {PUBLIC_MODULES!r}}}\n"
         # Files on disk, not only RECORD entries (a RECORD can list what is not there).
         "files = [f.as_posix() for f in importlib.metadata.files('wsession') or ()"
         " if f.locate().is_file()]\n"
-        "print(json.dumps({'modules': mods, 'files': files}))\n"
+        # The path the client_script_route() serves from must be the installed file.
+        "js = wsession.client_script_path()\n"
+        "script = {'path': str(js), 'sha256': js.is_file()"
+        " and hashlib.sha256(js.read_bytes()).hexdigest()}\n"
+        "print(json.dumps({'modules': mods, 'files': files, 'script': script}))\n"
     )
     # cwd is a scratch directory, so the checkout's wsession/ cannot shadow the installed one.
     report = json.loads(run([str(venv_python), "-c", probe], cwd=scratch))
@@ -101,6 +110,12 @@ def check_installed_files(venv_python: Path, scratch: Path) -> None:
             Path(path).resolve().is_relative_to(venv_root),
             f"{module} imported from {path}, not from the fresh venv",
         )
+    script = report["script"]
+    check(
+        Path(script["path"]).resolve().is_relative_to(venv_root)
+        and script["sha256"] == hashlib.sha256(CLIENT_SCRIPT.read_bytes()).hexdigest(),
+        f"the installed JavaScript client is missing or differs: {script}",
+    )
     print(f"wheel-smoke: {len(expected)} package files installed, {len(PUBLIC_MODULES)} modules")
 
 
@@ -139,6 +154,15 @@ def http(method: str, url: str, body: Any = None, token: str | None = None) -> t
         return int(error.code), bytes(error.read())
 
 
+def next_message(ws: ClientConnection) -> dict[str, Any]:
+    """The next message that is not a presence diff (those come on the example's own clock)."""
+    for _ in range(20):  # each recv waits at most STEP_TIMEOUT; one connection sees few diffs
+        message: dict[str, Any] = json.loads(ws.recv(timeout=STEP_TIMEOUT))
+        if message.get("type") != "presence_diff":
+            return message
+    raise SmokeFailure("only presence diffs arrived (20 of them)")
+
+
 def exercise_example(port: int) -> None:
     """The example's contract, one check per surface."""
     base = f"http://127.0.0.1:{port}"
@@ -148,9 +172,13 @@ def exercise_example(port: int) -> None:
         welcome = json.loads(ws.recv(timeout=STEP_TIMEOUT))
         check(welcome.get("type") == "welcome", f"first message is not a welcome: {welcome}")
         session_id = welcome["id"]
+        # Resumption is on by default in the example: every message but the welcome is numbered.
+        check(isinstance(welcome.get("resume"), str), f"the welcome has no resume token: {welcome}")
         ws.send(json.dumps({"type": "echo", "text": "ping"}))
-        echo = json.loads(ws.recv(timeout=STEP_TIMEOUT))
+        echo = next_message(ws)
+        echo_seq = echo.pop("seq", None)
         check(echo == {"type": "echo", "text": "ping"}, f"echo answered {echo}")
+        check(isinstance(echo_seq, int) and echo_seq >= 1, f"echo numbered {echo_seq!r}")
 
         status, raw = http("GET", f"{base}/api/sessions")
         ids = [entry["id"] for entry in json.loads(raw)["sessions"]] if status == 200 else []
@@ -160,8 +188,10 @@ def exercise_example(port: int) -> None:
 
         status, raw = http("POST", f"{base}/api/send/{session_id}", {"text": "from http"})
         check(status == 200, f"POST /api/send answered {status}: {raw!r}")
-        dm = json.loads(ws.recv(timeout=STEP_TIMEOUT))
+        dm = next_message(ws)
+        dm_seq = dm.pop("seq", None)
         check(dm == {"type": "dm", "from": "server", "text": "from http"}, f"dm arrived as {dm}")
+        check(isinstance(dm_seq, int) and dm_seq > echo_seq, f"dm numbered {dm_seq!r}")
 
         status, raw = http("GET", f"{base}/metrics")
         check(status == 200 and b"wsession_sessions_live 1.0" in raw, f"/metrics: {status}")

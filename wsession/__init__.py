@@ -5,6 +5,7 @@ A pure-ASGI middleware gives every WebSocket connection an unguessable id and a
 exactly once however it ends; a registry lists and reaches live sessions.
 """
 
+from ._client_script import client_script_path, client_script_route
 from ._config import Settings
 from ._context import SCOPE_KEY, connection_id, current_session, get_current_session, get_session
 from ._delivery import SendResult, SlowConsumerPolicy
@@ -54,6 +55,8 @@ __all__ = [
     "Stats",
     "WSessionError",
     "WSessionMiddleware",
+    "client_script_path",
+    "client_script_route",
     "connection_id",
     "current_session",
     "get_current_session",
