@@ -69,7 +69,9 @@ Contract (outside checks rely on it; extend it, never rename it):
   connection: never a partial replay.
   ``WSESSION_RESUME_SECRET`` (32+ characters) signs the tokens; by default a random key per
   process.
-- ``GET /``: the single-page demo (static/index.html).
+- ``GET /``: the single-page demo (static/index.html), which uses the package's JavaScript
+  client, served at ``GET /wsession-client.js``: it resumes its session after a drop and
+  logs "Reconnected: same session, N missed message(s) recovered".
 - ``GET /api/sessions``: ``{"sessions": [{"id", "name", "connected_at", "state"}, ...]}``;
   ``state`` is ``"open"`` or ``"detached"``.
 - ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``,
@@ -140,6 +142,7 @@ from wsession import (
     SessionRegistry,
     SessionState,
     WSessionMiddleware,
+    client_script_route,
     get_session,
 )
 
@@ -367,6 +370,7 @@ def create_app(
         exception_handlers={RegistryUnavailable: _registry_unavailable},
         routes=[
             Route("/", index),
+            client_script_route("/wsession-client.js"),
             WebSocketRoute("/ws", ws_endpoint),
             Route("/api/sessions", list_sessions),
             Route("/api/stats", stats),

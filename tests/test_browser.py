@@ -84,8 +84,11 @@ class Pages:
         self._open: list[tuple[str, BrowserContext, Page]] = []
         self.page_errors: list[str] = []
 
-    def open(self, name: str | None, *, clock: datetime.datetime | None = None) -> Page:
-        """A new page for ``name`` (``None``: no ``?name=``, so the page asks for one)."""
+    def open(
+        self, name: str | None, *, clock: datetime.datetime | None = None, via: str | None = None
+    ) -> Page:
+        """A new page for ``name`` (``None``: no ``?name=``, so the page asks for one), loaded
+        from ``via`` (a proxy's base URL) instead of the server when given."""
         context = self.browser.new_context(viewport=VIEWPORT)
         page = context.new_page()
         label = name or "anonymous"
@@ -94,7 +97,7 @@ class Pages:
         if clock is not None:
             page.clock.install(time=clock)
         query = "" if name is None else f"?name={quote(name)}"
-        page.goto(f"{self.server.url}/{query}")
+        page.goto(f"{via or self.server.url}/{query}")
         if name is not None:
             expect(status(page)).to_have_attribute("data-state", "connected")
         return page
@@ -290,12 +293,13 @@ def test_reconnects_with_backoff_after_a_server_restart(
 
     server.stop()  # the port stays ours, refusing connections
     expect(status(alice)).to_have_attribute("data-state", "reconnecting")
-    expect(status(alice)).to_contain_text("reconnecting in 1s")
+    # The first wait is up to 1 s (full jitter: uniform below 1 s, then 2, 4, ...).
+    expect(status(alice)).to_contain_text("reconnecting in 1s (attempt 1")
     expect(alice.get_by_test_id("me-id")).to_be_empty()
     pages.shoot(alice, "Alice-reconnecting")
 
-    alice.clock.run_for(1500)  # the first retry fails: the next wait doubles
-    expect(status(alice)).to_contain_text("reconnecting in 2s")
+    alice.clock.run_for(1500)  # the first retry fails: the next wait is up to 2 s
+    expect(status(alice)).to_contain_text("(attempt 2")
     assert alice.evaluate("window.wsessionDemo.connectAttempts") == 2
 
     server.start()
@@ -309,6 +313,43 @@ def test_reconnects_with_backoff_after_a_server_restart(
     expect(alice.get_by_test_id("target-select")).to_have_value("room:ops")
     write(alice, "back after the restart")
     expect(messages(alice, "group", "back after the restart")).to_be_visible()
+
+
+def test_a_dropped_connection_resumes_and_the_missed_messages_appear_once(
+    pages: Pages, server: ThreadedServer
+) -> None:
+    """The demo page uses the package's client: after a TCP drop (no close frame) it resumes
+    the same session, and what was sent to it meanwhile appears once, in order."""
+    from .apps.resume_stub import DropProxy
+
+    proxy = DropProxy(server.port)
+    try:
+        ann = pages.open("Ann", via=proxy.url)
+        ann_id = my_id(ann)
+        server_api = httpx.Client(base_url=server.url, timeout=10)
+        assert server_api.post(f"/api/send/{ann_id}", json={"text": "before"}).status_code == 200
+        expect(messages(ann, "dm", "before")).to_have_count(1)
+        assert proxy.cut() >= 1  # TCP gone without a close frame
+        for i in range(3):
+            response = server_api.post(f"/api/send/{ann_id}", json={"text": f"missed {i}"})
+            assert response.status_code == 200
+        expect(status(ann)).to_have_attribute("data-state", "connected")
+        expect(status(ann)).to_contain_text("resumed")
+        expect(ann.get_by_test_id("me-id")).to_have_text(ann_id)  # the same session
+        recovered = ann.locator('#log [data-testid="message"]').filter(has_text="recovered")
+        expect(recovered).to_have_count(1)
+        for i in range(3):
+            expect(messages(ann, "dm", f"missed {i}")).to_have_count(1)
+        expect(messages(ann, "dm", "before")).to_have_count(1)  # nothing replayed twice
+        texts = ann.locator('#log [data-testid="message"][data-kind="dm"]').all_inner_texts()
+        order = [next(t for t in texts if f"missed {i}" in t) for i in range(3)]
+        assert [texts.index(t) for t in order] == sorted(texts.index(t) for t in order)
+        listed = server_api.get("/api/stats").json()
+        assert listed["resumed_total"] == 1 and listed["connected_total"] == 1
+        server_api.close()
+        pages.shoot(ann, "Ann-resumed")
+    finally:
+        proxy.close()
 
 
 def test_asks_for_a_name_and_shows_it_as_text(pages: Pages, server: ThreadedServer) -> None:

@@ -6,10 +6,9 @@
 (() => {
   // -- configuration -----------------------------------------------------------------------
 
-  const BACKOFF_BASE_MS = 1000; // first retry after ~1 s, then 2, 4, 8 ... capped
+  const BACKOFF_BASE_MS = 1000; // retries wait up to 1 s, then 2, 4, 8 ... (full jitter)
   const BACKOFF_MAX_MS = 30000;
-  const BACKOFF_JITTER = 0.2; // up to +20 % so a restarted server is not hit all at once
-  const KICK_CODE = 4000; // the server closes a kicked connection with this code
+    const KICK_CODE = 4000; // the server closes a kicked connection with this code
   const MAX_LOG_ENTRIES = 500;
   const TOKEN_KEY = "wsession.adminToken";
 
@@ -20,6 +19,10 @@
     sessions: () => "/api/sessions",
     kick: (id) => `/api/kick/${encodeURIComponent(id)}`,
   };
+
+  // Close codes after which the client comes back (the rest are final: 4000 kicked, 4401
+  // expired, 4403 revoked, 4409 resumed elsewhere, 1008 refused).
+  const RECONNECT_ON = [1001, 1005, 1006, 1011, 1012, 1013, 4408];
 
   const CLOSE_REASONS = {
     1000: "closed",
@@ -36,14 +39,12 @@
   const state = {
     name: "",
     myId: null,
-    socket: null,
+    client: null, // the WSessionClient
     online: new Map(), // id -> name, the others' connections (tabs), from the lobby's diffs
     roomPeople: new Map(), // room -> Map(id -> name), from each room's diffs
     gone: new Set(), // ids announced offline; /api/sessions can list them a moment longer
     rooms: new Set(), // rooms we are in; re-joined after a reconnect
-    attempt: 0, // failed connections in a row, for the backoff
     connectAttempts: 0, // WebSockets opened since load (tests read it)
-    reconnectTimer: null,
     countdownTimer: null,
     kicked: false,
     selectOnJoin: null, // a room to select in the "To" menu when the server confirms the join
@@ -103,13 +104,12 @@
     const status = $("status");
     status.dataset.state = kind;
     status.textContent = text;
-    $("reconnect-button").hidden = !(kind === "reconnecting" || kind === "kicked");
+    $("reconnect-button").hidden = !["reconnecting", "kicked", "closed"].includes(kind);
   }
 
   function clearTimers() {
-    clearTimeout(state.reconnectTimer);
     clearInterval(state.countdownTimer);
-    state.reconnectTimer = state.countdownTimer = null;
+    state.countdownTimer = null;
   }
 
   function start(name) {
@@ -119,93 +119,123 @@
     connect();
   }
 
+  // The connection is the package's own client (/wsession-client.js, WSessionClient): it
+  // reconnects with backoff and jitter and resumes the session with every missed message.
+  function newClient() {
+    const page = state;
+    // Counts every WebSocket the client opens (tests read connectAttempts).
+    class CountedSocket extends WebSocket {
+      constructor(...args) {
+        super(...args);
+        page.connectAttempts += 1;
+        document.body.dataset.connectAttempts = String(page.connectAttempts);
+      }
+    }
+    const client = new WSessionClient(`/ws?name=${encodeURIComponent(state.name)}`, {
+      backoffBase: BACKOFF_BASE_MS,
+      backoffCap: BACKOFF_MAX_MS,
+      reconnectOn: RECONNECT_ON,
+      WebSocket: CountedSocket,
+      autoConnect: false,
+    });
+    client.on("welcome", onWelcome);
+    client.on("message", handle);
+    client.on("recovered", ({ replayed }) => {
+      const count = replayed === null ? "the" : String(replayed);
+      addLog("system", "server", `Reconnected: same session, ${count} missed message(s) recovered.`, {
+        event: "recovered",
+      });
+    });
+    client.on("not_recovered", () => {
+      // A new session: what we knew of the old one (people, rooms' people) is stale.
+      state.online.clear();
+      state.roomPeople.clear();
+      addLog("system", "server", "Reconnected as a new session (the old one could not be recovered).", {
+        event: "not_recovered",
+      });
+    });
+    client.on("reconnecting", ({ attempt, delay, code, reason }) =>
+      onLost(code, reason, delay, attempt),
+    );
+    client.on("close", ({ code, reason }) => onClosed(code, reason));
+    return client;
+  }
+
   function connect() {
     clearTimers();
     state.kicked = false;
-    state.connectAttempts += 1;
-    document.body.dataset.connectAttempts = String(state.connectAttempts);
     setStatus("connecting", "connecting…");
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const url = `${scheme}//${location.host}/ws?name=${encodeURIComponent(state.name)}`;
-    const socket = new WebSocket(url);
-    state.socket = socket;
-    socket.addEventListener("message", (event) => {
-      if (state.socket !== socket) return;
-      let message;
-      try {
-        message = JSON.parse(event.data);
-      } catch {
-        addLog("error", "server", "an unreadable message arrived");
-        return;
-      }
-      handle(message);
-    });
-    socket.addEventListener("close", (event) => {
-      if (state.socket !== socket) return; // a socket we already gave up on
-      state.socket = null;
-      onClosed(event);
-    });
+    if (state.client === null) state.client = newClient();
+    state.client.connect();
   }
 
-  function onClosed(event) {
-    const wasConnected = state.myId !== null;
+  function forgetConnection() {
     state.myId = null;
     $("me-id").textContent = "";
+  }
+
+  function onLost(code, reason, delay, attempt) {
+    const wasConnected = state.myId !== null;
+    forgetConnection();
+    const why = CLOSE_REASONS[code] || reason || `closed with code ${code}`;
+    if (wasConnected) addLog("system", "server", `Disconnected (${why}).`);
+    const due = Date.now() + delay;
+    const show = () => {
+      const seconds = Math.max(1, Math.ceil((due - Date.now()) / 1000));
+      setStatus("reconnecting", `reconnecting in ${seconds}s (attempt ${attempt}, ${why})`);
+    };
+    show();
+    clearTimers();
+    state.countdownTimer = setInterval(show, 500);
+  }
+
+  function onClosed(code, reason) {
+    clearTimers();
+    forgetConnection();
     state.online.clear();
     state.roomPeople.clear();
     renderPeople();
-    if (event.code === KICK_CODE) {
+    if (code === KICK_CODE) {
       state.kicked = true;
       setStatus("kicked", "kicked by an admin — not reconnecting");
       addLog("system", "server", "You were kicked. Use “Reconnect now” to come back.");
       return;
     }
-    const why = CLOSE_REASONS[event.code] || event.reason || `closed with code ${event.code}`;
-    if (wasConnected) addLog("system", "server", `Disconnected (${why}).`);
-    scheduleReconnect(why);
-  }
-
-  function scheduleReconnect(why) {
-    clearTimers();
-    const nominal = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
-    const delay = nominal * (1 + Math.random() * BACKOFF_JITTER);
-    state.attempt += 1;
-    const due = Date.now() + delay;
-    const show = () => {
-      const seconds = Math.max(1, Math.round((due - Date.now()) / 1000));
-      setStatus("reconnecting", `reconnecting in ${seconds}s (${why})`);
-    };
-    show();
-    state.countdownTimer = setInterval(show, 500);
-    state.reconnectTimer = setTimeout(connect, delay);
+    const why = CLOSE_REASONS[code] || reason || `closed with code ${code}`;
+    setStatus("closed", `closed (${why})`);
+    addLog("system", "server", `Closed (${why}). Use “Reconnect now” to come back.`);
   }
 
   function send(message) {
-    if (!state.socket || state.socket.readyState !== WebSocket.OPEN || state.myId === null) {
+    if (state.client === null || state.myId === null || !state.client.send(message)) {
       addLog("error", "you", "Not connected: the message was not sent.");
       return false;
     }
-    state.socket.send(JSON.stringify(message));
     return true;
   }
 
   // -- server messages ---------------------------------------------------------------------
 
+  function onWelcome(message) {
+    clearTimers();
+    state.myId = message.id;
+    $("me-id").textContent = message.id;
+    if (!message.resumed) {
+      // A new session: the lobby as of the last diff, and our rooms joined again. A resumed
+      // one keeps both: the replay that follows brings them up to date.
+      state.online = new Map();
+      for (const { name, ids } of message.presence || []) {
+        for (const id of ids) if (id !== message.id) state.online.set(id, name);
+      }
+      for (const room of state.rooms) send({ type: "join", group: room });
+    }
+    renderPeople();
+    setStatus("connected", message.resumed ? "connected (resumed)" : "connected");
+    refreshAdmin();
+  }
+
   function handle(message) {
     switch (message.type) {
-      case "welcome":
-        state.myId = message.id;
-        state.attempt = 0;
-        $("me-id").textContent = message.id;
-        state.online = new Map();
-        for (const { name, ids } of message.presence) {
-          for (const id of ids) if (id !== message.id) state.online.set(id, name);
-        }
-        renderPeople();
-        setStatus("connected", "connected");
-        for (const room of state.rooms) send({ type: "join", group: room });
-        refreshAdmin();
-        break;
       case "presence_diff":
         if (message.topic === "lobby") onLobbyDiff(message);
         else if (state.roomPeople.has(message.topic)) {
@@ -550,14 +580,11 @@
     $("composer").addEventListener("submit", onSend);
     $("join-form").addEventListener("submit", onJoin);
     $("target-select").addEventListener("change", (e) => selectTarget(e.target.value));
-    $("reconnect-button").addEventListener("click", () => {
-      state.attempt = 0;
-      connect();
-    });
+    $("reconnect-button").addEventListener("click", connect);
     $("stats-refresh").addEventListener("click", refreshAdmin);
     // Back online (laptop woke up, Wi-Fi returned): retry now rather than at the next tick.
     window.addEventListener("online", () => {
-      if (state.reconnectTimer !== null) connect();
+      if (state.client !== null && state.client.state === "reconnecting") connect();
     });
     const token = $("admin-token");
     token.value = localStorage.getItem(TOKEN_KEY) || "";
