@@ -50,7 +50,7 @@ def _scope() -> dict[str, Any]:
     }
 
 
-async def _connection(app: ASGIApp, messages: int) -> int:
+async def _connection(app: ASGIApp, messages: int, text: str = _TEXT) -> int:
     """One connection that echoes ``messages`` texts; returns the CPU time it took (ns)."""
     loop = asyncio.get_running_loop()
     received = 0
@@ -64,7 +64,7 @@ async def _connection(app: ASGIApp, messages: int) -> int:
         loop.call_soon(ready.set_result, None)
         await ready
         if received <= messages + 1:
-            return {"type": "websocket.receive", "text": _TEXT}
+            return {"type": "websocket.receive", "text": text}
         return {"type": "websocket.disconnect", "code": 1000}
 
     async def send(message: Message) -> None:

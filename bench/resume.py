@@ -34,7 +34,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsession import SessionManager, WSessionMiddleware, get_session
 
-from .inproc import _scope
+from .inproc import _connection, _scope
+
+ECHO = '{"type":"echo","text":"0123456789"}'
 
 MISSED = 300
 ON: dict[str, Any] = {"resume_window": 120.0, "resume_seq_field": "seq"}
@@ -58,30 +60,6 @@ def _app(manager: SessionManager) -> Starlette:
 
 
 # -- per-message cost ------------------------------------------------------------------------------
-
-
-async def _echo_connection(app: Any, messages: int) -> int:
-    loop = asyncio.get_running_loop()
-    received = 0
-
-    async def receive() -> Message:
-        nonlocal received
-        received += 1
-        if received == 1:
-            return {"type": "websocket.connect"}
-        ready = loop.create_future()
-        loop.call_soon(ready.set_result, None)
-        await ready
-        if received <= messages + 1:
-            return {"type": "websocket.receive", "text": '{"type":"echo","text":"0123456789"}'}
-        return {"type": "websocket.disconnect", "code": 1000}
-
-    async def send(message: Message) -> None:
-        return None
-
-    started = time.process_time_ns()
-    await app(_scope(), receive, send)
-    return time.process_time_ns() - started
 
 
 async def _manager_sends(manager: SessionManager, sends: int) -> int:
@@ -121,9 +99,9 @@ async def per_message(rounds: int, messages: int) -> list[str]:
         plain: dict[str, Any] = {}
         for name, settings in (("off", plain), ("on", ON)):
             app = _app(SessionManager(**settings))
-            await _echo_connection(app, 500)  # warm
-            long = await _echo_connection(app, messages)
-            empty = await _echo_connection(app, 0)
+            await _connection(app, 500, ECHO)  # warm
+            long = await _connection(app, messages, ECHO)
+            empty = await _connection(app, 0, ECHO)
             echo[name].append((long - empty) / messages / 1e3)
             sends[name].append(
                 await _manager_sends(SessionManager(**settings), messages) / messages / 1e3

@@ -97,6 +97,16 @@ async def settle() -> None:
     await wait_all_tasks_blocked()
 
 
+async def lost(manager: SessionManager, server: FakeServer, tg: Any) -> dict[str, Any]:
+    """Connect, drop the connection without a close frame, wait until the session detached;
+    the welcome the client got."""
+    client = await connect(server, tg)
+    hello = welcome(client)
+    client.drop()
+    await detached(manager, hello["id"])
+    return hello
+
+
 async def detached(manager: SessionManager, session_id: str) -> Session:
     with anyio.fail_after(5):
         while session_id not in manager.detached:
@@ -170,10 +180,7 @@ async def test_the_window_runs_out_and_the_disconnect_hooks_run_once() -> None:
     with ManualClock() as clock:
         manager, recorder, server = make()
         async with anyio.create_task_group() as tg:
-            client = await connect(server, tg)
-            hello = welcome(client)
-            client.drop()
-            await detached(manager, hello["id"])
+            hello = await lost(manager, server, tg)
             clock.advance(WINDOW - 1)
             await settle()
             assert recorder.ended == [] and hello["id"] in manager.detached
@@ -194,10 +201,7 @@ async def test_the_window_runs_out_and_the_disconnect_hooks_run_once() -> None:
 async def test_an_overflowing_buffer_ends_the_session_once_and_resumes_fresh() -> None:
     manager, recorder, server = make(resume_buffer=4)
     async with anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
         results = [await manager.send(hello["id"], {"n": i}) for i in range(6)]
         assert results[:4] == [SendResult.QUEUED] * 4
         assert results[4] is SendResult.GONE
@@ -271,10 +275,7 @@ async def test_two_concurrent_resumes_exactly_one_wins() -> None:
 
     manager.on_resume(slow_auth)
     async with anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
         query = f"resume={hello['resume']}&last=0".encode()
         a = await server.connect(tg, query_string=query)
         b = await server.connect(tg, query_string=query)
@@ -315,10 +316,7 @@ async def test_endings_that_are_not_resumable_end_the_session(
 async def test_kicking_or_revoking_a_detached_session_ends_it_and_refuses_its_resume() -> None:
     manager, recorder, server = make()
     async with anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
         assert await manager.revoke_session(hello["id"]) is True
         await recorder.wait_ended(1)
         assert recorder.ended == [(hello["id"], EndReason.SERVER_CLOSED, 4403, "revoked")]
@@ -336,10 +334,7 @@ async def test_a_resume_hook_authenticates_and_a_refusal_leaves_the_session_wait
             raise Refuse(403, reason="who are you")
 
     async with anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
         query = f"resume={hello['resume']}&last=0".encode()
         thief = await server.connect(tg, query_string=query)
         await thief.wait_for(lambda: thief.done.is_set())
@@ -369,10 +364,7 @@ async def test_messages_sent_while_the_resume_is_in_progress_follow_the_replay()
         await gate.wait()
 
     async with anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
         await manager.send(hello["id"], {"n": "before"})
         resuming = await server.connect(
             tg, query_string=f"resume={hello['resume']}&last=0".encode()
@@ -394,10 +386,7 @@ async def test_detach_and_resume_hooks_run_in_order_and_disconnect_once() -> Non
     manager.on_detach(lambda s: events.append(f"detach:{s.end_reason}"))
     manager.on_resume(lambda s: events.append("resume"))
     async with anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
         again = await connect(server, tg, hello["resume"], 0)
         assert welcome(again)["resumed"] is True
         again.close()
@@ -408,10 +397,7 @@ async def test_detach_and_resume_hooks_run_in_order_and_disconnect_once() -> Non
 async def test_shutdown_ends_detached_sessions_with_their_hooks() -> None:
     manager, recorder, server = make()
     async with manager, anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
     assert recorder.ended == [(hello["id"], EndReason.SERVER_SHUTDOWN, 1005, None)]
     assert not manager.detached
 
@@ -543,10 +529,7 @@ async def test_a_resume_cancelled_in_its_hooks_leaves_the_session_waiting() -> N
         await anyio.sleep_forever()
 
     async with anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
         attempt = await server.connect(tg, query_string=f"resume={hello['resume']}&last=0".encode())
         await entered.wait()
         assert hello["id"] not in manager.detached  # claimed while the hook runs
@@ -575,10 +558,7 @@ async def test_a_resume_without_a_usable_last_number_is_invalid_and_harms_nothin
 ) -> None:
     manager, recorder, server = make()
     async with anyio.create_task_group() as tg:
-        client = await connect(server, tg)
-        hello = welcome(client)
-        client.drop()
-        await detached(manager, hello["id"])
+        hello = await lost(manager, server, tg)
         query = f"resume={hello['resume']}&last={last}".encode()
         attempt = await server.connect(tg, query_string=query)
         await attempt.wait_for(lambda: len(attempt.data) >= 1)
