@@ -1,8 +1,9 @@
 """The JavaScript client against the real example app (wsession's own resumption), in Chromium.
 
-The example does not serve the client yet, so a thin ASGI wrapper adds ``/wsession-client.js``
-and the stub's test page in front of it; everything else (``/ws``, ``/api``, the lifespan) is the
-example app's. The browser goes through a :class:`DropProxy` so the test can drop TCP.
+The example serves the client itself (``/wsession-client.js``); a thin ASGI wrapper only adds
+the stub's test page (``/client-test``, which records every client event); everything else
+(``/ws``, ``/api``, the script, the lifespan) is the example app's. The browser goes through
+a :class:`DropProxy` so the test can drop TCP.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from tests.test_client_script_browser import (  # the same browser and page help
     details,
     wait_events,
 )
-from wsession import client_script_route
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(20)]
 
@@ -35,18 +35,17 @@ __all__ = ["browser"]  # a fixture, imported to be shared
 
 
 def example_with_client() -> ASGIApp:
-    """The example app, plus the client script and the test page at ``/client-test``."""
+    """The example app, plus the test page at ``/client-test``."""
     example = create_app(environ={"WSESSION_RESUME_WINDOW": "30"})
 
     async def page(request: Request) -> Response:
         return HTMLResponse(TEST_PAGE)
 
-    extra = {"/wsession-client.js": client_script_route(), "/client-test": Route("/", page)}
+    test_page = Route("/client-test", page)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        route = extra.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if route is not None:
-            await route.handle(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == "/client-test":
+            await test_page.handle(scope, receive, send)
         else:
             await example(scope, receive, send)
 
