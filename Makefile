@@ -32,7 +32,7 @@ lint: install
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache site dist build
 
-.PHONY: bench bench-smoke bench-presence bench-resume
+.PHONY: bench bench-smoke bench-presence bench-resume bench-scale bench-scale-smoke bench-capacity
 
 # Benchmarks against bare Starlette (not part of `make test`; see BENCHMARKS.md).
 bench: install
@@ -49,6 +49,21 @@ bench-resume: install
 
 bench-smoke: install
 	$(BIN)/python -m bench --smoke
+
+# Scale (issue 17): 1k, 10k, 50k, 100k idle connections on one worker, bare vs wsession; writes
+# bench/results/scale.{md,json} and the plots. An N above the hard RLIMIT_NOFILE is skipped
+# (said so) and the largest N that fits is measured instead. A few minutes; not in `make test`.
+bench-scale: install
+	$(BIN)/python -m bench.scale
+
+# The same harness at N = 200 and 1,000, no files written (CI; well under a minute).
+bench-scale-smoke: install
+	$(BIN)/python -m bench.scale --smoke
+
+# Redis commands, bytes and CPU per RedisRegistry operation (a private redis-server): the
+# inputs of the capacity model in BENCHMARKS.md.
+bench-capacity: install
+	$(BIN)/python -m bench.scale_redis --json bench/results/capacity.json
 
 # Conformance (issue 3): Starlette's and uvicorn's own WebSocket tests, run as published and
 # then with every app wrapped by wsession; outcomes must match test by test. Downloads the

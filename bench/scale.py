@@ -53,6 +53,7 @@ SMOKE_NS = (200, 1_000)
 FD_RESERVE = 256  # descriptors a process needs besides its connections
 CLIENT_MAX = 15_000  # connections per client process (ports and memory stay modest)
 SLICE = 250  # connections opened per turn, alternating between the servers
+LEAK_LIMIT = 0.05  # GC objects left per connection that count as a leak
 WARMUP = 20  # small: memory it leaves in the allocator's free lists is reused by the first N
 SOURCES = tuple(f"127.0.0.{i}" for i in range(2, 10))
 
@@ -111,14 +112,16 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> byte
 class Server:
     """One ``bench.scale_apps`` server: its own process group, its port, its control API."""
 
-    def __init__(self, variant: str, log_dir: Path, fds: int) -> None:
+    def __init__(self, variant: str, log_dir: Path, fds: int, env: dict[str, str]) -> None:
         self.variant = variant
         self._log = (log_dir / f"server-{variant}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.scale_apps", "--variant", variant]
-            + ["--parent", str(os.getpid()), "--fds", str(fds)],
+            [
+                *(sys.executable, "-m", "bench.scale_apps", "--variant", variant),
+                *("--parent", str(os.getpid()), "--fds", str(fds)),
+            ],
             cwd=ROOT,
-            env=_env(),
+            env={**_env(), **env},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -173,8 +176,10 @@ class Client:
         self.held = 0
         self._log = (log_dir / f"client-{index}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.scale_client", "--parent", str(os.getpid())]
-            + ["--sources", ",".join(SOURCES), "--fds", str(fds), "--timeout", str(timeout)],
+            [
+                *(sys.executable, "-m", "bench.scale_client", "--parent", str(os.getpid())),
+                *("--sources", ",".join(SOURCES), "--fds", str(fds), "--timeout", str(timeout)),
+            ],
             cwd=ROOT,
             env=_env(),
             stdin=subprocess.PIPE,
@@ -254,6 +259,7 @@ class Options:
     out: Path
     plots: bool
     timeout: float
+    server_env: dict[str, str] = field(default_factory=dict)
 
 
 def _spread(count: int, clients: list[Client], capacity: int) -> list[int]:
@@ -335,7 +341,7 @@ def measure_n(n: int, opts: Options, fds: int, log_dir: Path) -> list[Point]:
     servers: list[Server] = []
     clients: list[Client] = []
     try:
-        servers = [Server(v, log_dir, fds) for v in VARIANTS]
+        servers = [Server(v, log_dir, fds, opts.server_env) for v in VARIANTS]
         clients = [Client(i, log_dir, fds, opts.timeout) for i in range(client_count)]
         for server in servers:
             server.wait_ready()
@@ -371,9 +377,8 @@ def measure_n(n: int, opts: Options, fds: int, log_dir: Path) -> list[Point]:
             point.connect_cpu_slices_us = [round(c / 1000, 1) for c in per_conn[server.variant]]
             before = base[server.variant]["types"]
             grown = {t: (c - before.get(t, 0)) / n for t, c in mem["types"].items()}
-            point.types_per_conn = dict(
-                sorted(((t, round(c, 2)) for t, c in grown.items() if c >= 0.5), key=lambda i: -i[1])
-            )
+            kept = [(t, round(c, 2)) for t, c in grown.items() if c >= 0.5]
+            point.types_per_conn = dict(sorted(kept, key=lambda i: -i[1]))
             point.connect_rate = n / wall[server.variant]
         k = min(opts.ops_k, n)
         best: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
@@ -416,8 +421,10 @@ def measure_n(n: int, opts: Options, fds: int, log_dir: Path) -> list[Point]:
                 sorted(((t, c) for t, c in grown.items() if c > 0), key=lambda i: -i[1])[:8]
             )
     finally:
-        for proc in [*clients, *servers]:
-            proc.stop()
+        for client in clients:
+            client.stop()
+        for server in servers:
+            server.stop()
     return [points[v] for v in VARIANTS]
 
 
@@ -447,7 +454,7 @@ HOT_METRICS: tuple[tuple[str, str], ...] = (
 
 def _fmt(value: float) -> str:
     if math.isnan(value):
-        return "–"
+        return "n/a"
     if abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.2f}"
@@ -496,6 +503,20 @@ def render(points: list[Point], skipped: dict[int, str], fds: tuple[int, int]) -
     return "\n".join(lines) + "\n"
 
 
+def leaks(points: list[Point]) -> dict[str, float]:
+    """GC objects left after every connection closed, per connection of the largest N beyond
+    the smallest: 0 when what stays is a fixed amount (a lazy import), > 0 for a leak."""
+    ns = sorted({p.n for p in points})
+    by = {(p.variant, p.n): p for p in points}
+    if len(ns) < 2:
+        return {}
+    lo, hi = ns[0], ns[-1]
+    return {
+        v: (by[(v, hi)].objects_after_close - by[(v, lo)].objects_after_close) / (hi - lo)
+        for v in VARIANTS
+    }
+
+
 def targets(points: list[Point]) -> list[str]:
     """The issue's targets, judged on the smallest and largest N measured."""
     ns = sorted({p.n for p in points})
@@ -509,12 +530,22 @@ def targets(points: list[Point]) -> list[str]:
             a, b = getattr(by[(variant, lo)], key), getattr(by[(variant, hi)], key)
             ratio = b / a if a else math.nan
             verdict = "met" if ratio <= 1.10 else "MISSED"
-            out.append(f"- {variant} {label}: {_fmt(a)} → {_fmt(b)} (×{ratio:.2f}) {verdict}")
+            out.append(f"- {variant} {label}: {_fmt(a)} → {_fmt(b)} (x{ratio:.2f}) {verdict}")
     for key, label in HOT_METRICS:
         for variant in VARIANTS:
-            a, b = by[(variant, lo)].hot_ns.get(key, math.nan), by[(variant, hi)].hot_ns.get(key, math.nan)
+            a = by[(variant, lo)].hot_ns.get(key, math.nan)
+            b = by[(variant, hi)].hot_ns.get(key, math.nan)
             ratio = b / a if a else math.nan
-            out.append(f"- {variant} {label} (evidence, not a target): {_fmt(a)} → {_fmt(b)} (×{ratio:.2f})")
+            out.append(
+                f"- {variant} {label} (evidence, not a target): {_fmt(a)} → {_fmt(b)} "
+                f"(x{ratio:.2f})"
+            )
+    for variant, per_conn in leaks(points).items():
+        verdict = "no leak" if per_conn <= LEAK_LIMIT else "LEAK"
+        out.append(
+            f"- {variant} GC objects left after close: {per_conn:+.3f} per connection of "
+            f"{hi:,} beyond {lo:,} ({verdict}; what stays at every N is a one-time cost)"
+        )
     ws, bare = by[("wsession", hi)], by[("bare", hi)]
     extra = ws.rss_per_conn_kib - bare.rss_per_conn_kib
     verdict = "met" if extra <= 1.5 else "MISSED"
@@ -556,12 +587,12 @@ def plot(points: list[Point], out: Path) -> list[Path]:
             label=variant,
         )
     _log_x(ax, ns)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.2 * max(p.rss_per_conn_kib for p in points))
     ax.set_xlabel("idle connections on one worker (N, log scale)")
     ax.set_ylabel("server RSS per connection (KiB)")
     ax.set_title("Memory per idle connection against N")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     path = out / "scale-memory.png"
     fig.savefig(path)
@@ -650,13 +681,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="N = 200 and 1,000, no plots")
     parser.add_argument("--n", type=int, action="append", help="an N to measure (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--plots-dir", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--replot", type=Path, help="only redraw the plots from a scale.json")
+    parser.add_argument(
+        "--leak-selftest",
+        action="store_true",
+        help="make the wsession server leak on purpose: the run must end with exit code 1",
+    )
     parser.add_argument("--ops", type=int, default=2000, help="operations per timed round")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per ops call")
     parser.add_argument("--ops-calls", type=int, default=3, help="ops calls per variant")
     parser.add_argument("--broadcasts", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per step")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())["points"]
+        fields = Point.__dataclass_fields__
+        again = [Point(**{k: v for k, v in p.items() if k in fields}) for p in saved]
+        args.plots_dir.mkdir(parents=True, exist_ok=True)
+        for path in plot(again, args.plots_dir):
+            print(f"wrote {path}")
+        return 0
     wanted = tuple(args.n) if args.n else (SMOKE_NS if args.smoke else FULL_NS)
     opts = Options(
         ns=wanted,
@@ -667,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         plots=not (args.no_plots or args.smoke),
         timeout=args.timeout,
+        server_env={"BENCH_SCALE_LEAK": "1"} if args.leak_selftest else {},
     )
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fds = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -679,9 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     if not ns:
         print("no N fits under the file-descriptor limit", file=sys.stderr)
         return 2
-    opts.out.mkdir(parents=True, exist_ok=True)
-    log_dir = opts.out / "logs"
-    log_dir.mkdir(exist_ok=True)
+    log_dir = ROOT / ".cache" / "bench-scale-logs"  # git-ignored; servers' and clients' stderr
+    log_dir.mkdir(parents=True, exist_ok=True)
     points: list[Point] = []
     started = time.monotonic()
     with _sigterm_as_exit():
@@ -699,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"modules imported meanwhile: {point.modules_after_close}"
             )
     if not args.smoke:
+        opts.out.mkdir(parents=True, exist_ok=True)
         (opts.out / "scale.md").write_text(text)
         (opts.out / "scale.json").write_text(
             json.dumps(
@@ -712,9 +759,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if opts.plots:
-        for path in plot(points, opts.out):
+        args.plots_dir.mkdir(parents=True, exist_ok=True)
+        for path in plot(points, args.plots_dir):
             print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     print(f"total {time.monotonic() - started:.0f}s", file=sys.stderr)
+    leaking = [v for v, per_conn in leaks(points).items() if per_conn > LEAK_LIMIT]
+    if leaking:
+        print(f"LEAK: objects left after close grow with N for {leaking}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,9 +11,10 @@ Surface (both variants):
   number of GC-tracked objects (and per type) and the connections the app tracks.
 - ``GET /ctl/ops?k=K&rounds=R``: times K registry lookups, K ``count()`` calls, K sends by id
   and K group joins (random live ids, picked before the clock starts; joins left again after
-  each round), R rounds each, inside this process; answers the fastest round's mean per operation, as CPU time
-  (``time.process_time_ns``: ``<op>_ns``) and as wall time (``perf_counter_ns``: ``<op>_wall_ns``);
-  ``<op>_hot_ns``: the same on 64 ids over and over (cache-hot).
+  each round), R rounds each, inside this process; answers the fastest round's mean per
+  operation as CPU time (``time.process_time_ns``: ``<op>_ns``) and as wall time
+  (``perf_counter_ns``: ``<op>_wall_ns``); ``<op>_hot_ns``: the same on 64 ids over and over
+  (cache-hot).
 - ``POST /ctl/broadcast``: one broadcast of the body; answers how many it reached and the loop
   time (``perf_counter_ns``) and this process's CPU (``process_time_ns``) for it.
 
@@ -239,9 +240,14 @@ def bare_app() -> Starlette:
 def wsession_app() -> Starlette:
     """The same idle endpoint wrapped in wsession (memory registry, default settings)."""
     manager = SessionManager()
+    # BENCH_SCALE_LEAK=1 (``bench.scale --leak-selftest``): keep every connection's scope, a
+    # deliberate leak the harness must report.
+    kept: list[Any] | None = [] if os.environ.get("BENCH_SCALE_LEAK") == "1" else None
 
     async def endpoint(websocket: WebSocket) -> None:
         await websocket.accept()
+        if kept is not None:
+            kept.append(dict(websocket.scope))
         await _idle(websocket)
 
     async def count(conn_id: str) -> int:
