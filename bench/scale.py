@@ -259,6 +259,7 @@ class Options:
     out: Path
     plots: bool
     timeout: float
+    deadline: float = math.inf  # time.monotonic() past which the run stops (--budget)
     server_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -356,6 +357,8 @@ def measure_n(n: int, opts: Options, fds: int, log_dir: Path) -> list[Point]:
         opened = 0
         slice_size = min(SLICE, n)
         while opened < n:  # alternating slices
+            if time.monotonic() > opts.deadline:
+                raise ScaleError("the run's time budget (--budget) ran out while connecting")
             size = min(slice_size, n - opened)
             for server in servers:
                 started = time.perf_counter()
@@ -664,6 +667,13 @@ def plan(wanted: tuple[int, ...], hard: int) -> tuple[list[int], dict[int, str]]
     return sorted(run), skipped
 
 
+def _conntrack_max() -> int | None:
+    try:
+        return int(Path("/proc/sys/net/netfilter/nf_conntrack_max").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -694,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops-calls", type=int, default=3, help="ops calls per variant")
     parser.add_argument("--broadcasts", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per step")
+    parser.add_argument(
+        "--budget", type=float, default=840.0, help="seconds for the whole run (default 14 min)"
+    )
     args = parser.parse_args(argv)
     if args.replot:
         saved = json.loads(args.replot.read_text())["points"]
@@ -714,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         plots=not (args.no_plots or args.smoke),
         timeout=args.timeout,
         server_env={"BENCH_SCALE_LEAK": "1"} if args.leak_selftest else {},
+        deadline=time.monotonic() + args.budget,
     )
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fds = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -726,12 +740,23 @@ def main(argv: list[str] | None = None) -> int:
     if not ns:
         print("no N fits under the file-descriptor limit", file=sys.stderr)
         return 2
+    tracked = _conntrack_max()
+    if tracked is not None and 2 * len(VARIANTS) * ns[-1] > 0.9 * tracked:
+        # Each loopback connection is two tracked flows when netfilter tracks loopback.
+        print(
+            f"WARNING: net.netfilter.nf_conntrack_max is {tracked:,}; {ns[-1]:,} connections "
+            "to each of two servers may fill the table (connects then time out)",
+            file=sys.stderr,
+        )
     log_dir = ROOT / ".cache" / "bench-scale-logs"  # git-ignored; servers' and clients' stderr
     log_dir.mkdir(parents=True, exist_ok=True)
     points: list[Point] = []
     started = time.monotonic()
     with _sigterm_as_exit():
         for n in ns:
+            if time.monotonic() > opts.deadline:
+                print(f"time budget spent: N = {n:,} and above not run", file=sys.stderr)
+                break
             t0 = time.monotonic()
             print(f"N = {n:,}: both servers ...", file=sys.stderr, flush=True)
             points += measure_n(n, opts, fds, log_dir)
