@@ -53,7 +53,10 @@ SMOKE_NS = (200, 1_000)
 FD_RESERVE = 256  # descriptors a process needs besides its connections
 CLIENT_MAX = 15_000  # connections per client process (ports and memory stay modest)
 SLICE = 250  # connections opened per turn, alternating between the servers
-LEAK_LIMIT = 0.05  # GC objects left per connection that count as a leak
+# Left after close per connection, beyond which it is a leak. Blocks move a little with N
+# by themselves (free lists, caches: ~0.3 per connection for bare as for wsession).
+LEAK_OBJECTS = 0.05
+LEAK_BLOCKS = 1.0
 WARMUP = 20  # small: memory it leaves in the allocator's free lists is reused by the first N
 SOURCES = tuple(f"127.0.0.{i}" for i in range(2, 10))
 
@@ -239,6 +242,7 @@ class Point:
     bcast_cpu_ns: float = math.nan
     rss_after_close_kib: float = math.nan
     objects_after_close: float = math.nan
+    blocks_after_close: float = math.nan  # pymalloc blocks (str/bytes too), minus baseline
     baseline_rss_mib: float = math.nan
     wall_ns: dict[str, float] = field(default_factory=dict)  # the ops as wall time
     hot_ns: dict[str, float] = field(default_factory=dict)  # the ops on 64 ids, cache-hot
@@ -415,6 +419,7 @@ def measure_n(n: int, opts: Options, fds: int, log_dir: Path) -> list[Point]:
             point = points[server.variant]
             point.rss_after_close_kib = (mem["rss"] - base[server.variant]["rss"]) / 1024
             point.objects_after_close = mem["objects"] - base[server.variant]["objects"]
+            point.blocks_after_close = mem["blocks"] - base[server.variant]["blocks"]
             before = base[server.variant]["types"]
             grown = {t: c - before.get(t, 0) for t, c in mem["types"].items()}
             point.modules_after_close = sorted(
@@ -493,6 +498,7 @@ def render(points: list[Point], skipped: dict[int, str], fds: tuple[int, int]) -
         ("baseline_rss_mib", "baseline RSS after warm-up", "MiB"),
         ("rss_after_close_kib", "RSS after all closed, minus baseline", "KiB"),
         ("objects_after_close", "GC objects after all closed, minus baseline", ""),
+        ("blocks_after_close", "pymalloc blocks after all closed, minus baseline", ""),
     )
     for key, label, unit in extra:
         cells = [_fmt(getattr(by[(v, n)], key)) for n in ns for v in VARIANTS]
@@ -506,18 +512,27 @@ def render(points: list[Point], skipped: dict[int, str], fds: tuple[int, int]) -
     return "\n".join(lines) + "\n"
 
 
-def leaks(points: list[Point]) -> dict[str, float]:
-    """GC objects left after every connection closed, per connection of the largest N beyond
-    the smallest: 0 when what stays is a fixed amount (a lazy import), > 0 for a leak."""
+def leaks(points: list[Point]) -> dict[str, tuple[float, float]]:
+    """What stays after every connection closed, per connection of the largest N beyond the
+    smallest: (GC objects, pymalloc blocks). 0 when what stays is a fixed amount (a lazy
+    import); a leaked connection keeps dozens of each."""
     ns = sorted({p.n for p in points})
     by = {(p.variant, p.n): p for p in points}
     if len(ns) < 2:
         return {}
     lo, hi = ns[0], ns[-1]
-    return {
-        v: (by[(v, hi)].objects_after_close - by[(v, lo)].objects_after_close) / (hi - lo)
-        for v in VARIANTS
-    }
+    found = {}
+    for v in VARIANTS:
+        a, b = by[(v, lo)], by[(v, hi)]
+        objects = (b.objects_after_close - a.objects_after_close) / (hi - lo)
+        blocks = (b.blocks_after_close - a.blocks_after_close) / (hi - lo)
+        found[v] = (objects, 0.0 if math.isnan(blocks) else blocks)
+    return found
+
+
+def _leaking(per_conn: tuple[float, float]) -> bool:
+    objects, blocks = per_conn
+    return objects > LEAK_OBJECTS or blocks > LEAK_BLOCKS
 
 
 def targets(points: list[Point]) -> list[str]:
@@ -544,10 +559,11 @@ def targets(points: list[Point]) -> list[str]:
                 f"(x{ratio:.2f})"
             )
     for variant, per_conn in leaks(points).items():
-        verdict = "no leak" if per_conn <= LEAK_LIMIT else "LEAK"
+        verdict = "LEAK" if _leaking(per_conn) else "no leak"
         out.append(
-            f"- {variant} GC objects left after close: {per_conn:+.3f} per connection of "
-            f"{hi:,} beyond {lo:,} ({verdict}; what stays at every N is a one-time cost)"
+            f"- {variant} left after close, per connection of {hi:,} beyond {lo:,}: "
+            f"{per_conn[0]:+.3f} GC objects (limit {LEAK_OBJECTS}), {per_conn[1]:+.3f} pymalloc "
+            f"blocks (limit {LEAK_BLOCKS}): {verdict}"
         )
     ws, bare = by[("wsession", hi)], by[("bare", hi)]
     extra = ws.rss_per_conn_kib - bare.rss_per_conn_kib
@@ -788,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot(points, args.plots_dir):
             print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     print(f"total {time.monotonic() - started:.0f}s", file=sys.stderr)
-    leaking = [v for v, per_conn in leaks(points).items() if per_conn > LEAK_LIMIT]
+    leaking = [v for v, per_conn in leaks(points).items() if _leaking(per_conn)]
     if leaking:
         print(f"LEAK: objects left after close grow with N for {leaking}", file=sys.stderr)
         return 1

@@ -8,7 +8,8 @@ Surface (both variants):
 
 - ``WS /ws``: accept, then wait for the client to close (idle connections).
 - ``GET /ctl/mem``: after ``gc.collect()`` and ``malloc_trim(0)``: this process's RSS, the
-  number of GC-tracked objects (and per type) and the connections the app tracks.
+  number of GC-tracked objects (and per type), of allocated pymalloc blocks (every small
+  object, str and bytes included) and the connections the app tracks.
 - ``GET /ctl/ops?k=K&rounds=R``: times K registry lookups, K ``count()`` calls, K sends by id
   and K group joins (random live ids, picked before the clock starts; joins left again after
   each round), R rounds each, inside this process; answers the fastest round's mean per
@@ -69,6 +70,8 @@ def _mem(live: int) -> JSONResponse:
         {
             "rss": rss_bytes([os.getpid()]),
             "objects": len(objects),
+            # Every live pymalloc block: str and bytes too, which the GC does not track.
+            "blocks": sys.getallocatedblocks(),
             "types": types,
             "modules": sorted(sys.modules),
             "live": live,
