@@ -786,15 +786,20 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     points: list[Point] = []
     started = time.monotonic()
-    with _sigterm_as_exit():
-        for n in ns:
-            if time.monotonic() > opts.deadline:
-                print(f"time budget spent: N = {n:,} and above not run", file=sys.stderr)
-                break
-            t0 = time.monotonic()
-            print(f"N = {n:,}: both servers ...", file=sys.stderr, flush=True)
-            points += measure_n(n, opts, fds, log_dir)
-            print(f"N = {n:,}: done in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    try:
+        with _sigterm_as_exit():
+            for n in ns:
+                if time.monotonic() > opts.deadline:
+                    print(f"time budget spent: N = {n:,} and above not run", file=sys.stderr)
+                    break
+                t0 = time.monotonic()
+                print(f"N = {n:,}: both servers ...", file=sys.stderr, flush=True)
+                points += measure_n(n, opts, fds, log_dir)
+                took = time.monotonic() - t0
+                print(f"N = {n:,}: done in {took:.0f}s", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: every server and client was stopped", file=sys.stderr)
+        return 130
     text = render(points, skipped, (soft, fds))
     print(text)
     for point in points:
