@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from example_app.procs import free_port, redis_binary, start_redis, stop
+from example_app.procs import free_port, redis_binary, start_redis, stop, wait_for_port
 
 INSTALL_HINT = "redis-server is not installed (apt-get install redis-server)"
 
-__all__ = ["RedisServer", "free_port", "own_redis_server", "redis_server"]
+__all__ = [
+    "RedisClusterServer",
+    "RedisServer",
+    "free_port",
+    "own_redis_server",
+    "redis_cluster",
+    "redis_server",
+]
 
 
 class RedisServer:
@@ -71,3 +80,85 @@ def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class RedisClusterServer:
+    """A Redis Cluster of ``masters`` private redis-server processes (no replicas) on free
+    loopback ports, each in its own folder; ``url`` names one node (clients find the others)."""
+
+    def __init__(self, binary: str, folder: Path, masters: int = 3) -> None:
+        self.binary = binary
+        self.folder = folder
+        self.ports = [free_port() for _ in range(masters)]
+        # The cluster bus ports are given explicitly: port + 10000 may not be free.
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self, timeout: float = 20) -> None:
+        """Start the nodes, split the 16384 slots between them, introduce them to each other,
+        and return once every node reports ``cluster_state:ok``."""
+        import redis
+
+        for n, port in enumerate(self.ports):
+            folder = self.folder / f"node{n}"
+            folder.mkdir(exist_ok=True)
+            self.procs.append(_start_node(self.binary, port, self.bus_ports[n], folder))
+        clients: list[Any] = [redis.Redis(port=p, socket_timeout=5) for p in self.ports]
+        try:
+            share = 16384 // len(self.ports)
+            for n, client in enumerate(clients):
+                last = 16383 if n == len(clients) - 1 else (n + 1) * share - 1
+                client.execute_command("CLUSTER ADDSLOTSRANGE", n * share, last)
+                if n:
+                    client.execute_command(
+                        "CLUSTER MEET", "127.0.0.1", self.ports[0], self.bus_ports[0]
+                    )
+            deadline = time.monotonic() + timeout
+            while not all(_cluster_ok(c, len(clients)) for c in clients):  # bounded below
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop(proc)
+        self.procs = []
+
+
+def _start_node(binary: str, port: int, bus_port: int, folder: Path) -> subprocess.Popen[bytes]:
+    """One cluster-enabled redis-server on 127.0.0.1:``port``, keeping nothing on disk but its
+    cluster config; returns once it listens."""
+    proc = subprocess.Popen(
+        [
+            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)),
+            *("--save", "", "--appendonly", "no", "--cluster-enabled", "yes"),
+            *("--cluster-port", str(bus_port), "--cluster-config-file", "nodes.conf"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    wait_for_port(port, proc, "redis-server (cluster node)")
+    return proc
+
+
+def _cluster_ok(client: Any, masters: int) -> bool:
+    info = client.execute_command("CLUSTER INFO")  # parsed by redis-py into a dict
+    fields = {str(k): str(v) for k, v in info.items()}
+    return fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(masters)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """One private 3-master Redis Cluster for the run; tests keep apart by key prefix."""
+    cluster = RedisClusterServer(require_redis_binary(), tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
