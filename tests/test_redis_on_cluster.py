@@ -1,0 +1,157 @@
+"""RedisRegistry on a 3-master Redis Cluster: keys hash-tagged to one slot per prefix, sharded
+pub/sub (or plain pub/sub when asked), configuration that fails clearly, and bursts beyond
+``max_connections`` that wait instead of failing."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from wsession import ConfigurationError, SendResult, SessionManager
+from wsession.backends.redis import LinkState, RedisRegistry
+
+from .redis_support import RedisClusterServer, RedisServer
+from .redis_support import redis_cluster as redis_cluster  # the fixture
+from .support import open_session
+from .test_redis_healing import live_session, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
+
+
+def registry_on(url: str, prefix: str, **kwargs: Any) -> RedisRegistry:
+    return RedisRegistry(url, prefix=prefix, heartbeat=0.4, **kwargs)
+
+
+async def all_keys(cluster: RedisClusterServer) -> list[str]:
+    client = RedisCluster.from_url(cluster.url, decode_responses=True)
+    try:
+        return [str(k) async for k in client.scan_iter(match="*", count=1000)]
+    finally:
+        await client.aclose()
+
+
+async def test_every_key_of_a_prefix_is_in_one_slot_but_the_denylist(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    prefix = f"slot-{secrets.token_hex(4)}"
+    manager = SessionManager(registry=registry_on(redis_cluster.url, prefix))
+    async with manager:
+        registry = manager.registry
+        assert isinstance(registry, RedisRegistry)
+        assert registry.state is LinkState.AVAILABLE
+        session = live_session(manager, "s1")
+        session.user_key = "ada"
+        await registry.add(session)
+        assert await registry.join("s1", "room")
+        await registry.deny("token-1", 30)
+        assert await registry.is_denied("token-1")
+        keys = [k for k in await all_keys(redis_cluster) if prefix in k]
+        tagged = [k for k in keys if k.startswith(f"{{{prefix}}}:")]
+        assert {f"{{{prefix}}}:s:s1", f"{{{prefix}}}:g:room", f"{{{prefix}}}:u:ada"} <= set(tagged)
+        assert set(keys) - set(tagged) == {f"{prefix}:deny:token-1"}  # spread, single-key
+        # The channels are sharded ones, on the node that owns the prefix's slot.
+        client = RedisCluster.from_url(redis_cluster.url, decode_responses=True)
+        try:
+            await client.initialize()
+            node = client.get_node_from_key(f"{{{prefix}}}:nodes")
+            channels = await client.pubsub_shardchannels(f"{{{prefix}}}:*", target_nodes=node)
+        finally:
+            await client.aclose()
+        assert set(channels) == {
+            f"{{{prefix}}}:ch:{registry.node_id}",
+            f"{{{prefix}}}:ch:all",
+        }
+    assert [k for k in await all_keys(redis_cluster) if k.startswith(f"{{{prefix}}}")] == []
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+async def test_cross_worker_sends_and_healing_with_either_pubsub(
+    redis_cluster: RedisClusterServer, sharded: bool
+) -> None:
+    """Two workers in one process: a send by id crosses over; when A stops listening and
+    renewing (a crash, as B sees it), B claims its session, with sharded or plain pub/sub."""
+    prefix = f"xw-{secrets.token_hex(4)}"
+    a = SessionManager(
+        registry=registry_on(redis_cluster.url, prefix, sharded_pubsub=sharded),
+        drain_on_signal=False,
+    )
+    b = SessionManager(
+        registry=registry_on(redis_cluster.url, prefix, sharded_pubsub=sharded),
+        drain_on_signal=False,
+    )
+    ended: list[str] = []
+
+    @b.on_disconnect
+    def record(session: Any) -> None:
+        ended.append(session.id)
+
+    async with b:
+        got: list[Any] = []
+        async with a:
+            registry_a = a.registry
+            assert isinstance(registry_a, RedisRegistry)
+            assert registry_a._mode.sharded is sharded
+            received = asyncio.Event()
+
+            async def on_frame(message: Any) -> None:
+                got.append(message)
+                received.set()
+
+            session = open_session("on-a", on_frame, a.new_data())
+            await a.registry.add(session)
+            assert await b.send("on-a", {"hello": 1}) is SendResult.QUEUED
+            async with asyncio.timeout(5):
+                await received.wait()
+            # A "dies": no more heartbeats, no more listening; its Redis entries stay.
+            for task in (registry_a._beater, registry_a._listener):
+                assert task is not None
+                task.cancel()
+            crashed_client = registry_a._client
+            registry_a._client = None  # its exit must not clean up: it crashed
+            registry_a._local.discard(session)
+
+            async def claimed() -> bool:
+                return ended == ["on-a"]
+
+            try:
+                await wait_for(claimed, 10, "B to heal A's session")
+                assert await b.count() == 0
+            finally:
+                await crashed_client.aclose()
+        assert got and "hello" in str(got[0])
+
+
+async def test_wrong_cluster_flag_fails_clearly(
+    redis_cluster: RedisClusterServer, redis_server: RedisServer
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"cluster=False.*Redis Cluster node"):
+        async with registry_on(redis_cluster.url, "flag", cluster=False):
+            pass
+    with pytest.raises(ConfigurationError, match=r"cluster=True.*no cluster"):
+        async with registry_on(redis_server.url, "flag", cluster=True):
+            pass
+    with pytest.raises(ConfigurationError, match="prefix"):
+        async with registry_on(redis_cluster.url, "a{b}"):
+            pass
+    with pytest.raises(ConfigurationError, match="sharded_pubsub"):
+        registry_on(redis_cluster.url, "flag", cluster=False, sharded_pubsub=True)
+    with pytest.raises(ConfigurationError, match="cluster"):
+        RedisRegistry(client=Redis(decode_responses=True), cluster=True)
+
+
+async def test_a_burst_beyond_max_connections_waits(redis_cluster: RedisClusterServer) -> None:
+    """redis-py's cluster client fails at its connection cap: the registry queues instead."""
+    registry = RedisRegistry(redis_cluster.url, prefix=f"burst-{secrets.token_hex(4)}")
+    manager = SessionManager(registry=registry, drain_on_signal=False)
+    async with manager:
+        sessions = [live_session(manager, f"s{i}") for i in range(300)]
+        await asyncio.gather(*(registry.add(s) for s in sessions))
+        assert registry.state is LinkState.AVAILABLE
+        assert await registry.count() == 300
+        await asyncio.gather(*(registry.remove(s) for s in sessions))
+        assert await registry.count() == 0
