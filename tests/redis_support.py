@@ -126,6 +126,20 @@ class RedisClusterServer:
             for client in clients:
                 client.close()
 
+    def proc_holding(self, key: str) -> subprocess.Popen[bytes]:
+        """The process of the node that owns ``key``'s slot."""
+        import redis
+
+        client: Any = redis.Redis(port=self.ports[0], decode_responses=True, socket_timeout=5)
+        try:
+            slot = int(client.execute_command("CLUSTER KEYSLOT", key))
+            for start, end, owner, *_ in client.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return self.procs[self.ports.index(int(owner[1]))]
+        finally:
+            client.close()
+        raise LookupError(f"no node holds slot {slot}")
+
     def stop(self) -> None:
         for proc in self.procs:
             stop(proc)

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
+from time import monotonic
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from wsession import ConfigurationError, SendResult, SessionManager
+from wsession import ConfigurationError, RegistryUnavailable, SendResult, SessionManager
 from wsession.backends.redis import LinkState, RedisRegistry
 
 from .redis_support import RedisClusterServer, RedisServer
@@ -155,3 +157,36 @@ async def test_a_burst_beyond_max_connections_waits(redis_cluster: RedisClusterS
         assert await registry.count() == 300
         await asyncio.gather(*(registry.remove(s) for s in sessions))
         assert await registry.count() == 0
+
+
+async def test_a_hung_slot_owner_holds_nothing_longer_than_command_timeout(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    """The node holding the prefix's slot frozen (SIGSTOP): cluster queries fail within
+    ``command_timeout``, local work goes on, and the registry comes back once it thaws."""
+    prefix = f"hang-{secrets.token_hex(4)}"
+    registry = RedisRegistry(redis_cluster.url, prefix=prefix, heartbeat=0.4, command_timeout=0.5)
+    manager = SessionManager(registry=registry, drain_on_signal=False)
+    async with manager:
+        await registry.add(live_session(manager, "kept"))
+        proc = redis_cluster.proc_holding(f"{{{prefix}}}:nodes")
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            started = monotonic()
+            with pytest.raises(RegistryUnavailable):
+                await registry.count()
+            assert monotonic() - started < 1.5  # command_timeout plus scheduling slack
+            assert registry.state is LinkState.OUTAGE
+            started = monotonic()
+            await registry.add(live_session(manager, "during"))  # never raises for an outage
+            assert monotonic() - started < 1.5
+        finally:
+            proc.send_signal(signal.SIGCONT)
+
+        async def both_written_back() -> bool:
+            try:
+                return await registry.count() == 2
+            except RegistryUnavailable:
+                return False
+
+        await wait_for(both_written_back, 15, "the session added during the hang to be written")

@@ -1530,12 +1530,20 @@ def _describe(exc: BaseException) -> str:
 def _redis_errors() -> tuple[type[BaseException], ...]:
     """What counts as "Redis is unavailable": connection failures, timeouts (redis-py's and
     ``command_timeout``'s, an OSError), and error replies such as OOM or READONLY after a
-    failover (a ResponseError), which must not fail connections either."""
+    failover (a ResponseError), which must not fail connections either; on a cluster also
+    its own errors (cluster down, a slot not covered, no node reachable)."""
+    from redis.exceptions import ClusterError, RedisClusterException, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    return (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
+    return (
+        RedisConnectionError,
+        RedisTimeoutError,
+        ResponseError,
+        ClusterError,
+        RedisClusterException,
+        OSError,
+    )
 
 
 def _outage_errors() -> tuple[type[BaseException], ...]:
