@@ -190,3 +190,19 @@ async def test_a_hung_slot_owner_holds_nothing_longer_than_command_timeout(
                 return False
 
         await wait_for(both_written_back, 15, "the session added during the hang to be written")
+
+
+async def test_a_given_cluster_client_is_used_and_left_open(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    client = RedisCluster.from_url(redis_cluster.url, decode_responses=True)
+    try:
+        registry = RedisRegistry(client=client, prefix=f"given-{secrets.token_hex(4)}")
+        manager = SessionManager(registry=registry, drain_on_signal=False)
+        async with manager:
+            await registry.add(live_session(manager, "s"))
+            assert await registry.count() == 1
+            assert registry._mode.sharded  # Redis 7 on every node
+        assert await client.ping()  # not closed by the registry
+    finally:
+        await client.aclose()
