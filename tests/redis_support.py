@@ -140,6 +140,42 @@ class RedisClusterServer:
             client.close()
         raise LookupError(f"no node holds slot {slot}")
 
+    def move_slot_of(self, key: str) -> tuple[int, int]:
+        """Reshard: move ``key``'s slot, keys and all, to another node (the steps of
+        ``redis-cli --cluster reshard`` for one slot). Returns the (old, new) owner ports."""
+        import redis
+
+        def client(port: int) -> Any:
+            return redis.Redis(port=port, decode_responses=True, socket_timeout=5)
+
+        first = client(self.ports[0])
+        slot = int(first.execute_command("CLUSTER KEYSLOT", key))
+        old = next(
+            int(owner[1])
+            for start, end, owner, *_ in first.execute_command("CLUSTER SLOTS")
+            if int(start) <= slot <= int(end)
+        )
+        first.close()
+        new = next(p for p in self.ports if p != old)
+        source, target = client(old), client(new)
+        try:
+            ids = {p: str(client(p).execute_command("CLUSTER MYID")) for p in self.ports}
+            target.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[old])
+            source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[new])
+            for _ in range(10_000):  # bounded: each round moves up to 100 keys
+                keys = source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                source.execute_command("MIGRATE", "127.0.0.1", new, "", 0, 5000, "KEYS", *keys)
+            for port in self.ports:
+                node = client(port)
+                node.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[new])
+                node.close()
+        finally:
+            source.close()
+            target.close()
+        return old, new
+
     def stop(self) -> None:
         for proc in self.procs:
             stop(proc)

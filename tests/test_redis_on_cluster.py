@@ -206,3 +206,42 @@ async def test_a_given_cluster_client_is_used_and_left_open(
         assert await client.ping()  # not closed by the registry
     finally:
         await client.aclose()
+
+
+async def test_resharding_the_prefixs_slot_keeps_workers_alive_and_reachable(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    """The slot moves to another node while two workers run: redis-py follows MOVED, the
+    listener subscribes again on the new owner, nobody is declared lost, sends arrive."""
+    prefix = f"reshard-{secrets.token_hex(4)}"
+    a = SessionManager(registry=registry_on(redis_cluster.url, prefix), drain_on_signal=False)
+    b = SessionManager(registry=registry_on(redis_cluster.url, prefix), drain_on_signal=False)
+    got: list[Any] = []
+
+    async def on_frame(message: Any) -> None:
+        got.append(message)
+
+    async with a, b:
+        registry_a = a.registry
+        assert isinstance(registry_a, RedisRegistry)
+        node_a = registry_a.node_id
+        await registry_a.add(open_session("x", on_frame, a.new_data()))
+        old, new = await asyncio.to_thread(redis_cluster.move_slot_of, f"{{{prefix}}}:nodes")
+        assert old != new
+        before = len(got)
+
+        async def a_send_arrives() -> bool:
+            try:
+                await b.send("x", {"after": "reshard"})
+            except RegistryUnavailable:
+                return False
+            await asyncio.sleep(0.05)  # the frame crosses over pub/sub
+            return len(got) > before
+
+        await wait_for(a_send_arrives, 10, "a send by id after the slot moved")
+        await asyncio.sleep(3 * 0.4)  # three heartbeats: time for a wrong judgement
+        assert registry_a.node_id == node_a  # never declared lost
+        assert await b.count() == 1
+        assert registry_a.state is LinkState.AVAILABLE
+        assert isinstance(b.registry, RedisRegistry)
+        assert b.registry.state is LinkState.AVAILABLE

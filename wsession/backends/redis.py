@@ -63,6 +63,7 @@ from .memory import MemoryRegistry
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
     from .._manager import SessionManager
     from .._presence import PresenceChange
@@ -179,8 +180,8 @@ class RedisRegistry:
     Args:
         url: a Redis URL (``redis://127.0.0.1:6379/0``, ``rediss://``, ``unix://``); or give
             ``client``.
-        client: a ready ``redis.asyncio.Redis`` made with ``decode_responses=True`` (not closed
-            by the registry).
+        client: a ready ``redis.asyncio.Redis`` (or ``redis.asyncio.cluster.RedisCluster``) made
+            with ``decode_responses=True`` (not closed by the registry).
         prefix: namespace of every key and channel, so several apps can share one Redis (no
             prefix may be another's prefix followed by ``:``).
         heartbeat: seconds between lease renewals (the registry renews twice per heartbeat). A
@@ -217,9 +218,6 @@ class RedisRegistry:
         sharded_pubsub: on a cluster, use sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``: a
             message goes to the one node holding the channel's slot, not to every node).
             ``None`` (default): when every node runs Redis 7 or later; ``False``: plain pub/sub.
-
-    .. versionadded:: Unreleased
-       ``cluster`` and ``sharded_pubsub`` (Redis Cluster support).
 
     Raises:
         ConfigurationError: bad arguments (named in the message).
@@ -260,7 +258,7 @@ class RedisRegistry:
         self,
         url: str | None = None,
         *,
-        client: Redis | None = None,
+        client: Redis | RedisCluster | None = None,
         prefix: str = "wsession",
         heartbeat: float = 1.0,
         lease_ttl: float | None = None,
