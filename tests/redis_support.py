@@ -18,7 +18,10 @@ INSTALL_HINT = "redis-server is not installed (apt-get install redis-server)"
 __all__ = [
     "RedisClusterServer",
     "RedisServer",
+    "any_redis",
+    "direct_client",
     "free_port",
+    "key_prefix",
     "own_redis_server",
     "redis_cluster",
     "redis_server",
@@ -27,6 +30,8 @@ __all__ = [
 
 class RedisServer:
     """A redis-server process on a free port in a temporary folder; restartable."""
+
+    is_cluster = False
 
     def __init__(self, binary: str, folder: Path) -> None:
         self.binary = binary
@@ -85,6 +90,8 @@ def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 class RedisClusterServer:
     """A Redis Cluster of ``masters`` private redis-server processes (no replicas) on free
     loopback ports, each in its own folder; ``url`` names one node (clients find the others)."""
+
+    is_cluster = True
 
     def __init__(self, binary: str, folder: Path, masters: int = 3) -> None:
         self.binary = binary
@@ -212,3 +219,27 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def any_redis(request: pytest.FixtureRequest) -> RedisServer | RedisClusterServer:
+    """A private single Redis (this test's own), or the run's private Redis Cluster."""
+    fixture = "redis_cluster" if request.param == "redis-cluster" else "own_redis_server"
+    server: RedisServer | RedisClusterServer = request.getfixturevalue(fixture)
+    return server
+
+
+def key_prefix(server: RedisServer | RedisClusterServer, prefix: str) -> str:
+    """How the registry writes ``prefix`` in its key names there (a hash tag on a cluster)."""
+    return f"{{{prefix}}}" if server.is_cluster else prefix
+
+
+def direct_client(server: RedisServer | RedisClusterServer) -> Any:
+    """A client of ``server`` for a test to look at keys (a cluster client on a cluster)."""
+    if server.is_cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(server.url, decode_responses=True)
+    from redis.asyncio import Redis
+
+    return Redis.from_url(server.url, decode_responses=True)

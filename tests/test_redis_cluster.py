@@ -20,7 +20,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from example_app.procs import start_worker, stop
 
 from .redis_support import RedisClusterServer, RedisServer, free_port
-from .redis_support import redis_cluster as redis_cluster  # the fixture
+from .redis_support import any_redis as any_redis  # the fixtures
+from .redis_support import redis_cluster as redis_cluster
 from .support import next_of, read_until_closed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(90)]
@@ -66,14 +67,6 @@ class Worker:
 
     def stop(self) -> None:
         stop(self.proc)
-
-
-@pytest.fixture(params=["redis", "redis-cluster"])
-def any_redis(request: pytest.FixtureRequest) -> RedisServer | RedisClusterServer:
-    """A private single Redis (this test's own), or the run's private Redis Cluster."""
-    fixture = "redis_cluster" if request.param == "redis-cluster" else "own_redis_server"
-    server: RedisServer | RedisClusterServer = request.getfixturevalue(fixture)
-    return server
 
 
 @asynccontextmanager
