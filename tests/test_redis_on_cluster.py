@@ -8,7 +8,7 @@ import asyncio
 import secrets
 import signal
 from time import monotonic
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -17,6 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from wsession import ConfigurationError, RegistryUnavailable, SendResult, SessionManager
 from wsession.backends.redis import LinkState, RedisRegistry
 
+from . import test_presence_redis as presence_redis
 from .redis_support import RedisClusterServer, RedisServer
 from .redis_support import redis_cluster as redis_cluster  # the fixture
 from .support import open_session
@@ -245,3 +246,20 @@ async def test_resharding_the_prefixs_slot_keeps_workers_alive_and_reachable(
         assert registry_a.state is LinkState.AVAILABLE
         assert isinstance(b.registry, RedisRegistry)
         assert b.registry.state is LinkState.AVAILABLE
+
+
+# Presence across workers (issue 15's tests, reused as they are: they need only a URL).
+@pytest.mark.timeout(60)
+async def test_presence_diffs_reach_every_worker_on_the_cluster(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    await presence_redis.test_diffs_reach_subscribers_on_every_worker(cast(Any, redis_cluster))
+
+
+@pytest.mark.timeout(60)
+async def test_presence_of_a_killed_worker_leaves_as_one_diff_on_the_cluster(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    await presence_redis.test_a_killed_worker_leaves_as_one_diff_within_two_heartbeats(
+        cast(Any, redis_cluster)
+    )
