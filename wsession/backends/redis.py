@@ -11,9 +11,12 @@ worker is published to that worker's channel, in order.
 Each worker holds a lease: a key with a TTL whose value (a token) changes at every heartbeat. A
 worker is lost when its lease expired, or, faster, when its pub/sub subscription is gone (its
 process died and the kernel closed its sockets) and its token has not changed for a heartbeat.
-Survivors declare it lost (a tombstone, atomic with its heartbeat), claim its sessions one by one
-with an atomic script, so each lost session's disconnect hooks run once in the cluster, with
-``end_reason`` ``node lost`` and the data stored at registration.
+Survivors declare it lost (a tombstone, atomic with its heartbeat), claim its sessions with an
+atomic script (a batch per call, each claim atomic), so each lost session's disconnect hooks run
+once in the cluster, with ``end_reason`` ``node lost`` and the data stored at registration.
+
+On a Redis Cluster (see ``_redis_link.py``) the same scripts run on the node holding the
+prefix's slot (every key is hash-tagged ``{prefix}``), and the channels use sharded pub/sub.
 """
 
 from __future__ import annotations
@@ -388,13 +391,11 @@ class RedisRegistry:
         redis-py's cluster client fails at its connection cap instead of waiting."""
         if self._gate is None:
             return asyncio.timeout(self.command_timeout)
-        return self._gated()
+        return self._gated(self._gate)
 
     @contextlib.asynccontextmanager
-    async def _gated(self) -> Any:
-        if self._gate is None:
-            raise RuntimeError("no gate")
-        async with asyncio.timeout(self.command_timeout), self._gate:
+    async def _gated(self, gate: asyncio.Semaphore) -> Any:
+        async with asyncio.timeout(self.command_timeout), gate:
             yield
 
     # -- lifecycle --------------------------------------------------------------------------
