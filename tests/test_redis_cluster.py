@@ -20,8 +20,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from example_app.procs import start_worker, stop
 
 from .redis_support import RedisClusterServer, RedisServer, free_port
-from .redis_support import any_redis as any_redis  # the fixtures
-from .redis_support import redis_cluster as redis_cluster
 from .support import next_of, read_until_closed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(90)]

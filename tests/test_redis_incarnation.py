@@ -19,8 +19,6 @@ from wsession import ConfigurationError, SessionManager
 from wsession.backends.redis import RedisRegistry
 
 from .redis_support import RedisClusterServer, RedisServer, direct_client, key_prefix
-from .redis_support import any_redis as any_redis  # the fixtures
-from .redis_support import redis_cluster as redis_cluster
 from .test_redis_healing import HEARTBEAT, Recorder, live_session, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]

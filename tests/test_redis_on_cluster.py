@@ -19,7 +19,6 @@ from wsession.backends.redis import LinkState, RedisRegistry
 
 from . import test_presence_redis as presence_redis
 from .redis_support import RedisClusterServer, RedisServer
-from .redis_support import redis_cluster as redis_cluster  # the fixture
 from .support import open_session
 from .test_redis_healing import live_session, wait_for
 

@@ -18,7 +18,6 @@ from wsession import EndReason, SendResult, Session, SessionManager, SessionRegi
 from wsession.backends import MemoryRegistry
 
 from .redis_support import RedisClusterServer, RedisServer
-from .redis_support import redis_cluster as redis_cluster  # the fixture
 from .support import (
     HookRecorder,
     Server,
