@@ -8,4 +8,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-from .redis_support import own_redis_server, redis_server  # noqa: E402,F401  (fixtures)
+from .redis_support import (  # noqa: E402,F401  (fixtures)
+    any_redis,
+    own_redis_server,
+    redis_cluster,
+    redis_server,
+)

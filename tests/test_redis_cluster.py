@@ -1,5 +1,7 @@
 """Several uvicorn processes of the example app on one private Redis: cross-worker delivery,
-one cluster-wide view, healing after kill -9, and surviving a Redis restart."""
+one cluster-wide view, healing after kill -9, and surviving a Redis restart. The first two run
+on a single Redis and on a 3-master Redis Cluster (the app is given one node's URL and finds
+out by itself)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from example_app.procs import start_worker, stop
 
-from .redis_support import RedisServer, free_port
+from .redis_support import RedisClusterServer, RedisServer, free_port
 from .support import next_of, read_until_closed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(90)]
@@ -67,7 +69,7 @@ class Worker:
 
 @asynccontextmanager
 async def cluster(
-    redis: RedisServer, size: int, **extra_env: str
+    redis: RedisServer | RedisClusterServer, size: int, **extra_env: str
 ) -> AsyncIterator[tuple[list[Worker], httpx.AsyncClient]]:
     """``size`` example workers on ``redis`` (``extra_env``: more WSESSION_* settings)."""
     prefix = f"cluster-{os.getpid()}-{time.monotonic_ns()}"
@@ -91,8 +93,10 @@ async def session_ids(client: httpx.AsyncClient, worker: Worker) -> set[str] | N
     return {s["id"] for s in response.json()["sessions"]}
 
 
-async def test_cross_worker_delivery_and_one_view(own_redis_server: RedisServer) -> None:
-    async with cluster(own_redis_server, 2) as ((a, b), client):
+async def test_cross_worker_delivery_and_one_view(
+    any_redis: RedisServer | RedisClusterServer,
+) -> None:
+    async with cluster(any_redis, 2) as ((a, b), client):
         alice, alice_id = await a.join("alice")
         bob, bob_id = await b.join("bob")
         assert await session_ids(client, a) == await session_ids(client, b) == {alice_id, bob_id}
@@ -121,8 +125,10 @@ async def test_cross_worker_delivery_and_one_view(own_redis_server: RedisServer)
         await alice.close()
 
 
-async def test_kill_9_heals_within_two_heartbeats(own_redis_server: RedisServer) -> None:
-    async with cluster(own_redis_server, 3) as ((a, b, c), client):
+async def test_kill_9_heals_within_two_heartbeats(
+    any_redis: RedisServer | RedisClusterServer,
+) -> None:
+    async with cluster(any_redis, 3) as ((a, b, c), client):
         lost = [await a.join(f"a{i}") for i in range(3)]
         kept = [await b.join("b0"), await c.join("c0")]
         lost_ids = {sid for _, sid in lost}

@@ -1,5 +1,6 @@
 """A fixed node id (a pod name) restarted after a crash: the new start ends what the crashed
-incarnation left (node-lost hooks once), and two live workers cannot share one node id."""
+incarnation left (node-lost hooks once), and two live workers cannot share one node id; on a
+single Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from redis.asyncio import Redis
 
 from example_app.procs import ROOT
 from wsession import ConfigurationError, SessionManager
 from wsession.backends.redis import RedisRegistry
 
-from .redis_support import RedisServer
+from .redis_support import RedisClusterServer, RedisServer, direct_client, key_prefix
 from .test_redis_healing import HEARTBEAT, Recorder, live_session, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
@@ -59,23 +59,22 @@ def node_process(
 
 
 async def test_a_restart_under_a_fixed_node_id_ends_the_crashed_incarnations_sessions(
-    redis_server: RedisServer,
+    any_redis: RedisServer | RedisClusterServer,
 ) -> None:
     """kill -9 inside the lease, restart with the same node id at once (no other worker): the
     old sessions are ended as node lost, once each, and leave nothing in Redis."""
     prefix = f"incarnation-{secrets.token_hex(4)}"
+    keys = key_prefix(any_redis, prefix)
     node = "pod-0"
-    with node_process(redis_server.url, prefix, node, 3) as proc:
+    with node_process(any_redis.url, prefix, node, 3) as proc:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    direct = direct_client(any_redis)
     try:
-        assert await direct.exists(f"{prefix}:lease:{node}")  # restarted inside the lease
+        assert await direct.exists(f"{keys}:lease:{node}")  # restarted inside the lease
         recorder = Recorder()
         manager = SessionManager(
-            registry=RedisRegistry(
-                redis_server.url, prefix=prefix, heartbeat=HEARTBEAT, node_id=node
-            ),
+            registry=RedisRegistry(any_redis.url, prefix=prefix, heartbeat=HEARTBEAT, node_id=node),
             drain_on_signal=False,
         )
         recorder.install(manager, "restarted")
@@ -90,8 +89,9 @@ async def test_a_restart_under_a_fixed_node_id_ends_the_crashed_incarnations_ses
             assert sorted(lost) == [f"{node}-s{i}" for i in range(3)]
             assert await manager.count() == 1
             assert {s.id for s in await manager.sessions()} == {"fresh"}
-            assert not await direct.exists(*(f"{prefix}:s:{sid}" for sid in lost))
-            assert await direct.smembers(f"{prefix}:n:{node}:s") == {"fresh"}
+            for sid in lost:  # one by one: a cluster client refuses keys of several slots
+                assert not await direct.exists(f"{keys}:s:{sid}")
+            assert await direct.smembers(f"{keys}:n:{node}:s") == {"fresh"}
             assert manager.registry.node_id == node  # type: ignore[attr-defined]
         assert sorted(recorder.node_lost()) == sorted(lost)  # still once each
     finally:
@@ -99,14 +99,14 @@ async def test_a_restart_under_a_fixed_node_id_ends_the_crashed_incarnations_ses
 
 
 async def test_a_second_live_worker_with_the_same_node_id_is_refused(
-    redis_server: RedisServer,
+    any_redis: RedisServer | RedisClusterServer,
 ) -> None:
     prefix = f"incarnation-{secrets.token_hex(4)}"
     recorder = Recorder()
-    with node_process(redis_server.url, prefix, "pod-1", 2) as proc:
+    with node_process(any_redis.url, prefix, "pod-1", 2) as proc:
         manager = SessionManager(
             registry=RedisRegistry(
-                redis_server.url, prefix=prefix, heartbeat=HEARTBEAT, node_id="pod-1"
+                any_redis.url, prefix=prefix, heartbeat=HEARTBEAT, node_id="pod-1"
             ),
             drain_on_signal=False,
         )
@@ -115,9 +115,11 @@ async def test_a_second_live_worker_with_the_same_node_id_is_refused(
             async with manager:
                 pass
         assert proc.poll() is None
-        direct = Redis.from_url(redis_server.url, decode_responses=True)
+        direct = direct_client(any_redis)
         try:
-            assert await direct.scard(f"{prefix}:n:pod-1:s") == 2  # the live one's sessions kept
+            assert (
+                await direct.scard(f"{key_prefix(any_redis, prefix)}:n:pod-1:s") == 2
+            )  # the live one's sessions kept
         finally:
             await direct.aclose()
     assert recorder.node_lost() == []

@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from wsession import EndReason, SendResult, Session, SessionManager, SessionRegistry
 from wsession.backends import MemoryRegistry
 
-from .redis_support import RedisServer
+from .redis_support import RedisClusterServer, RedisServer
 from .support import (
     HookRecorder,
     Server,
@@ -36,11 +36,12 @@ class Profile(BaseModel):
     name: str = ""
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def make_registry(request: pytest.FixtureRequest) -> Callable[[], SessionRegistry]:
     if request.param == "memory":
         return MemoryRegistry
-    server: RedisServer = request.getfixturevalue("redis_server")
+    fixture = "redis_cluster" if request.param == "redis-cluster" else "redis_server"
+    server: RedisServer | RedisClusterServer = request.getfixturevalue(fixture)
     from wsession.backends.redis import RedisRegistry
 
     prefix = f"contract-{secrets.token_hex(4)}"  # tests share the server, never keys

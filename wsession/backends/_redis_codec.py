@@ -18,10 +18,17 @@ if TYPE_CHECKING:
 
 
 class Keys:
-    """Every key and channel the registry uses, under one prefix."""
+    """Every key and channel the registry uses, under one prefix.
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
+    On a Redis Cluster (``cluster=True``) the prefix is written as the hash tag ``{prefix}``:
+    every key a script touches, and the registry's channels, then hash to one slot, so each
+    script runs whole on one node. Denylist entries keep the plain prefix: each is read and
+    written alone, so they spread over the cluster's shards."""
+
+    def __init__(self, prefix: str, *, cluster: bool = False) -> None:
+        self.plain_prefix = prefix
+        self.prefix = f"{{{prefix}}}" if cluster else prefix
+        prefix = self.prefix
         self.all = f"{prefix}:sessions"  # set of every live session id
         self.nodes = f"{prefix}:nodes"  # set of node ids that may own sessions
         self.broadcast = f"{prefix}:ch:all"
@@ -62,7 +69,7 @@ class Keys:
 
     def denied(self, key: str) -> str:
         """A revocation denylist entry (expires after ``revocation_ttl``)."""
-        return f"{self.prefix}:deny:{key}"
+        return f"{self.plain_prefix}:deny:{key}"
 
     def claimed(self, node: str) -> str:
         """Set of a node's sessions the cluster ended as node lost (read if it comes back)."""

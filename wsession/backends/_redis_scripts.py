@@ -1,7 +1,9 @@
 """The Lua scripts the Redis registry runs: every change that must not interleave with another
 worker's is one script, so Redis applies it atomically.
 
-Key layout under a prefix ``p`` (see :class:`~wsession.backends._redis_codec.Keys`):
+Key layout under a prefix ``p`` (see :class:`~wsession.backends._redis_codec.Keys`; on a Redis
+Cluster ``p`` is the hash tag ``{prefix}``, so every key below hashes to one slot: the scripts
+take ``p`` as an argument and one key, ``p:nodes``, in KEYS only to route them to that slot):
 
 - ``p:s:ID`` hash: one session (``node`` owns it, metadata, data); ``p:sg:ID`` set: its groups;
 - ``p:sessions`` set: every live id; ``p:g:GROUP`` and ``p:u:USER`` sets: ids;
@@ -94,16 +96,28 @@ redis.call('SREM', p .. ':n:' .. node .. ':s', sid)
 """
 REMOVE += _CLEANUP + "\nreturn 1\n"
 
-CLAIM = """
--- ARGV: prefix, id, lost node. Only the caller whose SREM succeeds gets the session back (its
--- fields and groups), so the node-lost disconnect hooks run once in the cluster.
-local p, sid, node = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('SREM', p .. ':n:' .. node .. ':s', sid) == 0 then return false end
-if redis.call('HGET', p .. ':s:' .. sid, 'node') ~= node then return false end
-local fields = redis.call('HGETALL', p .. ':s:' .. sid)
-local groups = redis.call('SMEMBERS', p .. ':sg:' .. sid)
+CLAIM = (
+    """
+-- ARGV: prefix, lost node, id_1..id_n. Claims those of the ids the lost node still owns. Only
+-- the caller whose SREM succeeds gets a session back (its fields and groups), so the node-lost
+-- disconnect hooks run once in the cluster. Returns {id, fields, groups} per claimed session.
+local p, node = ARGV[1], ARGV[2]
+local claimed = {}
+for i = 3, #ARGV do
+  local sid = ARGV[i]
+  if redis.call('SREM', p .. ':n:' .. node .. ':s', sid) == 1
+    and redis.call('HGET', p .. ':s:' .. sid, 'node') == node then
+    local fields = redis.call('HGETALL', p .. ':s:' .. sid)
+    local groups = redis.call('SMEMBERS', p .. ':sg:' .. sid)
 """
-CLAIM += _CLEANUP + "\nreturn {fields, groups}\n"
+    + _CLEANUP
+    + """
+    claimed[#claimed + 1] = {sid, fields, groups}
+  end
+end
+return claimed
+"""
+)
 
 HEARTBEAT = (
     """
@@ -207,10 +221,11 @@ return 1
 """
 
 SEND = """
--- ARGV: prefix, id, envelope. Publishes to the worker owning ``id``, in one round trip.
--- Returns {owner, receivers}, or false for an unknown id.
+-- ARGV: prefix, id, envelope, publish command (PUBLISH, or SPUBLISH for sharded pub/sub).
+-- Publishes to the worker owning ``id``, in one round trip. Returns {owner, receivers}, or false
+-- for an unknown id.
 local p, sid = ARGV[1], ARGV[2]
 local owner = redis.call('HGET', p .. ':s:' .. sid, 'node')
 if not owner then return false end
-return {owner, redis.call('PUBLISH', p .. ':ch:' .. owner, ARGV[3])}
+return {owner, redis.call(ARGV[4], p .. ':ch:' .. owner, ARGV[3])}
 """

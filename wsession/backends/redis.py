@@ -11,9 +11,12 @@ worker is published to that worker's channel, in order.
 Each worker holds a lease: a key with a TTL whose value (a token) changes at every heartbeat. A
 worker is lost when its lease expired, or, faster, when its pub/sub subscription is gone (its
 process died and the kernel closed its sockets) and its token has not changed for a heartbeat.
-Survivors declare it lost (a tombstone, atomic with its heartbeat), claim its sessions one by one
-with an atomic script, so each lost session's disconnect hooks run once in the cluster, with
-``end_reason`` ``node lost`` and the data stored at registration.
+Survivors declare it lost (a tombstone, atomic with its heartbeat), claim its sessions with an
+atomic script (a batch per call, each claim atomic), so each lost session's disconnect hooks run
+once in the cluster, with ``end_reason`` ``node lost`` and the data stored at registration.
+
+On a Redis Cluster (see ``_redis_link.py``) the same scripts run on the node holding the
+prefix's slot (every key is hash-tagged ``{prefix}``), and the channels use sharded pub/sub.
 """
 
 from __future__ import annotations
@@ -51,10 +54,19 @@ from ._redis_codec import (
     rebuild_session,
     session_fields,
 )
+from ._redis_link import (
+    PubSubMode,
+    check_cluster_prefix,
+    is_cluster_client,
+    is_cluster_node,
+    make_cluster_client,
+    supports_sharded_pubsub,
+)
 from .memory import MemoryRegistry
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
     from .._manager import SessionManager
     from .._presence import PresenceChange
@@ -82,6 +94,8 @@ class RedisSettings(BaseModel):
     store_query_string: bool = False
     max_stored_header_bytes: int = Field(default=4096, ge=0)
     index_ttl: float = Field(default=3600.0, ge=1)
+    cluster: bool | None = None
+    sharded_pubsub: bool | None = None
 
     @field_validator("url")
     @classmethod
@@ -100,6 +114,16 @@ class RedisSettings(BaseModel):
         if not all(names):
             raise ValueError("header names must be non-empty")
         return names
+
+    @model_validator(mode="after")
+    def _sharded_needs_cluster(self) -> Self:
+        if self.sharded_pubsub and self.cluster is False:
+            raise ValueError("sharded_pubsub=True needs a Redis Cluster (cluster is False)")
+        if self.cluster and self.url is not None and self.url.startswith("unix://"):
+            raise ValueError(
+                "a Redis Cluster is reached over TCP: give a redis:// or rediss:// URL"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Self:
@@ -153,14 +177,14 @@ _TRANSITIONS: dict[LinkState, frozenset[LinkState]] = {
 
 
 class RedisRegistry:
-    """Live sessions of every worker, in one Redis (standalone, or a primary behind Sentinel;
-    Redis Cluster is not supported).
+    """Live sessions of every worker, in one Redis (standalone, or a primary behind Sentinel)
+    or in a Redis Cluster.
 
     Args:
         url: a Redis URL (``redis://127.0.0.1:6379/0``, ``rediss://``, ``unix://``); or give
             ``client``.
-        client: a ready ``redis.asyncio.Redis`` made with ``decode_responses=True`` (not closed
-            by the registry).
+        client: a ready ``redis.asyncio.Redis`` (or ``redis.asyncio.cluster.RedisCluster``) made
+            with ``decode_responses=True`` (not closed by the registry).
         prefix: namespace of every key and channel, so several apps can share one Redis (no
             prefix may be another's prefix followed by ``:``).
         heartbeat: seconds between lease renewals (the registry renews twice per heartbeat). A
@@ -187,6 +211,16 @@ class RedisRegistry:
             headers that do not fit are left out whole, logged once per worker.
         index_ttl: seconds group and user sets live without a write or a heartbeat refresh
             (default 3600): a safety net for sets nobody writes any more.
+        cluster: whether ``url`` names a node of a Redis Cluster. ``None`` (default): ask the
+            server (``INFO cluster``) when the registry is entered. ``True`` or ``False``: insist,
+            and raise ConfigurationError on entering when the server says otherwise. On a
+            cluster every key of ``prefix`` carries the hash tag ``{prefix}`` (one slot, so each
+            script runs on one node) and ``max_connections`` caps the calls in flight (redis-py's
+            cluster client has no waiting pool). With ``client``, a
+            ``redis.asyncio.cluster.RedisCluster`` means a cluster.
+        sharded_pubsub: on a cluster, use sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``: a
+            message goes to the one node holding the channel's slot, not to every node).
+            ``None`` (default): when every node runs Redis 7 or later; ``False``: plain pub/sub.
 
     Raises:
         ConfigurationError: bad arguments (named in the message).
@@ -227,7 +261,7 @@ class RedisRegistry:
         self,
         url: str | None = None,
         *,
-        client: Redis | None = None,
+        client: Redis | RedisCluster | None = None,
         prefix: str = "wsession",
         heartbeat: float = 1.0,
         lease_ttl: float | None = None,
@@ -238,6 +272,8 @@ class RedisRegistry:
         store_query_string: bool = False,
         max_stored_header_bytes: int = 4096,
         index_ttl: float = 3600.0,
+        cluster: bool | None = None,
+        sharded_pubsub: bool | None = None,
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("RedisRegistry: give exactly one of url and client")
@@ -260,8 +296,13 @@ class RedisRegistry:
                 "store_query_string": store_query_string,
                 "max_stored_header_bytes": max_stored_header_bytes,
                 "index_ttl": index_ttl,
+                "cluster": cluster,
+                "sharded_pubsub": sharded_pubsub,
             },
         )
+        if client is not None and cluster is not None and cluster != is_cluster_client(client):
+            kind = "a RedisCluster" if cluster else "a single-Redis client, not a RedisCluster"
+            raise ConfigurationError(f"cluster={cluster} but client is not {kind}")
         self.settings = settings
         """The validated settings (:class:`RedisSettings`)."""
         self.url = settings.url
@@ -281,7 +322,10 @@ class RedisRegistry:
         """What of a handshake is copied into Redis."""
         self._incarnation = secrets.token_hex(6)  # this start, told apart from a restart's
         self._pool: Any = None
-        self._keys = Keys(self.prefix)
+        self._keys = Keys(self.prefix)  # tagged for a cluster once entered
+        self._route: list[str] = [self._keys.nodes]  # the key scripts are routed by
+        self._mode = PubSubMode()
+        self._gate: asyncio.Semaphore | None = None  # calls in flight, on a cluster
         self._external_client = client
         self._client: Any = client
         self._scripts: dict[str, Any] = {}
@@ -341,10 +385,18 @@ class RedisRegistry:
         if self._state is not LinkState.STOPPED:
             self._enter(LinkState.OUTAGE)
 
-    def _bounded(self) -> asyncio.Timeout:
+    def _bounded(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """A deadline of ``command_timeout`` for one Redis operation (its TimeoutError counts
-        as a Redis failure)."""
-        return asyncio.timeout(self.command_timeout)
+        as a Redis failure). On a cluster it also waits for one of ``max_connections`` slots:
+        redis-py's cluster client fails at its connection cap instead of waiting."""
+        if self._gate is None:
+            return asyncio.timeout(self.command_timeout)
+        return self._gated(self._gate)
+
+    @contextlib.asynccontextmanager
+    async def _gated(self, gate: asyncio.Semaphore) -> Any:
+        async with asyncio.timeout(self.command_timeout), gate:
+            yield
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -376,25 +428,13 @@ class RedisRegistry:
             RegistryUnavailable: Redis cannot be reached at start-up.
             ConfigurationError: another live worker uses this ``node_id``.
         """
-        if self._client is None:
-            from redis.asyncio import BlockingConnectionPool, Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import ExponentialBackoff
-
-            if self.url is None:
-                raise RegistryUnavailable("RedisRegistry has neither a url nor a client")
-            # A blocking pool: a burst of sessions waits for a connection instead of failing
-            # with "Too many connections" (redis-py's default pool raises at its limit). Few,
-            # quick retries: an outage must be noticed fast (local work goes on meanwhile).
-            self._pool = BlockingConnectionPool.from_url(
-                self.url,
-                decode_responses=True,
-                max_connections=self.max_connections,
-                timeout=self.command_timeout,
-                socket_connect_timeout=self.command_timeout,
-                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
-            )
-            self._client = Redis(connection_pool=self._pool)
+        try:
+            await self._connect()
+        except BaseException as exc:
+            await self._close_own_client()
+            if isinstance(exc, _redis_errors()):
+                raise RegistryUnavailable(f"cannot reach Redis: {_describe(exc)}") from exc
+            raise
         client = self._client
         self._scripts = {
             name: client.register_script(getattr(scripts, name))
@@ -429,6 +469,67 @@ class RedisRegistry:
             async with asyncio.timeout(5):  # sends to our sessions need the subscription
                 await self._subscribed.wait()
         return self
+
+    async def _connect(self) -> None:
+        """Make the client (unless one was given), find out whether it is a cluster and which
+        pub/sub it has, and name the keys accordingly."""
+        cluster = self.settings.cluster
+        if self._client is None:
+            if self.url is None:
+                raise RegistryUnavailable("RedisRegistry has neither a url nor a client")
+            async with asyncio.timeout(self.command_timeout):
+                on_cluster = await is_cluster_node(self.url, self.command_timeout)
+            if cluster is not None and cluster != on_cluster:
+                raise ConfigurationError(
+                    f"cluster={cluster}, but the Redis at the url is "
+                    + ("a Redis Cluster node (cluster_enabled:1)" if on_cluster else "no cluster")
+                    + ": leave cluster unset to follow the server"
+                )
+            cluster = on_cluster
+            if cluster:
+                self._client = make_cluster_client(
+                    self.url, max_connections=self.max_connections, timeout=self.command_timeout
+                )
+            else:
+                self._client = self._single_client(self.url)
+        elif cluster is None:
+            cluster = is_cluster_client(self._client)
+        if not cluster:
+            return
+        check_cluster_prefix(self.prefix)
+        self._gate = asyncio.Semaphore(self.max_connections)
+        self._keys = Keys(self.prefix, cluster=True)
+        self._route = [self._keys.nodes]
+        sharded = self.settings.sharded_pubsub
+        async with self._bounded():
+            await self._client.initialize()
+            if sharded is not False:
+                has_it = await supports_sharded_pubsub(self._client)
+                if sharded and not has_it:
+                    raise ConfigurationError(
+                        "sharded_pubsub=True, but a node of the cluster runs Redis older than 7.0"
+                    )
+                sharded = has_it
+        self._mode = PubSubMode(cluster=True, sharded=bool(sharded))
+
+    def _single_client(self, url: str) -> Any:
+        """A client of one Redis, on a pool the registry owns."""
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        # A blocking pool: a burst of sessions waits for a connection instead of failing
+        # with "Too many connections" (redis-py's default pool raises at its limit). Few,
+        # quick retries: an outage must be noticed fast (local work goes on meanwhile).
+        self._pool = BlockingConnectionPool.from_url(
+            url,
+            decode_responses=True,
+            max_connections=self.max_connections,
+            timeout=self.command_timeout,
+            socket_connect_timeout=self.command_timeout,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+        )
+        return Redis(connection_pool=self._pool)
 
     async def __aexit__(
         self,
@@ -470,10 +571,13 @@ class RedisRegistry:
         """At shutdown: this worker's presence leaves everywhere at once (the sessions it
         drained left their topics, but their leaves would be published one interval later,
         after the registry closed)."""
+        later: list[tuple[str, str]] = []
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(self._keys.presence(self.node_id))
-        pipe.publish(self._keys.broadcast, encode_envelope("presence_lost", node=self.node_id))
+        envelope = encode_envelope("presence_lost", node=self.node_id)
+        self._queue_publish(pipe, self._keys.broadcast, envelope, later)
         await pipe.execute()
+        await self._publish_later(later)
 
     async def _close_own_client(self) -> None:
         """Close the client and pool the registry made (never one given to it); bounded."""
@@ -587,7 +691,8 @@ class RedisRegistry:
             return True
         async with self._cluster("join"):
             owner = await self._scripts["JOIN"](
-                args=[self.prefix, session_id, group, int(self.settings.index_ttl)]
+                keys=self._route,
+                args=[self._keys.prefix, session_id, group, int(self.settings.index_ttl)],
             )
             if not owner:
                 return False
@@ -602,7 +707,9 @@ class RedisRegistry:
                 await self._mirror_membership(session_id, group, join=False)
             return left
         async with self._cluster("leave"):
-            owner, removed = await self._scripts["LEAVE"](args=[self.prefix, session_id, group])
+            owner, removed = await self._scripts["LEAVE"](
+                keys=self._route, args=[self._keys.prefix, session_id, group]
+            )
             if owner:
                 await self._publish(owner, "leave", ids=[session_id], group=group)
         return bool(int(removed))
@@ -628,7 +735,10 @@ class RedisRegistry:
             return await self._local.send(session_id, message)
         envelope = encode_envelope("send", ids=[session_id], message=message)
         async with self._cluster("send"):
-            reply = await self._scripts["SEND"](args=[self.prefix, session_id, envelope])
+            reply = await self._scripts["SEND"](
+                keys=self._route,
+                args=[self._keys.prefix, session_id, envelope, self._mode.publish_command],
+            )
         result = SendResult.GONE
         if reply and reply[0] != self.node_id and int(reply[1]) > 0:
             result = SendResult.QUEUED
@@ -654,18 +764,18 @@ class RedisRegistry:
         keys = self._keys
         try:
             async with self._bounded():
+                later: list[tuple[str, str]] = []
                 pipe = self.redis.pipeline(transaction=False)
-                pipe.publish(
-                    keys.broadcast,
-                    encode_envelope(
-                        "broadcast", origin=self.node_id, exclude=exclude, message=message
-                    ),
-                )
                 pipe.scard(keys.all)
                 pipe.scard(keys.node_sessions(self.node_id))
                 if exclude is not None and self._local.local_session(exclude) is None:
                     pipe.sismember(keys.all, exclude)
-                _, total, mine, *excluded = await pipe.execute()
+                envelope = encode_envelope(
+                    "broadcast", origin=self.node_id, exclude=exclude, message=message
+                )
+                self._queue_publish(pipe, keys.broadcast, envelope, later)
+                total, mine, *excluded = await pipe.execute()
+                await self._publish_later(later)
         except _redis_errors() as exc:
             self._fail(exc)
             return reached
@@ -680,7 +790,10 @@ class RedisRegistry:
             return await self._local.close(session_id, code, reason)
         envelope = encode_envelope("close", ids=[session_id], code=code, reason=reason)
         async with self._cluster("close"):
-            reply = await self._scripts["SEND"](args=[self.prefix, session_id, envelope])
+            reply = await self._scripts["SEND"](
+                keys=self._route,
+                args=[self._keys.prefix, session_id, envelope, self._mode.publish_command],
+            )
         return bool(reply) and reply[0] != self.node_id and int(reply[1]) > 0
 
     async def close_user(self, user_key: str, code: int = 1000, reason: str = "") -> int:
@@ -727,7 +840,7 @@ class RedisRegistry:
                 )
             groups = sorted(session.groups)
             args: list[str | int] = [
-                self.prefix,
+                self._keys.prefix,
                 node,
                 self._incarnation,
                 int(self.settings.index_ttl),
@@ -738,7 +851,7 @@ class RedisRegistry:
             ]
             for name, value in fields.items():
                 args += [name, value]
-            result = int(await self._scripts["REGISTER"](args=args))
+            result = int(await self._scripts["REGISTER"](keys=self._route, args=args))
             if result == 1:
                 session.node = node
                 self._written.add(session.id)
@@ -764,24 +877,47 @@ class RedisRegistry:
             async with self._bounded():
                 if join:
                     owner = await self._scripts["JOIN"](
-                        args=[self.prefix, session_id, group, int(self.settings.index_ttl)]
+                        keys=self._route,
+                        args=[self._keys.prefix, session_id, group, int(self.settings.index_ttl)],
                     )
                     if not owner:  # not written yet (an outage): the resync writes it whole
                         self._unwritten.add(session_id)
                 else:
-                    await self._scripts["LEAVE"](args=[self.prefix, session_id, group])
+                    await self._scripts["LEAVE"](
+                        keys=self._route, args=[self._keys.prefix, session_id, group]
+                    )
         except _redis_errors() as exc:
             self._unwritten.add(session_id)
             self._fail(exc)
 
     async def _remove_in_redis(self, session_id: str) -> None:
-        await self._scripts["REMOVE"](args=[self.prefix, session_id, self.node_id])
+        await self._scripts["REMOVE"](
+            keys=self._route, args=[self._keys.prefix, session_id, self.node_id]
+        )
 
     async def _publish(self, node: str, op: str, **fields: Any) -> None:
-        await self.redis.publish(self._keys.channel(node), encode_envelope(op, **fields))
+        await self._mode.publish(
+            self.redis, self._keys.channel(node), encode_envelope(op, **fields)
+        )
+
+    def _queue_publish(
+        self, pipe: Any, channel: str, data: str, later: list[tuple[str, str]]
+    ) -> None:
+        """Publish ``data`` with ``pipe`` on one Redis; on a cluster, append it to ``later``
+        (redis-py's cluster pipelines refuse PUBLISH): see :meth:`_publish_later`."""
+        if self._mode.cluster:
+            later.append((channel, data))
+        else:
+            pipe.publish(channel, data)
+
+    async def _publish_later(self, later: list[tuple[str, str]]) -> None:
+        for channel, data in later:
+            await self._mode.publish(self.redis, channel, data)
 
     async def _live_members(self, key: str) -> list[str]:
-        return list(await self._scripts["LIVE_MEMBERS"](args=[self.prefix, key]))
+        return list(
+            await self._scripts["LIVE_MEMBERS"](keys=self._route, args=[self._keys.prefix, key])
+        )
 
     async def _refresh_index_ttls(self) -> None:
         """Renew the TTL of the group and user sets this worker's sessions are in (their
@@ -864,13 +1000,13 @@ class RedisRegistry:
             return
         try:
             async with self._bounded():
+                later: list[tuple[str, str]] = []
                 pipe = self.redis.pipeline(transaction=False)
                 _write_presence(pipe, self._keys.presence(self.node_id), changes)
-                pipe.publish(
-                    self._keys.broadcast,
-                    encode_envelope("presence", origin=self.node_id, changes=changes),
-                )
+                envelope = encode_envelope("presence", origin=self.node_id, changes=changes)
+                self._queue_publish(pipe, self._keys.broadcast, envelope, later)
                 await pipe.execute()
+                await self._publish_later(later)
         except _redis_errors() as exc:
             self._fail(exc)
 
@@ -912,23 +1048,28 @@ class RedisRegistry:
             deleted, *_ = await pipe.execute()
             if not deleted and not tracked:
                 return
+            later: list[tuple[str, str]] = []
             pipe = self.redis.pipeline(transaction=False)
-            pipe.publish(self._keys.broadcast, encode_envelope("presence_lost", node=self.node_id))
+            envelope = encode_envelope("presence_lost", node=self.node_id)
+            self._queue_publish(pipe, self._keys.broadcast, envelope, later)
             if tracked:
-                pipe.publish(
-                    self._keys.broadcast,
-                    encode_envelope("presence", origin=self.node_id, changes=tracked),
-                )
-            await pipe.execute()
+                envelope = encode_envelope("presence", origin=self.node_id, changes=tracked)
+                self._queue_publish(pipe, self._keys.broadcast, envelope, later)
+            if not self._mode.cluster:
+                await pipe.execute()
+            await self._publish_later(later)
 
     async def _presence_lost(self, node: str) -> None:
         """A lost worker's presence leaves everywhere: drop its hash, tell every worker (each
         sends the leaves as one diff per topic), and apply it here."""
         async with self._bounded():
+            later: list[tuple[str, str]] = []
             pipe = self.redis.pipeline(transaction=False)
             pipe.delete(self._keys.presence(node))
-            pipe.publish(self._keys.broadcast, encode_envelope("presence_lost", node=node))
+            envelope = encode_envelope("presence_lost", node=node)
+            self._queue_publish(pipe, self._keys.broadcast, envelope, later)
             await pipe.execute()
+            await self._publish_later(later)
         presence = self._bound().presence_if_used
         if presence is not None:
             presence.node_lost(node)
@@ -941,11 +1082,13 @@ class RedisRegistry:
             pubsub = self.redis.pubsub()
             try:
                 async with self._bounded():
-                    await pubsub.subscribe(self._keys.channel(self.node_id), self._keys.broadcast)
+                    await self._mode.subscribe(
+                        pubsub, self._keys.channel(self.node_id), self._keys.broadcast
+                    )
                 self._subscribed.set()
                 backoff = 0.05
                 while True:
-                    item = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    item = await self._mode.next_message(pubsub, timeout=1.0)
                     if item is not None:
                         await self._on_envelope(item["data"])
             except _redis_errors() as exc:
@@ -1096,13 +1239,14 @@ class RedisRegistry:
             self._token += 1
             state = int(
                 await self._scripts["HEARTBEAT"](
+                    keys=self._route,
                     args=[
-                        self.prefix,
+                        self._keys.prefix,
                         node,
                         self._incarnation,
                         self._token,
                         int(self.lease_ttl * 1000),
-                    ]
+                    ],
                 )
             )
             if state != -1:
@@ -1182,9 +1326,8 @@ class RedisRegistry:
             async with self._bounded():
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.get(keys.lease(node))
-                pipe.pubsub_numsub(keys.channel(node))
                 pipe.scard(keys.node_sessions(node))
-                lease, numsub, owned = await pipe.execute()
+                lease, owned = await pipe.execute()
             if lease is None and not int(owned):
                 return  # a clean start
             if lease is None:
@@ -1196,7 +1339,9 @@ class RedisRegistry:
                 )
             if seen is None:
                 seen, since = lease, now
-            listening = int(dict(numsub).get(keys.channel(node), 0)) > 0
+            async with self._bounded():
+                listeners = await self._mode.listeners(self.redis, [keys.channel(node)])
+            listening = listeners.get(keys.channel(node), 0) > 0
             if (not listening and now - since >= 0.75 * self.heartbeat) or now > deadline:
                 break
             await asyncio.sleep(self.heartbeat / 4)  # the old worker's renewal period / 2
@@ -1204,15 +1349,16 @@ class RedisRegistry:
         async with self._bounded():
             left = int(
                 await self._scripts["TAKE_OVER"](
+                    keys=self._route,
                     args=[
-                        self.prefix,
+                        self._keys.prefix,
                         node,
                         lease or "",
                         self._incarnation,
                         self._token,
                         int(self.lease_ttl * 1000),
                         scripts.TOMBSTONE_SECONDS,
-                    ]
+                    ],
                 )
             )
         if left == -1:
@@ -1250,16 +1396,16 @@ class RedisRegistry:
             pipe = redis.pipeline(transaction=False)
             for node in others:
                 pipe.get(self._keys.lease(node))
-            pipe.pubsub_numsub(*(self._keys.channel(n) for n in others))
-            *tokens, numsub = await pipe.execute()
-        subscribers = dict(numsub)
+            tokens = await pipe.execute()
+            channels = [self._keys.channel(n) for n in others]
+            subscribers = await self._mode.listeners(redis, channels)
         now = monotonic()
         for node, token in zip(others, tokens, strict=True):
             if node in self._healing:
                 continue
             if token is None:
                 expected = ""  # the lease expired
-            elif int(subscribers.get(self._keys.channel(node), 0)) == 0:
+            elif subscribers.get(self._keys.channel(node), 0) == 0:
                 seen = self._suspects.get(node)
                 if seen is None or seen[0] != token:
                     self._suspects[node] = (token, now)
@@ -1281,14 +1427,21 @@ class RedisRegistry:
         try:
             async with self._bounded():
                 declared = await self._scripts["DECLARE_LOST"](
-                    args=[self.prefix, node, expected, self.node_id, scripts.TOMBSTONE_SECONDS]
+                    keys=self._route,
+                    args=[
+                        self._keys.prefix,
+                        node,
+                        expected,
+                        self.node_id,
+                        scripts.TOMBSTONE_SECONDS,
+                    ],
                 )
             if not int(declared):
                 return  # it renewed its lease meanwhile: alive
             log_warning(None, "worker %s is lost: ending its sessions as node lost", node)
             claimed = await self._claim_sessions(node)
             async with self._bounded():
-                await self._scripts["FORGET_NODE"](args=[self.prefix, node])
+                await self._scripts["FORGET_NODE"](keys=self._route, args=[self._keys.prefix, node])
             await self._presence_lost(node)
         except _redis_errors() as exc:
             self._fail(exc)
@@ -1312,13 +1465,11 @@ class RedisRegistry:
             for start in range(0, len(ids), _CLAIM_BATCH):
                 batch = ids[start : start + _CLAIM_BATCH]
                 async with self._bounded():
-                    pipe = self.redis.pipeline(transaction=False)
-                    for session_id in batch:
-                        await self._scripts["CLAIM"](
-                            args=[self.prefix, session_id, node], client=pipe
-                        )
-                    replies = await pipe.execute()
-                claimed += [(i, r) for i, r in zip(batch, replies, strict=True) if r]
+                    # One script per batch (redis-py's cluster pipelines refuse scripts).
+                    replies = await self._scripts["CLAIM"](
+                        keys=self._route, args=[self._keys.prefix, node, *batch]
+                    )
+                claimed += [(str(sid), [fields, groups]) for sid, fields, groups in replies]
         return claimed
 
     async def _end_all_lost(self, claimed: list[tuple[str, list[Any]]]) -> None:
@@ -1378,12 +1529,20 @@ def _describe(exc: BaseException) -> str:
 def _redis_errors() -> tuple[type[BaseException], ...]:
     """What counts as "Redis is unavailable": connection failures, timeouts (redis-py's and
     ``command_timeout``'s, an OSError), and error replies such as OOM or READONLY after a
-    failover (a ResponseError), which must not fail connections either."""
+    failover (a ResponseError), which must not fail connections either; on a cluster also
+    its own errors (cluster down, a slot not covered, no node reachable)."""
+    from redis.exceptions import ClusterError, RedisClusterException, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    return (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
+    return (
+        RedisConnectionError,
+        RedisTimeoutError,
+        ResponseError,
+        ClusterError,
+        RedisClusterException,
+        OSError,
+    )
 
 
 def _outage_errors() -> tuple[type[BaseException], ...]:

@@ -1,0 +1,124 @@
+"""How the Redis registry connects: one Redis (a pooled client) or a Redis Cluster (redis-py's
+cluster client), and which pub/sub it uses there.
+
+On a cluster every key of one prefix carries the hash tag ``{prefix}`` (see
+:class:`~wsession.backends._redis_codec.Keys`), so each script runs on the one node that holds
+that slot, and the registry's channels use sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``, Redis
+7+), which stays on that node instead of being copied to every node of the cluster as plain
+``PUBLISH`` is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .._exceptions import ConfigurationError
+
+
+@dataclass(frozen=True)
+class PubSubMode:
+    """Where the registry's channels live: ``cluster`` (a Redis Cluster) and ``sharded``
+    (sharded pub/sub, only on a cluster)."""
+
+    cluster: bool = False
+    sharded: bool = False
+
+    @property
+    def publish_command(self) -> str:
+        """The command a script publishes with."""
+        return "SPUBLISH" if self.sharded else "PUBLISH"
+
+    async def publish(self, client: Any, channel: str, data: str) -> int:
+        """Publish ``data`` on ``channel``; how many subscribers got it."""
+        if self.sharded:
+            return int(await client.spublish(channel, data))
+        return int(await client.publish(channel, data))
+
+    async def subscribe(self, pubsub: Any, *channels: str) -> None:
+        if self.sharded:
+            await pubsub.ssubscribe(*channels)
+        else:
+            await pubsub.subscribe(*channels)
+
+    async def next_message(self, pubsub: Any, timeout: float) -> Any:
+        """The next message (``None`` when none came within ``timeout``)."""
+        if self.sharded:
+            return await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=timeout)
+        return await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+
+    async def listeners(self, client: Any, channels: list[str]) -> dict[str, int]:
+        """How many subscribers each channel has, cluster-wide. A sharded channel's subscribers
+        are all on the node that owns its slot; a plain channel's may be on any node, so every
+        node is asked and the counts are summed (redis-py adds them up)."""
+        if not channels:
+            return {}
+        if self.sharded:
+            node = client.get_node_from_key(channels[0])  # one slot: the prefix's hash tag
+            reply = await client.pubsub_shardnumsub(*channels, target_nodes=node)
+        elif self.cluster:
+            reply = await client.pubsub_numsub(*channels, target_nodes=client.ALL_NODES)
+        else:
+            reply = await client.pubsub_numsub(*channels)
+        return {str(name): int(count) for name, count in reply}
+
+
+async def is_cluster_node(url: str, timeout: float) -> bool:
+    """Whether the Redis at ``url`` runs in cluster mode (``INFO cluster``). Raises redis-py's
+    errors when it cannot be asked."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=timeout, socket_timeout=timeout
+    )
+    try:
+        info = await client.info("cluster")
+    finally:
+        await client.aclose()
+    return bool(int(info.get("cluster_enabled", 0)))
+
+
+async def supports_sharded_pubsub(client: Any) -> bool:
+    """Whether the cluster's servers have sharded pub/sub (Redis 7.0 or later)."""
+    info = await client.info("server")
+    versions = [info] if "redis_version" in info else list(info.values())
+    for node_info in versions:
+        major = str(node_info.get("redis_version", "0")).split(".")[0]
+        if not major.isdigit() or int(major) < 7:
+            return False
+    return bool(versions)
+
+
+def check_cluster_prefix(prefix: str) -> None:
+    """On a cluster the prefix becomes a hash tag: it may not hold braces of its own."""
+    if "{" in prefix or "}" in prefix:
+        raise ConfigurationError(
+            f"prefix: {prefix!r} may not contain '{{' or '}}' on a Redis Cluster (the registry "
+            "wraps it in braces as its hash tag)"
+        )
+
+
+def make_cluster_client(url: str, *, max_connections: int, timeout: float) -> Any:
+    """redis-py's async cluster client for ``url`` (any node: it finds the others). Its per-node
+    connection cap leaves room above ``max_connections`` (which the registry itself enforces,
+    since redis-py's cluster client fails instead of waiting at its cap) for pub/sub."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    return RedisCluster.from_url(
+        url,
+        decode_responses=True,
+        max_connections=max_connections + 8,
+        socket_connect_timeout=timeout,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+    )
+
+
+def is_cluster_client(client: Any) -> bool:
+    """Whether ``client`` is redis-py's async cluster client."""
+    try:
+        from redis.asyncio.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis is installed whenever a client is given
+        return False
+    return isinstance(client, RedisCluster)
