@@ -199,6 +199,10 @@ def test_importing_wsession_does_not_import_redis() -> None:
     assert out.stdout.strip() == "False"
 
 
+# It has hung, rarely (1 run in 6-8 under load, also before the cluster work), in the event
+# loop's shutdown after its body passed, where the default signal timeout is swallowed: the
+# thread method dumps every stack and ends the run instead of hanging CI until its deadline.
+@pytest.mark.timeout(60, method="thread")
 async def test_redis_bursts_wait_for_a_pooled_connection(redis_server: RedisServer) -> None:
     """More concurrent cluster calls than pooled connections wait their turn; none fails with
     redis-py's "Too many connections" (found by bench.redis_latency with 400 clients)."""
