@@ -453,6 +453,27 @@ def encode_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+class _RoomBases:
+    """Each room's base, as the diff-from-nothing a joining connection gets, encoded once per
+    room and presence interval (keyed on the shared snapshot ``subscribe`` returns)."""
+
+    def __init__(self) -> None:
+        self._texts: dict[str, tuple[object, str]] = {}
+
+    def text(self, room: str, base: dict[str, Any]) -> str:
+        cached = self._texts.get(room)
+        if cached is not None and cached[0] is base:
+            return cached[1]
+        text = encode_json(_render_diff(PresenceDiff(room, base, {}, frozenset(), frozenset())))
+        if len(self._texts) >= 10_000:  # bounded: rooms come and go
+            self._texts.clear()
+        self._texts[room] = (base, text)
+        return text
+
+
+_ROOM_BASES = _RoomBases()
+
+
 def _online(people: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     """The others online, as the welcome lists them (``{"id", "name"}`` per connection)."""
     return [{"id": sid, "name": name} for name, ids in people.items() for sid in ids]
@@ -506,10 +527,9 @@ async def _handle(sessions: SessionManager, session: Session, raw: str) -> None:
             await presence.track(session, group)
             base = await presence.subscribe(session, group) or {}
             await session.send_json({"type": "joined", "group": group})
-            # The room's people so far, as a diff from nothing (the later diffs apply to it).
-            await session.send_json(
-                _render_diff(PresenceDiff(group, base, {}, frozenset(), frozenset()))
-            )
+            # The room's people so far, as a diff from nothing (the later diffs apply to it),
+            # encoded once per room and interval (the joins of one interval share the base).
+            await session.send_text(_ROOM_BASES.text(group, base))
         else:
             await sessions.leave(session.id, group)
             await presence.untrack(session, group)

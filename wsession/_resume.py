@@ -101,22 +101,29 @@ class Journal:
 
     def stamp(self, message: Message) -> Message:
         """Number a ``websocket.send`` message and keep it; returns what to write (with the
-        ``resume_seq_field`` added to a JSON object's text). Other messages pass unchanged."""
+        ``resume_seq_field`` added to a JSON object's text). Other messages pass unchanged.
+
+        The ring keeps the message as given, not the numbered copy: a broadcast's one message
+        is shared by every recipient's ring, and the number is added again on a replay."""
         if message.get("type") != "websocket.send":
             return message
         self.seq = seq = self.seq + 1
-        field = self.field
-        if field is not None:
-            text = message.get("text")
-            if text is not None and len(text) >= 2 and text[0] == "{" and text[-1] == "}":
-                rest = text[1:]
-                sep = "," if rest.strip() != "}" else ""
-                message = {"type": "websocket.send", "text": f'{{"{field}":{seq}{sep}{rest}'}
         size = _size(message)
         self.entries.append((seq, message, size))
         self.nbytes += size
         self._trim()
-        return message
+        return self._numbered(message, seq)
+
+    def _numbered(self, message: Message, seq: int) -> Message:
+        field = self.field
+        if field is None:
+            return message
+        text = message.get("text")
+        if text is None or len(text) < 2 or text[0] != "{" or text[-1] != "}":
+            return message
+        rest = text[1:]
+        sep = "," if rest.strip() != "}" else ""
+        return {"type": "websocket.send", "text": f'{{"{field}":{seq}{sep}{rest}'}
 
     def unstamp(self) -> None:
         """Take back the last :meth:`stamp` (its message was dropped before anyone saw it)."""
@@ -143,7 +150,7 @@ class Journal:
         first = self.entries[0][0] if self.entries else self.seq + 1
         if last + 1 < first:
             return None
-        return [message for seq, message, _ in self.entries if seq > last]
+        return [self._numbered(message, seq) for seq, message, _ in self.entries if seq > last]
 
 
 # -- tokens ------------------------------------------------------------------------------------
