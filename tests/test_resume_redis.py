@@ -108,3 +108,81 @@ async def test_a_resume_on_the_other_worker_gets_a_new_session_and_the_old_ends_
         await other.close()
         await recorder_b.wait_ended(1)
     assert recorder_a.ended_ids() == [welcome["id"]]
+
+
+async def presence_endpoint(websocket: Any) -> None:
+    """Track every connection in ``lobby`` and subscribe it; the welcome carries the token."""
+    from starlette.websockets import WebSocketDisconnect
+
+    from wsession import get_session
+
+    session = get_session(websocket)
+    manager = websocket.scope["app"].state.manager
+    await websocket.accept()
+    if not session.resumed:
+        await manager.presence.track(session, "lobby")
+        await manager.presence.subscribe(session, "lobby")
+    await websocket.send_json({"type": "welcome", "id": session.id, "resume": session.resume_token})
+    try:
+        while True:
+            await websocket.receive_text()
+    except WebSocketDisconnect:
+        pass
+
+
+async def next_diff(ws: ClientConnection) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            message = json.loads(await ws.recv())
+            if message.get("type") == "presence_diff":
+                return message  # type: ignore[no-any-return]
+
+
+def ids_of(people: dict[str, dict[str, Any]]) -> set[str]:
+    """Session ids in a default-rendered diff's ``joins``/``leaves`` (person -> {id: meta})."""
+    return {i for sessions in people.values() for i in sessions}
+
+
+async def test_a_resumed_session_causes_no_presence_change_on_another_worker(
+    redis_server: RedisServer,
+) -> None:
+    """Issue 15 with Redis: a drop and resume on worker A shows the subscriber on worker B no
+    leave and no join; a client that does not come back leaves once its window ran out."""
+    prefix = f"resume-{secrets.token_hex(4)}"
+    managers = []
+    for _ in range(2):
+        manager, _ = worker(redis_server.url, prefix, 2.0)
+        managers.append(manager)
+    a, b = managers
+    async with AsyncExitStack() as stack:
+        servers = []
+        for manager in (a, b):
+            await stack.enter_async_context(manager)
+            app = mount(presence_endpoint, manager)
+            app.state.manager = manager
+            servers.append(await stack.enter_async_context(run_server(app)))
+        server_a, server_b = servers
+        watcher, _ = await hello(server_b.ws)
+        flapper, welcome = await hello(server_a.ws)
+        joined = await next_diff(watcher)
+        while welcome["id"] not in ids_of(joined["joins"]):  # the watcher's own join first
+            joined = await next_diff(watcher)
+        reset_connection(flapper)
+        await detached(a, welcome["id"])
+        back, again = await hello(server_a.ws, f"?resume={welcome['resume']}&last=0")
+        assert again["id"] == welcome["id"]
+        # A marker joins after the resume: diffs are ordered, so a leave or join of the
+        # flapper would arrive before (or with) the marker's join.
+        marker, marked = await hello(server_b.ws)
+        diff = await next_diff(watcher)
+        while marked["id"] not in ids_of(diff["joins"]):
+            assert welcome["id"] not in ids_of(diff["joins"]) | ids_of(diff["leaves"])
+            diff = await next_diff(watcher)
+        assert welcome["id"] not in ids_of(diff["joins"]) | ids_of(diff["leaves"])
+        # Gone for good: one leave, once the window (2 s) ran out.
+        reset_connection(back)
+        diff = await next_diff(watcher)
+        while welcome["id"] not in ids_of(diff["leaves"]):
+            diff = await next_diff(watcher)
+        await marker.close()
+        await watcher.close()
