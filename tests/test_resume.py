@@ -8,6 +8,7 @@ happens in between.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -565,4 +566,34 @@ async def test_a_resume_without_a_usable_last_number_is_invalid_and_harms_nothin
         assert welcome(attempt)["resumed"] is False
         assert manager.stats.resume_failed["invalid"] == 1
         assert hello["id"] in manager.detached and recorder.ended == []
+        tg.cancel_scope.cancel()
+
+
+async def test_every_detach_hook_runs_even_if_the_connection_is_cancelled_during_one() -> None:
+    manager, recorder, server = make()
+    gate, entered = anyio.Event(), anyio.Event()
+    ran: list[str] = []
+
+    @manager.on_detach
+    async def slow(session: Session) -> None:
+        entered.set()
+        await gate.wait()
+        ran.append("slow")
+
+    @manager.on_detach
+    async def second(session: Session) -> None:
+        ran.append("second")
+
+    tasks: list[Any] = []
+    manager.on_connect(lambda s: tasks.append(asyncio.current_task()))
+    async with anyio.create_task_group() as tg:
+        client = await connect(server, tg)
+        hello = welcome(client)
+        client.drop()
+        await entered.wait()
+        tasks[0].cancel()  # a server's shutdown timeout cancels the connection's task natively
+        gate.set()
+        await detached(manager, hello["id"])
+        assert ran == ["slow", "second"]
+        assert recorder.ended == []
         tg.cancel_scope.cancel()

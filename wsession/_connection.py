@@ -17,11 +17,11 @@ from ._delivery import close_session, end_later
 from ._exceptions import Refuse
 from ._expiry import arm as arm_expiry
 from ._expiry import disarm as disarm_expiry
-from ._lifecycle import count_ending, run_disconnect_hooks
+from ._lifecycle import count_ending, run_disconnect_hooks, run_hooks, unregister
 from ._log import log_error, log_warning
 from ._manager import Hook, SessionManager
 from ._outbound import Outbound
-from ._resume import Resumption, run_hooks
+from ._resume import Resumption
 from ._session import EndReason, Session, SessionState
 from ._timers import call_later, timed_out
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -163,7 +163,7 @@ async def _admit(
         asked = resumption.requested(scope) if resumption is not None else None
         if asked is not None:
             assert resumption is not None
-            claimed = await resumption.claim_or_take_over(*asked)
+            claimed = await resumption.claim(*asked)
             if isinstance(claimed, str):
                 manager.stats.resume_failed[claimed] += 1  # a new session, as if not asked
             else:
@@ -402,7 +402,7 @@ async def _teardown(manager: SessionManager, session: Session, ticket: Ticket) -
         await run_disconnect_hooks(manager, session)
     finally:
         try:
-            await _unregister(manager, session)
+            await unregister(manager, session)
         finally:
             manager.admission.release(ticket)
             manager._end_presence(session)  # once: the teardown runs once per session
@@ -437,10 +437,3 @@ async def _detach(
         await run_hooks(manager, session, manager.detach_hooks, "detach")
     finally:
         resumption.park(session)
-
-
-async def _unregister(manager: SessionManager, session: Session) -> None:
-    try:
-        await manager.registry.remove(session)
-    except Exception:
-        log_error(session.id, "registry could not remove %s", session.id, exc=True)

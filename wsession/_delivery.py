@@ -16,8 +16,7 @@ from pydantic import BaseModel
 from ._json import check_text, encode_json
 from ._log import log_warning
 from ._outbound import Offer, Outbound, carry, carry_soon
-from ._resume import RESUMABLE
-from ._session import EndReason, Session, SessionState
+from ._session import RESUMABLE_ENDINGS, EndReason, Session, SessionState
 from ._timers import call_later
 from ._types import Message
 
@@ -249,7 +248,7 @@ def offer_numbered(
     if offer is Offer.GONE:
         # The connection is ending: if the session detaches, this message is in its replay.
         reason = session.end_reason
-        if reason is None or session._may_detach or reason in RESUMABLE:
+        if reason is None or session._may_detach or reason in RESUMABLE_ENDINGS:
             return SendResult.QUEUED, None, stamped
         return SendResult.GONE, None, stamped
     journal.unstamp()  # never written: the client must not see a gap in the numbers

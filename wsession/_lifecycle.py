@@ -18,7 +18,8 @@ from ._session import EndReason, Session, SessionState
 from ._shield import run_shielded
 
 if TYPE_CHECKING:
-    from ._manager import SessionManager
+    from ._manager import Hook, SessionManager
+    from ._stats import Histogram
 
 
 def count_ending(manager: SessionManager, session: Session) -> None:
@@ -28,7 +29,24 @@ def count_ending(manager: SessionManager, session: Session) -> None:
 
 
 async def run_disconnect_hooks(manager: SessionManager, session: Session) -> None:
-    """Run the disconnect hooks in reverse order, each at most once.
+    """Run the disconnect hooks in reverse order, each at most once (see :func:`run_hooks`)."""
+    await run_hooks(
+        manager,
+        session,
+        tuple(reversed(manager.disconnect_hooks)),
+        "disconnect",
+        manager.stats.hook_seconds["disconnect"],
+    )
+
+
+async def run_hooks(
+    manager: SessionManager,
+    session: Session,
+    hooks: tuple[Hook, ...],
+    what: str,
+    timings: Histogram | None = None,
+) -> None:
+    """Run notification hooks (disconnect, detach) in the given order, each at most once.
 
     Whether a hook is async is decided per call, from what it returned (a sync callable may
     return an awaitable). Each awaitable is bounded by ``disconnect_timeout`` and shielded from
@@ -37,34 +55,48 @@ async def run_disconnect_hooks(manager: SessionManager, session: Session) -> Non
     """
     cancelled: BaseException | None = None
     timeout = manager.settings.disconnect_timeout
-    timings = manager.stats.hook_seconds["disconnect"]
-    for hook in reversed(manager.disconnect_hooks):
+    for hook in hooks:
         started = perf_counter()
         try:
             result = hook(session)
             if result is not None and inspect.isawaitable(result):
                 try:
-                    await run_shielded(_bounded(manager, session, hook, result, timeout))
+                    await run_shielded(_bounded(manager, session, hook, result, timeout, what))
                 except anyio.get_cancelled_exc_class() as exc:
                     cancelled = exc  # the hook finished anyway; the others must run too
         except Exception:
             manager.stats.hook_errors += 1
-            log_error(session.id, "disconnect hook %r failed for %s", hook, session.id, exc=True)
-        timings.observe(perf_counter() - started)
+            log_error(session.id, "%s hook %r failed for %s", what, hook, session.id, exc=True)
+        if timings is not None:
+            timings.observe(perf_counter() - started)
     if cancelled is not None:
         raise cancelled
 
 
 async def _bounded(
-    manager: SessionManager, session: Session, hook: Any, result: Awaitable[Any], timeout: float
+    manager: SessionManager,
+    session: Session,
+    hook: Any,
+    result: Awaitable[Any],
+    timeout: float,
+    what: str,
 ) -> None:
     with anyio.move_on_after(timeout) as scope:
         await result
     if scope.cancelled_caught:
         manager.stats.hook_errors += 1
         log_warning(
-            session.id, "disconnect hook %r abandoned after %ss for %s", hook, timeout, session.id
+            session.id, "%s hook %r abandoned after %ss for %s", what, hook, timeout, session.id
         )
+
+
+async def unregister(manager: SessionManager, session: Session) -> None:
+    """Remove an ended session from the registry; a failure is logged, never raised
+    (registries shield their own I/O)."""
+    try:
+        await manager.registry.remove(session)
+    except Exception:
+        log_error(session.id, "registry could not remove %s", session.id, exc=True)
 
 
 async def end_without_connection(

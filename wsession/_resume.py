@@ -21,20 +21,20 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import inspect
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
 from . import _timers
-from ._lifecycle import count_ending, run_disconnect_hooks
-from ._log import log_error, log_warning
+from ._delivery import close_session, message_size
+from ._lifecycle import count_ending, run_disconnect_hooks, unregister
+from ._log import log_warning
 from ._outbound import spawn
-from ._session import EndReason, Session, SessionState
+from ._session import RESUMABLE_ENDINGS, EndReason, Session, SessionState
 from ._shield import run_shielded
 from ._timers import Timer, call_later
 from ._types import Message, Receive, Scope, Send
@@ -46,14 +46,6 @@ if TYPE_CHECKING:
 TAKEN_OVER = 4409
 """Close code for a connection whose session a new connection resumed (with its token) before
 the old one noticed that its client was gone."""
-
-# Why a connection ended, for which the session waits for its client instead of ending.
-RESUMABLE = frozenset({EndReason.CONNECTION_LOST, EndReason.SERVER_SHUTDOWN, EndReason.CANCELLED})
-
-
-def _size(message: Message) -> int:
-    text = message.get("text")
-    return len(text) if text is not None else len(message.get("bytes") or b"")
 
 
 class Journal:
@@ -108,7 +100,7 @@ class Journal:
         if message.get("type") != "websocket.send":
             return message
         self.seq = seq = self.seq + 1
-        size = _size(message)
+        size = message_size(message)
         self.entries.append((seq, message, size))
         self.nbytes += size
         self._trim()
@@ -185,8 +177,6 @@ def read_token(secret: bytes, token: str) -> tuple[str, str] | None:
 
 # -- the manager's part ----------------------------------------------------------------------------
 
-Hook = Callable[[Session], Awaitable[None] | None]
-
 
 class Resumption:
     """This worker's detached sessions and the rules for detaching, claiming and ending them
@@ -234,39 +224,19 @@ class Resumption:
 
     # -- resuming --------------------------------------------------------------------------
 
-    async def claim_or_take_over(self, token: str, last_text: str) -> Session | str:
-        """:meth:`claim`, after ending the old connection of the session ``token`` names if
-        that connection has not noticed yet that its client is gone (a dropped TCP connection
-        is often seen late, or only at the next write): the token proves the new connection is
-        the same client. The old one is closed with ``TAKEN_OVER`` (its client, if any is
-        left, should not reconnect) and the session detaches as if it had dropped."""
-        read = read_token(self._secret, token)
-        if read is not None:
-            live = self._manager.local.get(read[0])
-            journal = live._resume if live is not None else None
-            if (
-                live is not None
-                and journal is not None
-                and hmac.compare_digest(read[1], journal.nonce)
-            ):
-                from ._delivery import close_session
+    async def claim(self, token: str, last_text: str) -> Session | str:
+        """Take the detached session ``token`` names for a new connection, or say why not:
+        ``"invalid"`` (not a token of ours, or ``last`` is not a number), ``"unknown"`` (not
+        detached here: used token, ended, another worker's) or ``"replay_lost"`` (``last``
+        older than the buffer or newer than any number given: that session ends now, its token
+        being used). The check and the take have no ``await`` between them: of two claims of one
+        session exactly one wins.
 
-                if journal.parked is None:
-                    journal.parked = anyio.Event()
-                parked = journal.parked
-                close_session(
-                    self._manager, live, TAKEN_OVER, "resumed by a new connection", resumable=True
-                )
-                with anyio.move_on_after(self._manager.settings.close_timeout + 1):
-                    await parked.wait()
-        return self.claim(token, last_text)
-
-    def claim(self, token: str, last_text: str) -> Session | str:
-        """Take the detached session ``token`` names for a new connection, or say why not
-        (``"invalid"``: not a token of ours, or ``last`` is not a number; ``"unknown"``;
-        ``"replay_lost"``). No ``await``: of two claims of one session exactly one wins. A valid
-        token whose replay is lost (``last`` older than the buffer, or newer than any number
-        given) ends its session."""
+        If the session's old connection has not noticed yet that its client is gone (a dropped
+        TCP connection is often seen late, or only at the next write), the token proves the new
+        connection is the same client: the old one is closed with ``TAKEN_OVER`` (its client,
+        if any is left, should not reconnect) and the session detaches first, as if dropped.
+        """
         read = read_token(self._secret, token)
         if read is None:
             return "invalid"
@@ -275,10 +245,29 @@ class Resumption:
             last = int(last_text)
         except ValueError:
             return "invalid"  # without the last number it processed nothing can be replayed
+        live = self._manager.local.get(session_id)
+        if live is not None and _holds(live, nonce):
+            await self._take_from_connection(live)
+        return self._take(session_id, nonce, last)
+
+    async def _take_from_connection(self, live: Session) -> None:
+        journal = live._resume
+        assert journal is not None
+        if journal.parked is None:
+            journal.parked = anyio.Event()
+        parked = journal.parked
+        close_session(
+            self._manager, live, TAKEN_OVER, "resumed by a new connection", resumable=True
+        )
+        with anyio.move_on_after(self._manager.settings.close_timeout + 1):
+            await parked.wait()
+
+    def _take(self, session_id: str, nonce: str, last: int) -> Session | str:
         session = self._detached.get(session_id)
-        journal = session._resume if session is not None else None
-        if session is None or journal is None or not hmac.compare_digest(nonce, journal.nonce):
-            return "unknown"  # not detached here, already resumed (used token), or ended
+        if session is None or not _holds(session, nonce):
+            return "unknown"
+        journal = session._resume
+        assert journal is not None
         del self._detached[session_id]
         if journal.timer is not None:
             journal.timer.cancel()
@@ -337,8 +326,6 @@ class Resumption:
         missed = journal.since(journal.client_last)
         journal.pinned = None
         if missed is None:  # the ring overflowed while resuming: never a partial replay
-            from ._delivery import close_session
-
             log_warning(session.id, "replay of %s lost while resuming: closing", session.id)
             close_session(self._manager, session, 1011, "replay lost")
             return
@@ -353,7 +340,7 @@ class Resumption:
             return False
         if self._manager.draining:
             return False  # this process is going away and its detached sessions with it
-        if not (session.end_reason in RESUMABLE or session._may_detach):
+        if not (session.end_reason in RESUMABLE_ENDINGS or session._may_detach):
             return False
         try:
             asyncio.get_running_loop()
@@ -438,28 +425,13 @@ class Resumption:
             await run_shielded(run_disconnect_hooks(manager, session))
         finally:
             try:
-                await run_shielded(manager.registry.remove(session))
-            except Exception:
-                log_error(session.id, "registry could not remove %s", session.id, exc=True)
+                await unregister(manager, session)
             finally:
                 manager._end_presence(session)
                 session._resume = None
 
 
-async def run_hooks(
-    manager: SessionManager, session: Session, hooks: tuple[Hook, ...], what: str
-) -> None:
-    """Run notification hooks (``on_detach``) in order; failures are logged and counted."""
-    for hook in hooks:
-        try:
-            result = hook(session)
-            if result is not None and inspect.isawaitable(result):
-                await run_shielded(_bounded(result, manager.settings.disconnect_timeout))
-        except Exception:
-            manager.stats.hook_errors += 1
-            log_error(session.id, "%s hook %r failed for %s", what, hook, session.id, exc=True)
-
-
-async def _bounded(result: Awaitable[Any], timeout: float) -> None:
-    with anyio.move_on_after(timeout):
-        await result
+def _holds(session: Session, nonce: str) -> bool:
+    """Whether ``session``'s current token has ``nonce`` (compared in constant time)."""
+    journal = session._resume
+    return journal is not None and hmac.compare_digest(nonce, journal.nonce)

@@ -73,6 +73,11 @@ class EndReason(StrEnum):
 
 
 _LOST_CODES = frozenset({1005, 1006})
+RESUMABLE_ENDINGS = frozenset(
+    {EndReason.CONNECTION_LOST, EndReason.SERVER_SHUTDOWN, EndReason.CANCELLED}
+)
+"""How a connection ended when, with ``resume_window``, its session waits for its client
+instead of ending (wsession's idle close is one too: ``Session._may_detach``)."""
 NO_GROUPS: frozenset[str] = frozenset()
 _SERVER_RESTART = 1012
 
