@@ -89,6 +89,8 @@ async def _deliver_one(
     manager: SessionManager, session: Session, message: Message, nbytes: int
 ) -> SendResult:
     journal = session._resume
+    if journal is not None and journal.durable:
+        return (await journal.durable.record([session], message))[0]
     if journal is not None:
         result, outbound, stamped = offer_numbered(manager, session, journal, message)
         if outbound is None:
@@ -127,12 +129,23 @@ def try_deliver(manager: SessionManager, session: Session, message: Message) -> 
     wait for room (nothing was sent then). A frame taken now is written soon, in order with
     every other frame for the session, so it reports ``queued``. Not counted in ``stats``."""
     journal = session._resume
+    if journal is not None and journal.durable:
+        journal.durable.record_soon([session], message)
+        return SendResult.QUEUED
     if journal is not None:
         result, numbered_out, stamped = offer_numbered(manager, session, journal, message)
         if numbered_out is None:
             return result
         carry_soon([(numbered_out, stamped)])
         return SendResult.QUEUED
+    return offer_unnumbered(manager, session, message)
+
+
+def offer_unnumbered(
+    manager: SessionManager, session: Session, message: Message
+) -> SendResult | None:
+    """:func:`try_deliver` without numbering (no journal, or a durable one that is
+    unreachable)."""
     outbound = _outbound(session)
     if outbound is None:
         return SendResult.GONE
@@ -163,10 +176,14 @@ async def deliver_all(
     waiting: list[Session] = []
     queued = dropped = gone = 0
     policy = manager.settings.slow_consumer
+    durable: list[Session] = []
     for session in targets:
         if session.id == exclude:
             continue
         journal = session._resume
+        if journal is not None and journal.durable:
+            durable.append(session)
+            continue
         if journal is not None:
             result, numbered_out, stamped = offer_numbered(manager, session, journal, message)
             if numbered_out is not None:
@@ -197,6 +214,13 @@ async def deliver_all(
         else:
             waiting.append(session)
     delivered = 0
+    if durable:
+        store = durable[0]._resume.durable  # type: ignore[union-attr]
+        assert store is not None
+        for result in await store.record(durable, message):
+            delivered += result is SendResult.DELIVERED
+            queued += result is SendResult.QUEUED
+            gone += result is SendResult.GONE
     if writes:
         carried = await carry(writes)
         delivered, gone = carried.written, gone + carried.failed
@@ -257,6 +281,66 @@ def offer_numbered(
         return SendResult.DROPPED, None, message
     close_slow_consumer(manager, session)
     return SendResult.GONE, None, message
+
+
+def deliver_numbered(
+    manager: SessionManager, session: Session, seq: int, message: Message
+) -> SendResult:
+    """Write message number ``seq`` (given by a durable journal, see ``ResumeStore``) on
+    ``session``, in the order of the numbers: an earlier number not here yet is waited for (and
+    read from the journal if it does not come soon); a number already written is dropped. While
+    the session resumes (its replay not written yet) or is detached, nothing is written: the
+    journal has it. Never awaits."""
+    journal = session._resume
+    if journal is None or session.state is SessionState.CLOSED:
+        return SendResult.GONE
+    if seq > journal.seq:
+        journal.seq = seq
+    if seq < journal.expected:
+        return SendResult.QUEUED  # written already (a replay and a live copy met)
+    if seq > journal.expected or journal.held or session.state is not SessionState.OPEN:
+        if session.state is SessionState.DETACHED:
+            return SendResult.QUEUED
+        journal.stash[seq] = message
+        if not journal.held and manager.resumption is not None:
+            manager.resumption.watch_gap(session)
+        return SendResult.QUEUED
+    result = _write_numbered(manager, session, journal, seq, message)
+    if journal.stash:
+        write_stashed(manager, session)
+    return result
+
+
+def write_stashed(manager: SessionManager, session: Session) -> None:
+    """Write the numbers waiting in the journal's stash that follow what was written, in order."""
+    journal = session._resume
+    assert journal is not None
+    stash = journal.stash
+    while journal.expected in stash and session.state is SessionState.OPEN:
+        seq = journal.expected
+        _write_numbered(manager, session, journal, seq, stash.pop(seq))
+    if stash and manager.resumption is not None:
+        manager.resumption.watch_gap(session)
+
+
+def _write_numbered(
+    manager: SessionManager, session: Session, journal: Journal, seq: int, message: Message
+) -> SendResult:
+    journal.expected = seq + 1
+    outbound = session._outbound
+    if outbound is None:
+        return SendResult.GONE
+    numbered = journal.numbered(message, seq)
+    offer = outbound.offer(numbered, message_size(numbered))
+    if offer is Offer.WRITE:
+        carry_soon([(outbound, numbered)])
+        return SendResult.QUEUED
+    if offer is Offer.QUEUED or offer is Offer.GONE:
+        return SendResult.QUEUED  # GONE: ending; the journal has it for a resume
+    # Full: the number is given and recorded, so it cannot be dropped (the client would see a
+    # gap): the session is closed as a slow consumer, under either policy.
+    close_slow_consumer(manager, session)
+    return SendResult.GONE
 
 
 def close_slow_consumer(manager: SessionManager, session: Session) -> None:

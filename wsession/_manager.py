@@ -138,6 +138,12 @@ class SessionManager:
                 self,
                 secret.get_secret_value().encode() if secret is not None else token_bytes(32),
             )
+            # A registry with a durable journal (RedisRegistry) keeps numbered messages and
+            # detached sessions where every worker can resume them.
+            resume_store = getattr(self.registry, "resume_store", None)
+            if callable(resume_store):
+                self.resumption.store = resume_store()
+                self.resumption.check_mac = secret is not None
 
     # -- hook registration ------------------------------------------------------------------
 

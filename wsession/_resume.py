@@ -22,6 +22,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 from collections import deque
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -30,9 +31,10 @@ from typing import TYPE_CHECKING
 import anyio
 
 from . import _timers
-from ._delivery import close_session, message_size
+from ._delivery import close_session, deliver_numbered, message_size, write_stashed
+from ._exceptions import RegistryUnavailable
 from ._lifecycle import count_ending, run_disconnect_hooks, unregister
-from ._log import log_warning
+from ._log import log_error, log_warning
 from ._outbound import spawn
 from ._session import RESUMABLE_ENDINGS, EndReason, Session, SessionState
 from ._shield import run_shielded
@@ -42,6 +44,15 @@ from ._types import Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from ._manager import SessionManager
     from ._outbound import Outbound
+    from .backends._base import ResumeStore
+
+_GAP_WAIT = 0.25
+"""Seconds a durable journal's later number waits for an earlier one before it is read from the
+store (numbers from this worker and from others' pub/sub messages may arrive out of order)."""
+
+_OWNER_WAIT = 10.0
+"""Seconds a durable resume waits for the session's old connection to end (its worker closes it
+when asked; a worker that died is noticed by the others within two heartbeats)."""
 
 TAKEN_OVER = 4409
 """Close code for a connection whose session a new connection resumed (with its token) before
@@ -59,17 +70,22 @@ class Journal:
     __slots__ = (
         "client_last",
         "deadline",
+        "durable",
         "entries",
+        "expected",
         "field",
+        "gap_timer",
         "held",
         "lost",
         "max_bytes",
         "max_messages",
         "nbytes",
+        "next_token",
         "nonce",
         "parked",
         "pinned",
         "seq",
+        "stash",
         "timer",
         "token",
     )
@@ -87,9 +103,17 @@ class Journal:
         self.client_last = 0
         self.nonce = ""
         self.token = ""
+        self.next_token = ""  # a durable resume: the token the store gave the session
         self.timer: Timer | None = None  # the window, while detached
         self.deadline = 0.0  # when the window ends (clock time), while detached
         self.parked: anyio.Event | None = None  # set when it detaches (a take-over waits)
+        # With a durable store (RedisRegistry) the store numbers and keeps the messages; this
+        # journal then only writes them in order: the next number to write, those that came
+        # early, and the timer that reads a missing one from the store.
+        self.durable: ResumeStore | None = None
+        self.expected = 1
+        self.stash: dict[int, Message] = {}
+        self.gap_timer: Timer | None = None
 
     def stamp(self, message: Message) -> Message:
         """Number a ``websocket.send`` message and keep it; returns what to write (with the
@@ -104,9 +128,11 @@ class Journal:
         self.entries.append((seq, message, size))
         self.nbytes += size
         self._trim()
-        return self._numbered(message, seq)
+        return self.numbered(message, seq)
 
-    def _numbered(self, message: Message, seq: int) -> Message:
+    def numbered(self, message: Message, seq: int) -> Message:
+        """``message`` as written with number ``seq`` (``resume_seq_field`` spliced into a JSON
+        object's text)."""
         field = self.field
         if field is None:
             return message
@@ -142,7 +168,7 @@ class Journal:
         first = self.entries[0][0] if self.entries else self.seq + 1
         if last + 1 < first:
             return None
-        return [self._numbered(message, seq) for seq, message, _ in self.entries if seq > last]
+        return [self.numbered(message, seq) for seq, message, _ in self.entries if seq > last]
 
 
 # -- tokens ------------------------------------------------------------------------------------
@@ -162,15 +188,16 @@ def make_token(secret: bytes, session_id: str, nonce: str) -> str:
     return f"{session_id}.{nonce}.{_mac(secret, session_id, nonce)}"
 
 
-def read_token(secret: bytes, token: str) -> tuple[str, str] | None:
-    """``(session_id, nonce)`` of a token this secret signed, else ``None``."""
+def read_token(secret: bytes | None, token: str) -> tuple[str, str] | None:
+    """``(session_id, nonce)`` of a token this secret signed, else ``None``. With ``secret``
+    ``None`` only the form is checked (a durable store compares the whole token)."""
     if len(token) > 512:
         return None
     parts = token.rsplit(".", 2)
     if len(parts) != 3:
         return None
     session_id, nonce, mac = parts
-    if not hmac.compare_digest(mac, _mac(secret, session_id, nonce)):
+    if secret is not None and not hmac.compare_digest(mac, _mac(secret, session_id, nonce)):
         return None
     return session_id, nonce
 
@@ -187,6 +214,13 @@ class Resumption:
         self._secret = secret
         self._detached: dict[str, Session] = {}
         self.closed = False  # the manager is shutting down: nothing detaches any more
+        self.check_mac = True
+        """Whether a token's MAC is checked before anything else (off only with a durable store
+        and no ``resume_secret``: each worker's random secret differs, and the store compares
+        the whole token, which is as unguessable)."""
+        self.store: ResumeStore | None = None
+        """The registry's durable journal (``RedisRegistry``), set by the manager: messages are
+        numbered and kept there, and detached sessions wait there for a resume on any worker."""
 
     @property
     def detached(self) -> Mapping[str, Session]:
@@ -201,6 +235,7 @@ class Resumption:
         journal = Journal(
             settings.resume_buffer, settings.resume_buffer_bytes, settings.resume_seq_field
         )
+        journal.durable = self.store
         session._resume = journal
         self._new_token(session, journal)
 
@@ -237,7 +272,7 @@ class Resumption:
         connection is the same client: the old one is closed with ``TAKEN_OVER`` (its client,
         if any is left, should not reconnect) and the session detaches first, as if dropped.
         """
-        read = read_token(self._secret, token)
+        read = read_token(self._secret if self.check_mac else None, token)
         if read is None:
             return "invalid"
         session_id, nonce = read
@@ -245,10 +280,82 @@ class Resumption:
             last = int(last_text)
         except ValueError:
             return "invalid"  # without the last number it processed nothing can be replayed
+        if self.store is not None:
+            try:
+                return await self._claim_from_store(self.store, session_id, token, last)
+            except RegistryUnavailable:
+                return "unavailable"
         live = self._manager.local.get(session_id)
         if live is not None and _holds(live, nonce):
             await self._take_from_connection(live)
         return self._take(session_id, nonce, last)
+
+    async def _claim_from_store(
+        self, store: ResumeStore, session_id: str, token: str, last: int
+    ) -> Session | str:
+        """:meth:`claim` with a durable store: the store moves the session to this worker, in
+        one step that any worker may race (one wins), and gives the messages it missed."""
+        new_token = make_token(self._secret, session_id, _b64(secrets.token_bytes(16)))
+        give_up = time.monotonic() + _OWNER_WAIT
+        asked = False
+        pause = 0.02
+        while True:  # bounded by give_up
+            found = await store.claim(session_id, token, last, new_token)
+            if found.outcome != "open":
+                break
+            live = self._manager.local.get(session_id)
+            if live is not None and live._resume is not None and live._resume.token == token:
+                await self._take_from_connection(live)
+            elif found.owner and not asked:
+                await store.take(found.owner, session_id)
+                asked = True
+            if time.monotonic() > give_up:
+                return "unknown"
+            # Another worker closes the old connection, or the cluster notices that its worker
+            # died: nothing here can wait on that, so the store is asked again.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        cached = self._detached.pop(session_id, None)
+        if cached is not None and cached._resume is not None and cached._resume.timer:
+            cached._resume.timer.cancel()
+            cached._resume.timer = None
+        if found.outcome == "unknown" or found.session is None:
+            return "unknown"
+        session = cached if cached is not None else found.session
+        if found.outcome == "lost":
+            session._end_detached(EndReason.REPLAY_LOST, None, None)
+            spawn(self._end, session)
+            return "replay_lost"
+        session.groups = set(found.session.groups)
+        journal = session._resume
+        if journal is None:
+            settings = self._manager.settings
+            journal = Journal(0, 0, settings.resume_seq_field)
+            session._resume = journal
+        journal.durable = store
+        journal.token = token
+        journal.nonce = token.rsplit(".", 2)[1]
+        journal.next_token = new_token
+        journal.seq = found.seq
+        journal.client_last = last
+        journal.expected = last + 1
+        journal.stash = dict(found.missed)
+        journal.deadline = found.deadline
+        journal.held = True
+        session.state = SessionState.DETACHED
+        # Indexed here at once (no await since the claim): from now on every message recorded
+        # for it is written here, in order, after the replay...
+        store.adopt(session)
+        # ...and one recorded after the claim but handled before this line is in its journal.
+        later = await store.missed(session_id, found.seq + 1, found.seq + 1_000_000)
+        for seq, message in later:
+            deliver_numbered(self._manager, session, seq, message)
+        if cached is None and found.parker:
+            try:
+                await store.moved(found.parker, session_id)
+            except Exception:  # its copy then ends quietly at the end of the window
+                log_warning(session_id, "could not tell %s that %s moved", found.parker, session_id)
+        return session
 
     async def _take_from_connection(self, live: Session) -> None:
         journal = live._resume
@@ -288,13 +395,21 @@ class Resumption:
         assert journal is not None
         journal.held = False
         session.state = SessionState.DETACHED
+        if journal.durable is not None:
+            journal.stash.clear()
+            spawn(self._park_in_store, session, max(0.0, journal.deadline - time.time()))
+            return
         self._park(session, journal, journal.deadline - _timers.clock.now())
 
     def resumed(self, session: Session) -> None:
         """The new connection was admitted: the session is its own again, with a new token."""
         journal = session._resume
         assert journal is not None
-        self._new_token(session, journal)
+        if journal.durable is not None:
+            journal.token = journal.next_token  # the store holds it already
+            journal.nonce = journal.token.rsplit(".", 2)[1]
+        else:
+            self._new_token(session, journal)
         self._manager.stats.resumed += 1
 
     def wrap(
@@ -323,6 +438,9 @@ class Resumption:
         journal = session._resume
         assert journal is not None
         journal.held = False
+        if journal.durable is not None:
+            write_stashed(self._manager, session)
+            return
         missed = journal.since(journal.client_last)
         journal.pinned = None
         if missed is None:  # the ring overflowed while resuming: never a partial replay
@@ -338,7 +456,7 @@ class Resumption:
         client) rather than ended."""
         if self.closed or not accepted or session._resume is None or session._resume.lost:
             return False
-        if self._manager.draining:
+        if self._manager.draining and self.store is None:
             return False  # this process is going away and its detached sessions with it
         if not (session.end_reason in RESUMABLE_ENDINGS or session._may_detach):
             return False
@@ -355,6 +473,10 @@ class Resumption:
         assert journal is not None
         journal.pinned = journal.seq
         session.state = SessionState.DETACHED
+        journal.stash.clear()  # a durable store has them
+        if journal.gap_timer is not None:
+            journal.gap_timer.cancel()
+            journal.gap_timer = None
         journal.deadline = _timers.clock.now() + self._manager.settings.resume_window
         self._manager.stats.detached += 1
 
@@ -363,6 +485,9 @@ class Resumption:
         journal overflowed or the manager shut down meanwhile)."""
         journal = session._resume
         assert journal is not None
+        if journal.durable is not None:
+            spawn(self._park_in_store, session, self._manager.settings.resume_window)
+            return
         if journal.lost:
             self._end_soon(session, EndReason.REPLAY_LOST)
         elif self.closed:
@@ -373,6 +498,32 @@ class Resumption:
         if parked is not None:
             parked.set()  # a take-over waits for this
 
+    async def _park_in_store(self, session: Session, window: float) -> None:
+        """Park a detached session in the durable store (any worker may resume it from there)
+        and keep it here too, so that a resume on this worker keeps its live data; this
+        worker's timer ends it when its window runs out (unless it was resumed elsewhere)."""
+        journal = session._resume
+        assert journal is not None and journal.durable is not None
+        deadline: float | None = None
+        try:
+            deadline = await journal.durable.park(session, journal.token, window)
+        except Exception:
+            log_error(session.id, "could not park %s in the store: ending it", session.id, exc=True)
+        finally:
+            parked, journal.parked = journal.parked, None
+            if parked is not None:
+                parked.set()  # a take-over waits for this
+        if deadline is None:
+            self._end_soon(
+                session, EndReason.SERVER_SHUTDOWN if self.closed else EndReason.RESUME_EXPIRED
+            )
+            return
+        journal.deadline = deadline
+        if self.closed:
+            return  # this worker is going away: the store keeps it, another worker ends it
+        self._detached[session.id] = session
+        journal.timer = call_later(window, self._expire, session)
+
     def _park(self, session: Session, journal: Journal, delay: float) -> None:
         self._detached[session.id] = session
         journal.timer = call_later(max(0.0, delay), self._expire, session)
@@ -380,6 +531,65 @@ class Resumption:
     def _expire(self, session: Session) -> None:
         if self._detached.get(session.id) is session:
             self._end_soon(session, EndReason.RESUME_EXPIRED)
+
+    async def _end_in_store(
+        self, session: Session, reason: EndReason, code: int | None, close_reason: str | None
+    ) -> None:
+        """End a detached session held in the durable store, if this worker wins it (it may
+        have been resumed elsewhere meanwhile: then nothing runs here)."""
+        journal = session._resume
+        assert journal is not None and journal.durable is not None
+        try:
+            won = await journal.durable.end_detached(session.id)
+        except Exception:
+            log_error(session.id, "could not end detached %s in the store", session.id, exc=True)
+            return  # the store's sweep ends it (hooks once, on whichever worker wins it)
+        if won is None:
+            session._resume = None
+            return
+        session._end_detached(reason, code, close_reason)
+        await self._end(session)
+
+    def watch_gap(self, session: Session) -> None:
+        """A durable journal's number came before an earlier one: look again soon, and read
+        the missing ones from the store if they have not come by then."""
+        journal = session._resume
+        if journal is not None and journal.gap_timer is None:
+            journal.gap_timer = call_later(_GAP_WAIT, self._gap_due, session)
+
+    def _gap_due(self, session: Session) -> None:
+        journal = session._resume
+        if journal is None:
+            return
+        journal.gap_timer = None
+        if not journal.stash or journal.held:
+            return
+        state = session.state
+        if state is SessionState.CONNECTING:
+            self.watch_gap(session)  # written once the app accepts
+        elif state is SessionState.OPEN:
+            if journal.expected in journal.stash:
+                write_stashed(self._manager, session)
+            else:
+                spawn(self._fill_gap, session)
+
+    async def _fill_gap(self, session: Session) -> None:
+        journal = session._resume
+        if journal is None or journal.durable is None or not journal.stash:
+            return
+        first, last = journal.expected, min(journal.stash) - 1
+        try:
+            found = await journal.durable.missed(session.id, first, last)
+        except Exception:
+            log_warning(session.id, "could not read missed messages of %s", session.id)
+            found = []
+        for seq, message in found:
+            deliver_numbered(self._manager, session, seq, message)
+        if journal.expected <= last and session.state is SessionState.OPEN:
+            log_warning(
+                session.id, "messages %d-%d of %s are lost: closing", first, last, session.id
+            )
+            close_session(self._manager, session, 1011, "replay lost")
 
     def overflowed(self, session: Session) -> None:
         """A detached session's journal is full: it can no longer be resumed in full."""
@@ -391,11 +601,35 @@ class Resumption:
         """Close (kick, revoke) a detached session: it ends now. False if not detached here."""
         if self._detached.get(session.id) is not session:
             return False
+        if session._resume is not None and session._resume.durable is not None:
+            self._take_timer(session)
+            spawn(self._end_in_store, session, EndReason.SERVER_CLOSED, code, reason)
+            return True
         self._take_out(session, EndReason.SERVER_CLOSED, code, reason)
         spawn(self._end, session)
         return True
 
+    def drop(self, session_id: str) -> None:
+        """A session this worker parked was resumed on another worker: forget this copy (no
+        hooks: the session lives on there)."""
+        session = self._detached.get(session_id)
+        if session is not None:
+            self._take_timer(session)
+            session._resume = None
+
+    def _take_timer(self, session: Session) -> None:
+        self._detached.pop(session.id, None)
+        journal = session._resume
+        if journal is not None and journal.timer is not None:
+            journal.timer.cancel()
+            journal.timer = None
+
     def _end_soon(self, session: Session, reason: EndReason) -> None:
+        journal = session._resume
+        if journal is not None and journal.durable is not None and session.id in self._detached:
+            self._take_timer(session)
+            spawn(self._end_in_store, session, reason, None, None)
+            return
         self._take_out(session, reason, None, None)
         spawn(self._end, session)
 
@@ -414,6 +648,10 @@ class Resumption:
         nobody can resume them any more, and nothing detaches from now on)."""
         self.closed = True
         for session in list(self._detached.values()):
+            if session._resume is not None and session._resume.durable is not None:
+                # In the durable store: a worker that stays (or starts) resumes or ends it.
+                self._take_timer(session)
+                continue
             self._take_out(session, EndReason.SERVER_SHUTDOWN, None, None)
             await self._end(session)
 

@@ -357,6 +357,21 @@ class Session:
         journal = self._resume
         if (
             journal is not None
+            and journal.durable is not None
+            and message.get("type") == "websocket.send"
+        ):
+            # Numbered and recorded by the durable store first (see ResumeStore), then written.
+            state = self.state
+            if state is not SessionState.OPEN and not (
+                journal.held and state is not SessionState.CLOSED
+            ):
+                raise SessionClosed(self.id, state.value)
+            (result,) = await journal.durable.record([self], message)
+            if result == "gone":
+                raise SessionClosed(self.id, "gone")
+            return
+        if (
+            journal is not None
             and journal.held
             and self.state is not SessionState.CLOSED
             and message.get("type") == "websocket.send"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
@@ -105,3 +106,68 @@ class SessionRegistry(Protocol):
         Raises:
             RegistryUnavailable: a cluster registry cannot reach its store.
         """
+
+
+@dataclass
+class Claim:
+    """What :meth:`ResumeStore.claim` found.
+
+    ``outcome``: ``"ok"`` (the session is this worker's now: ``session``, ``seq`` the last number
+    given, ``missed`` every message numbered after the client's last, ``deadline`` the end of
+    the window it had, in Unix seconds); ``"open"`` (its connection has not ended yet, on worker
+    ``owner``, ``""`` while it is being parked); ``"lost"`` (the journal no longer holds all the
+    client missed: the session was ended in the store, ``session`` is for its disconnect hooks);
+    ``"unknown"`` (no detached session with that token).
+    """
+
+    outcome: str
+    session: Session | None = None
+    owner: str = ""
+    parker: str = ""
+    """``"ok"``: the worker that parked the session (told by the caller that it moved)."""
+    seq: int = 0
+    deadline: float = 0.0
+    missed: list[tuple[int, Message]] = field(default_factory=list)
+
+
+@runtime_checkable
+class ResumeStore(Protocol):
+    """A journal that outlives the worker: what a registry offers for resumption across workers
+    (``RedisRegistry``). The store numbers every message for a session and records it before
+    the send returns; a detached session waits in the store, where any worker can resume it.
+
+    Messages for this worker's sessions are written with ``_delivery.deliver_numbered`` once
+    recorded, in the order of their numbers.
+    """
+
+    async def record(self, sessions: list[Session], message: Message) -> list[SendResult]:
+        """Number and record ``message`` for each of this worker's ``sessions``, then write it;
+        one result per session. During an outage the message is written without a number."""
+
+    def record_soon(self, sessions: list[Session], message: Message) -> None:
+        """:meth:`record` without waiting (in order with every other record of this worker)."""
+
+    async def park(self, session: Session, token: str, window: float) -> float | None:
+        """The session's connection ended resumably: it waits in the store for ``window``
+        seconds, owned by no worker. Returns when its window ends (Unix seconds), or ``None``
+        when the store could not take it (the session then ends here)."""
+
+    async def claim(self, session_id: str, token: str, last: int, new_token: str) -> Claim:
+        """Move the detached session ``token`` names to this worker (see :class:`Claim`)."""
+
+    async def take(self, owner: str, session_id: str) -> None:
+        """Ask worker ``owner`` to close the session's connection so it can be resumed here."""
+
+    async def moved(self, parker: str, session_id: str) -> None:
+        """Tell worker ``parker``, which parked the session, that it was resumed elsewhere (it
+        drops its copy: ``Resumption.drop``)."""
+
+    async def end_detached(self, session_id: str) -> Session | None:
+        """End a detached session in the store (its window ran out, or it was closed): the
+        session (rebuilt from the store) when this caller won, else ``None``."""
+
+    async def missed(self, session_id: str, first: int, last: int) -> list[tuple[int, Message]]:
+        """The recorded messages numbered ``first`` to ``last`` (fewer when some were trimmed)."""
+
+    def adopt(self, session: Session) -> None:
+        """A resumed session is this worker's again: index it locally (groups, user key)."""

@@ -160,6 +160,10 @@ def session_fields(
         ),
         "data": encode_data(session),
     }
+    token = session.resume_token
+    if token is not None:
+        fields["rt"] = token  # resumable: see _redis_resume_scripts.py
+        fields["st"] = "open"
     return fields, truncated
 
 
@@ -179,7 +183,12 @@ def encode_data(session: Session) -> str:
 
 
 def rebuild_session(
-    manager: SessionManager, session_id: str, fields: dict[str, str], groups: set[str]
+    manager: SessionManager,
+    session_id: str,
+    fields: dict[str, str],
+    groups: set[str],
+    *,
+    live: bool = False,
 ) -> Session:
     """A :class:`RemoteSession` for a session another worker owns (or owned: node-lost hooks get
     one). Data that no longer validates (say, a new ``data_model`` in a rolling deploy) is
@@ -195,14 +204,16 @@ def rebuild_session(
         "query_string": fields.get("query", "").encode("latin-1"),
         "subprotocols": json.loads(fields.get("subprotocols") or "[]"),
     }
-    session = RemoteSession(session_id, scope, None, _decode_data(manager, session_id, fields))
+    # ``live``: a session resumed on this worker (a plain Session, given a connection next).
+    cls = Session if live else RemoteSession
+    session = cls(session_id, scope, None, _decode_data(manager, session_id, fields))
     if fields.get("connected_at"):
         session.connected_at = datetime.fromisoformat(fields["connected_at"])
     session.subprotocol = fields.get("subprotocol") or None
     session.user_key = fields.get("user_key") or None
     session.node = fields.get("node") or None
     session.groups = set(groups)
-    session.state = SessionState.OPEN
+    session.state = SessionState.DETACHED if fields.get("st") == "detached" else SessionState.OPEN
     return session
 
 

@@ -64,6 +64,7 @@ if not mine then return -1 end
 local sk = p .. ':s:' .. sid
 local owner = redis.call('HGET', sk, 'node')
 if owner and owner ~= node then return -2 end
+local rseq = redis.call('HGET', sk, 'rseq')
 """
 )
 REGISTER += _CLEANUP.replace("local sk = p .. ':s:' .. sid\n", "")
@@ -77,6 +78,7 @@ end
 local fields = {}
 for i = 8 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', sk, unpack(fields))
+if rseq then redis.call('HSET', sk, 'rseq', rseq) end
 if uk ~= '' then
   redis.call('SADD', p .. ':u:' .. uk, sid)
   redis.call('EXPIRE', p .. ':u:' .. uk, ttl)
@@ -94,25 +96,44 @@ local owner = redis.call('HGET', p .. ':s:' .. sid, 'node')
 if owner and owner ~= node then return 0 end
 redis.call('SREM', p .. ':n:' .. node .. ':s', sid)
 """
-REMOVE += _CLEANUP + "\nreturn 1\n"
+REMOVE += (
+    _CLEANUP
+    + """
+redis.call('DEL', p .. ':j:' .. sid)
+redis.call('ZREM', p .. ':detached', sid)
+return 1
+"""
+)
 
 CLAIM = (
     """
--- ARGV: prefix, lost node, id_1..id_n. Claims those of the ids the lost node still owns. Only
--- the caller whose SREM succeeds gets a session back (its fields and groups), so the node-lost
--- disconnect hooks run once in the cluster. Returns {id, fields, groups} per claimed session.
-local p, node = ARGV[1], ARGV[2]
+-- ARGV: prefix, lost node, resume window (ms; 0 without resumption), id_1..id_n. Claims those of
+-- the ids the lost node still owns. Only the caller whose SREM succeeds gets a session back (its
+-- fields and groups), so the node-lost disconnect hooks run once in the cluster. A resumable
+-- session (one with a resume token) is not ended: it becomes detached, owned by no worker, for
+-- the window (its client may resume it on any worker). Returns {id, fields, groups, detached}
+-- per claimed session.
+local p, node, window = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local claimed = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local sid = ARGV[i]
   if redis.call('SREM', p .. ':n:' .. node .. ':s', sid) == 1
     and redis.call('HGET', p .. ':s:' .. sid, 'node') == node then
     local fields = redis.call('HGETALL', p .. ':s:' .. sid)
     local groups = redis.call('SMEMBERS', p .. ':sg:' .. sid)
+    if window > 0 and redis.call('HEXISTS', p .. ':s:' .. sid, 'rt') == 1 then
+      redis.call('HSET', p .. ':s:' .. sid, 'st', 'detached', 'node', '', 'rdl', now + window)
+      redis.call('ZADD', p .. ':detached', now + window, sid)
+      claimed[#claimed + 1] = {sid, fields, groups, 1}
+    else
 """
     + _CLEANUP
     + """
-    claimed[#claimed + 1] = {sid, fields, groups}
+      redis.call('DEL', p .. ':j:' .. sid)
+      claimed[#claimed + 1] = {sid, fields, groups, 0}
+    end
   end
 end
 return claimed

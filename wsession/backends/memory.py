@@ -68,6 +68,19 @@ class MemoryRegistry:
         """Forget ``session``, its groups and its user key (no error if not registered)."""
         self.discard(session)
 
+    def insert(self, session: Session) -> None:
+        """Index ``session`` with its user key and groups, without awaiting (a session resumed
+        on this worker by a cluster registry). Raises ``ValueError`` if its id is live here."""
+        if session.id in self._sessions:
+            raise ValueError(f"connection id {session.id!r} is already in use")
+        self._sessions[session.id] = session
+        if session.user_key is not None:
+            self._users.setdefault(session.user_key, {})[session.id] = session
+        if session.groups:
+            session.groups = set(session.groups)
+            for group in session.groups:
+                self._groups.setdefault(group, {})[session.id] = session
+
     def discard(self, session: Session) -> bool:
         """:meth:`remove` without awaiting (for callers that must finish their bookkeeping
         before their first ``await``). Returns False when ``session`` was not registered."""

@@ -35,13 +35,22 @@ from typing import TYPE_CHECKING, Any, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .._config import validate_model
-from .._delivery import SendResult, close_session, close_slow_consumer, deliver, try_deliver
+from .._delivery import (
+    SendResult,
+    close_session,
+    close_slow_consumer,
+    deliver,
+    deliver_numbered,
+    try_deliver,
+)
 from .._exceptions import ConfigurationError, RegistryUnavailable
-from .._lifecycle import end_without_connection
+from .._lifecycle import end_without_connection, run_hooks
 from .._log import log_error, log_warning
+from .._resume import TAKEN_OVER
 from .._session import EndReason, Session, SessionState
 from .._shield import run_shielded
 from .._types import Message
+from . import _redis_resume_scripts as resume_scripts
 from . import _redis_scripts as scripts
 from ._base import SessionFilter
 from ._redis_codec import (
@@ -54,6 +63,7 @@ from ._redis_codec import (
     rebuild_session,
     session_fields,
 )
+from ._redis_journal import RedisJournal
 from ._redis_link import (
     PubSubMode,
     check_cluster_prefix,
@@ -346,6 +356,7 @@ class RedisRegistry:
         self._waiters: set[asyncio.Task[None]] = set()
         self._truncation_logged = False
         self._ttl_refreshed_at = float("-inf")
+        self._journal: RedisJournal | None = None  # resumption across workers, when used
 
     # -- state ------------------------------------------------------------------------------
 
@@ -405,6 +416,25 @@ class RedisRegistry:
         self._local.bind(manager)
         self._manager = manager
 
+    def resume_store(self) -> RedisJournal:
+        """The durable journal for resumption across workers (called by a manager with
+        ``resume_window``; see ``_redis_journal.py``)."""
+        if self._journal is None:
+            self._journal = RedisJournal(self)
+        return self._journal
+
+    def _forget_parked(self, session: Session) -> None:
+        """A detached session leaves this worker's index (Redis holds it, owned by no worker)."""
+        self._local.discard(session)
+        self._written.discard(session.id)
+        self._unwritten.discard(session.id)
+
+    def _adopt(self, session: Session) -> None:
+        """A session resumed here (Redis moved it to this worker already)."""
+        self._local.insert(session)
+        session.node = self.node_id
+        self._written.add(session.id)
+
     @property
     def redis(self) -> Any:
         """The Redis client (raises RegistryUnavailable before the registry is entered).
@@ -452,6 +482,8 @@ class RedisRegistry:
                 "LIVE_MEMBERS",
             )
         }
+        for name in resume_scripts.ALL:
+            self._scripts[name] = client.register_script(getattr(resume_scripts, name))
         self._enter(LinkState.STARTING)
         try:
             await self._take_over_previous_incarnation()
@@ -733,6 +765,12 @@ class RedisRegistry:
         Redis outage."""
         if self._local.local_session(session_id) is not None:
             return await self._local.send(session_id, message)
+        if self._journal is not None:
+            async with self._cluster("send"):
+                recorded = await self._journal.record_for(message, ids=[session_id])
+            result = SendResult.QUEUED if recorded else SendResult.GONE
+            self._stats_send(result)
+            return result
         envelope = encode_envelope("send", ids=[session_id], message=message)
         async with self._cluster("send"):
             reply = await self._scripts["SEND"](
@@ -758,6 +796,8 @@ class RedisRegistry:
     async def broadcast(self, message: Message, exclude: str | None = None) -> int:
         """Send to every open session of the cluster; local ones first, at once. Returns how
         many it reached (remote sessions counted as reached once published)."""
+        if self._journal is not None:
+            return await self._fan_out(self._local.snapshot(), self._keys.all, message, exclude)
         reached = await self._local.broadcast(message, exclude)
         if self._state is not LinkState.AVAILABLE:
             return reached
@@ -974,8 +1014,19 @@ class RedisRegistry:
     async def _fan_out(
         self, local: list[Session], key: str, message: Message, exclude: str | None
     ) -> int:
+        if self._journal is not None and self._state is LinkState.AVAILABLE:
+            # One script records it for every member, this worker's included (see
+            # RedisJournal.record_for): no member can fall between a local and a remote part.
+            try:
+                async with self._bounded():
+                    recorded = await self._journal.record_for(message, key=key, exclude=exclude)
+            except _redis_errors() as exc:
+                self._fail(exc)  # then as in an outage: the local members, unnumbered
+            else:
+                self._stats_send(SendResult.QUEUED, recorded)
+                return recorded
         reached = await self._local.send_to(local, message, exclude)
-        if self._state is not LinkState.AVAILABLE:
+        if self._state is not LinkState.AVAILABLE or self._journal is not None:
             return reached
         try:
             async with self._bounded():
@@ -1086,6 +1137,12 @@ class RedisRegistry:
                         pubsub, self._keys.channel(self.node_id), self._keys.broadcast
                     )
                 self._subscribed.set()
+                if self._journal is not None:
+                    # What was published while this worker was not subscribed is in the
+                    # journals: write it (no await here: the listener must listen).
+                    task = asyncio.get_running_loop().create_task(self._catch_up())
+                    self._waiters.add(task)
+                    task.add_done_callback(self._waiters.discard)
                 backoff = 0.05
                 while True:
                     item = await self._mode.next_message(pubsub, timeout=1.0)
@@ -1102,6 +1159,27 @@ class RedisRegistry:
                         await pubsub.aclose()
             await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation
             backoff = min(backoff * 2, self.heartbeat / 2)
+
+    async def _catch_up(self) -> None:
+        journal = self._journal
+        assert journal is not None
+        try:
+            await journal.catch_up(self._local.snapshot())
+        except _redis_errors() as exc:
+            self._fail(exc)
+        except Exception:
+            log_error(None, "catching up with the journals failed", exc=True)
+
+    async def _sweep(self) -> None:
+        """End the detached sessions nobody else will end (see ``RedisJournal.sweep``)."""
+        journal = self._journal
+        assert journal is not None
+        manager = self._bound()
+        for session in await journal.sweep():
+            try:
+                await end_without_connection(manager, session, EndReason.RESUME_EXPIRED)
+            except Exception:
+                log_error(session.id, "ending detached %s failed", session.id, exc=True)
 
     def _restart_listener(self) -> None:
         if self._listener is not None:
@@ -1126,9 +1204,28 @@ class RedisRegistry:
                     exclude = fields.get("exclude")
                     self._offer_all([s for s in local.snapshot() if s.id != exclude], message)
                 return
+            if op == "rsend" and message is not None:
+                self._on_numbered(fields["items"], message)
+                return
+            if op == "moved":
+                resumption = self._bound().resumption
+                if resumption is not None:
+                    for session_id in fields.get("ids", ()):
+                        resumption.drop(str(session_id))
+                return
             targets = [
                 s for i in fields.get("ids", ()) if (s := local.local_session(i)) is not None
             ]
+            if op == "take":
+                for session in targets:
+                    close_session(
+                        self._bound(),
+                        session,
+                        TAKEN_OVER,
+                        "resumed by a new connection",
+                        resumable=True,
+                    )
+                return
             if op == "send" and message is not None:
                 self._offer_all(targets, message)
             elif op == "close":
@@ -1144,6 +1241,17 @@ class RedisRegistry:
                         await local.leave(session.id, group)
         except Exception:
             log_error(None, "failed to handle a %r message from the cluster", op, exc=True)
+
+    def _on_numbered(self, items: list[list[Any]], message: Message) -> None:
+        """Messages another worker recorded for sessions here (``[id, number]`` pairs)."""
+        manager = self._bound()
+        counts: dict[SendResult, int] = {}
+        for session_id, seq in items:
+            session = self._local.local_session(str(session_id))
+            if session is not None:
+                result = deliver_numbered(manager, session, int(seq), message)
+                counts[result] = counts.get(result, 0) + 1
+        manager.stats.sends.update(counts)
 
     def _on_presence(self, op: str, fields: dict[str, Any]) -> None:
         """Apply another worker's presence changes, or drop a lost worker's presence."""
@@ -1227,6 +1335,8 @@ class RedisRegistry:
         if self._state is not LinkState.AVAILABLE:
             return
         await self._check_nodes()
+        if self._journal is not None:
+            await self._sweep()
         if monotonic() - self._ttl_refreshed_at > self.settings.index_ttl / 3:
             await self._refresh_index_ttls()
             self._ttl_refreshed_at = monotonic()
@@ -1467,9 +1577,12 @@ class RedisRegistry:
                 async with self._bounded():
                     # One script per batch (redis-py's cluster pipelines refuse scripts).
                     replies = await self._scripts["CLAIM"](
-                        keys=self._route, args=[self._keys.prefix, node, *batch]
+                        keys=self._route, args=[self._keys.prefix, node, self._window_ms(), *batch]
                     )
-                claimed += [(str(sid), [fields, groups]) for sid, fields, groups in replies]
+                claimed += [
+                    (str(sid), [fields, groups, int(detached)])
+                    for sid, fields, groups, detached in replies
+                ]
         return claimed
 
     async def _end_all_lost(self, claimed: list[tuple[str, list[Any]]]) -> None:
@@ -1478,15 +1591,29 @@ class RedisRegistry:
 
     async def _end_lost(self, session_id: str, claimed: list[Any]) -> None:
         try:
-            flat, groups = claimed
+            flat, groups, detached = claimed
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
             manager = self._bound()
             session = rebuild_session(manager, session_id, fields, set(groups))
+            if detached:
+                # Resumable: it waits for its client in Redis (any worker may resume it; the
+                # sweep ends it after its window). Its detach hooks run here, once.
+                session._end(EndReason.NODE_LOST, None, None)
+                session.state = SessionState.DETACHED
+                manager.stats.detached += 1
+                await run_shielded(run_hooks(manager, session, manager.detach_hooks, "detach"))
+                return
             await end_without_connection(manager, session, EndReason.NODE_LOST)
         except Exception:
             log_error(session_id, "node-lost teardown of %s failed", session_id, exc=True)
 
     # -- small helpers -----------------------------------------------------------------------
+
+    def _window_ms(self) -> int:
+        """The resume window in ms when resumption uses this registry, else 0."""
+        if self._journal is None:
+            return 0
+        return int(self._bound().settings.resume_window * 1000)
 
     def _bound(self) -> SessionManager:
         if self._manager is None:
