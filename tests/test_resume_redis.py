@@ -180,7 +180,14 @@ async def presence_endpoint(websocket: Any) -> None:
     if not session.resumed:
         await manager.presence.track(session, "lobby")
         await manager.presence.subscribe(session, "lobby")
-    await websocket.send_json({"type": "welcome", "id": session.id, "resume": session.resume_token})
+    await websocket.send_json(
+        {
+            "type": "welcome",
+            "id": session.id,
+            "resume": session.resume_token,
+            "resumed": session.resumed,
+        }
+    )
     try:
         while True:
             await websocket.receive_text()
@@ -201,11 +208,13 @@ def ids_of(people: dict[str, dict[str, Any]]) -> set[str]:
     return {i for sessions in people.values() for i in sessions}
 
 
+@pytest.mark.parametrize("resume_on", ["same worker", "other worker"])
 async def test_a_resumed_session_causes_no_presence_change_on_another_worker(
-    redis_server: RedisServer,
+    redis_server: RedisServer, resume_on: str
 ) -> None:
-    """Issue 15 with Redis: a drop and resume on worker A shows the subscriber on worker B no
-    leave and no join; a client that does not come back leaves once its window ran out."""
+    """Issue 15 with Redis: a drop on worker A and a resume (on A, or on B where the
+    subscriber is) shows the subscriber on worker B no leave and no join; a client that does
+    not come back leaves once its window ran out."""
     prefix = f"resume-{secrets.token_hex(4)}"
     managers = []
     for _ in range(2):
@@ -227,8 +236,9 @@ async def test_a_resumed_session_causes_no_presence_change_on_another_worker(
             joined = await next_diff(watcher)
         reset_connection(flapper)
         await detached(a, welcome["id"])
-        back, again = await hello(server_a.ws, f"?resume={welcome['resume']}&last=0")
-        assert again["id"] == welcome["id"]
+        target = server_a if resume_on == "same worker" else server_b
+        back, again = await hello(target.ws, f"?resume={welcome['resume']}&last=0")
+        assert again["id"] == welcome["id"] and again["resumed"] is True
         # A marker joins after the resume: diffs are ordered, so a leave or join of the
         # flapper would arrive before (or with) the marker's join.
         marker, marked = await hello(server_b.ws)
@@ -244,3 +254,40 @@ async def test_a_resumed_session_causes_no_presence_change_on_another_worker(
             diff = await next_diff(watcher)
         await marker.close()
         await watcher.close()
+
+
+async def test_a_message_sent_while_another_worker_resumes_the_session_is_not_lost(
+    redis_server: RedisServer,
+) -> None:
+    """Between the claim in Redis (which moves the session to worker B) and the end of B's
+    resume hooks, a message sent from worker A is recorded for B: B writes it after the
+    replay, once."""
+    prefix = f"resume-{secrets.token_hex(4)}"
+    a, _ = worker(redis_server.url, prefix, 30)
+    b, _ = worker(redis_server.url, prefix, 30)
+    sent: list[SendResult] = []
+
+    @b.on_resume
+    async def send_from_both(session: Any) -> None:
+        sent.append(await a.send(session.id, {"n": "during"}))
+        sent.append(await b.send(session.id, {"n": "during too"}))
+
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(a)
+        await stack.enter_async_context(b)
+        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
+        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+        ws, welcome = await hello(server_a.ws)
+        reset_connection(ws)
+        await detached(a, welcome["id"])
+        assert await a.send(welcome["id"], {"n": "before"}) is SendResult.QUEUED
+        back, again = await hello(server_b.ws, f"?resume={welcome['resume']}&last=0")
+        assert again["resumed"] is True and sent == [SendResult.QUEUED] * 2
+        async with asyncio.timeout(10):
+            got = [json.loads(await back.recv()) for _ in range(3)]
+        assert got == [
+            {"seq": 1, "n": "before"},
+            {"seq": 2, "n": "during"},
+            {"seq": 3, "n": "during too"},
+        ]
+        await back.close()

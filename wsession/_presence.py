@@ -320,6 +320,56 @@ class Presence:
             if entry is not None and entry.node == node:
                 self._drop(topic, session_id)
 
+    def export(self, session_id: str) -> dict[str, Any] | None:
+        """What a session of this worker is tracked in (topic and metadata) and subscribed to,
+        as JSON-ready data, or ``None`` for neither (stored when it detaches with a durable
+        resumption store, so a resume on another worker keeps it: see :meth:`adopt`)."""
+        topics = self._local.get(session_id, ())
+        subscribed = self._subscriptions.get(session_id, ())
+        if not topics and not subscribed:
+            return None
+        tracked = [
+            [topic, entry.meta]
+            for topic in sorted(topics)
+            if (entry := self._where.get((topic, session_id))) is not None
+        ]
+        return {"t": tracked, "s": sorted(subscribed)}
+
+    async def adopt(self, session: Session, exported: Mapping[str, Any]) -> None:
+        """A session resumed on this worker from another: track and subscribe it as it was
+        there (:meth:`export`). Other workers see its entries move here, not a leave and a
+        join; a topic where it was no longer known (its worker died) sees it join."""
+        await self._ensure_loaded()
+        person = session.user_key if session.user_key is not None else session.id
+        for topic, meta in exported.get("t", ()):
+            key = (str(topic), session.id)
+            old = self._where.get(key)
+            if old is not None and old.node is not None:
+                _discard_member(self._nodes, old.node, key)
+            self._put(key[0], session.id, _Entry(person, meta, None), announce=old is None)
+            self._local.setdefault(session.id, set()).add(key[0])
+            self._outbox.append((key[0], session.id, person, meta))
+        for topic in exported.get("s", ()):
+            self._subscriptions.setdefault(session.id, set()).add(str(topic))
+            self._subscribers.setdefault(str(topic), {})[session.id] = session
+        self._arm()
+
+    def hand_over(self, session_id: str, node: str) -> list[tuple[str, str]]:
+        """A session this worker held was resumed on worker ``node``: its entries are
+        ``node``'s from now on (no leave), its subscriptions end here. Returns its ``(topic,
+        session id)`` entries, which the cluster registry drops from this worker's store."""
+        moved: list[tuple[str, str]] = []
+        for topic in self._local.pop(session_id, ()):
+            key = (topic, session_id)
+            entry = self._where.get(key)
+            if entry is not None:
+                self._put(topic, session_id, _Entry(entry.person, entry.meta, node), announce=False)
+                self._nodes.setdefault(node, set()).add(key)
+            moved.append(key)
+        for topic in self._subscriptions.pop(session_id, ()):
+            _discard(self._subscribers, topic, session_id)
+        return moved
+
     def tracked_here(self) -> list[PresenceChange]:
         """This worker's tracked sessions, as changes that write them in full (a cluster
         registry writing its state again after an outage or under a new node id)."""
@@ -497,5 +547,15 @@ def _discard(index: dict[str, dict[str, Any]], key: str, member: str) -> None:
     members = index.get(key)
     if members is not None:
         members.pop(member, None)
+        if not members:
+            del index[key]
+
+
+def _discard_member(
+    index: dict[str, set[tuple[str, str]]], key: str, member: tuple[str, str]
+) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(member)
         if not members:
             del index[key]

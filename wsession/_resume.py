@@ -350,6 +350,8 @@ class Resumption:
         later = await store.missed(session_id, found.seq + 1, found.seq + 1_000_000)
         for seq, message in later:
             deliver_numbered(self._manager, session, seq, message)
+        if cached is None and found.presence:
+            await self._manager.presence.adopt(session, found.presence)
         if cached is None and found.parker:
             try:
                 await store.moved(found.parker, session_id)
@@ -505,8 +507,10 @@ class Resumption:
         journal = session._resume
         assert journal is not None and journal.durable is not None
         deadline: float | None = None
+        presence = self._manager.presence_if_used
+        exported = presence.export(session.id) if presence is not None else None
         try:
-            deadline = await journal.durable.park(session, journal.token, window)
+            deadline = await journal.durable.park(session, journal.token, window, exported)
         except Exception:
             log_error(session.id, "could not park %s in the store: ending it", session.id, exc=True)
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from .._delivery import SendResult
 from .._session import Session
@@ -128,6 +128,8 @@ class Claim:
     seq: int = 0
     deadline: float = 0.0
     missed: list[tuple[int, Message]] = field(default_factory=list)
+    presence: dict[str, Any] | None = None
+    """``"ok"``: its presence as the parking worker exported it (``Presence.export``)."""
 
 
 @runtime_checkable
@@ -147,10 +149,13 @@ class ResumeStore(Protocol):
     def record_soon(self, sessions: list[Session], message: Message) -> None:
         """:meth:`record` without waiting (in order with every other record of this worker)."""
 
-    async def park(self, session: Session, token: str, window: float) -> float | None:
+    async def park(
+        self, session: Session, token: str, window: float, presence: dict[str, Any] | None
+    ) -> float | None:
         """The session's connection ended resumably: it waits in the store for ``window``
-        seconds, owned by no worker. Returns when its window ends (Unix seconds), or ``None``
-        when the store could not take it (the session then ends here)."""
+        seconds, owned by no worker, with its ``presence`` (``Presence.export``). Returns when
+        its window ends (Unix seconds), or ``None`` when the store could not take it (the
+        session then ends here)."""
 
     async def claim(self, session_id: str, token: str, last: int, new_token: str) -> Claim:
         """Move the detached session ``token`` names to this worker (see :class:`Claim`)."""

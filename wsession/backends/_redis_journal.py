@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,7 @@ class RedisJournal:
     async def _flush(self) -> None:
         """Record the queued jobs, a pipeline per turn, in order; then write each."""
         manager = self._registry._bound()
+        batch: list[_Job] = []
         try:
             while self._jobs:
                 batch = list(self._jobs)
@@ -145,11 +147,24 @@ class RedisJournal:
                         job.done.set_result(results)
         finally:
             self._flusher = None
-            if self._jobs:  # cancelled mid-way (shutdown): nobody is left to record them
-                for job in self._jobs:
-                    if job.done is not None and not job.done.done():
-                        job.done.set_result([SendResult.GONE] * len(job.sessions))
-                self._jobs.clear()
+            # Cancelled mid-way (shutdown): nobody is left to record them; no sender waits for
+            # ever.
+            for job in [*batch, *self._jobs]:
+                if job.done is not None and not job.done.done():
+                    job.done.set_result([SendResult.GONE] * len(job.sessions))
+            self._jobs.clear()
+
+    async def close(self) -> None:
+        """Let the queued records finish (up to ``command_timeout`` seconds), then stop."""
+        flusher = self._flusher
+        if flusher is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._registry.command_timeout):
+                await asyncio.shield(flusher)
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
 
     async def _record(self, batch: list[_Job]) -> list[dict[str, int] | None]:
         registry = self._registry
@@ -217,7 +232,9 @@ class RedisJournal:
 
     # -- detached sessions ----------------------------------------------------------------------
 
-    async def park(self, session: Session, token: str, window: float) -> float | None:
+    async def park(
+        self, session: Session, token: str, window: float, presence: dict[str, Any] | None
+    ) -> float | None:
         """Detach ``session`` in Redis (see ``PARK``); this worker's index forgets it."""
         registry = self._registry
         registry._forget_parked(session)
@@ -233,6 +250,7 @@ class RedisJournal:
                         int(window * 1000),
                         self._ttl(),
                         encode_data(session),
+                        json.dumps(presence, separators=(",", ":")) if presence else "",
                     ],
                 )
             )
@@ -271,11 +289,13 @@ class RedisJournal:
         ]
         session.node = registry.node_id
         flat = reply[1]
-        parker = str(dict(zip(flat[::2], flat[1::2], strict=True)).get("pk", ""))
+        stored = dict(zip(flat[::2], flat[1::2], strict=True))
+        presence = json.loads(stored["pr"]) if stored.get("pr") else None
         return Claim(
             "ok",
             session,
-            parker=parker,
+            parker=str(stored.get("pk", "")),
+            presence=presence,
             seq=int(reply[3]),
             deadline=int(reply[4]) / 1000,
             missed=missed,
@@ -292,7 +312,7 @@ class RedisJournal:
         if parker and parker != self._registry.node_id:
             registry = self._registry
             async with registry._bounded():
-                await registry._publish(parker, "moved", ids=[session_id])
+                await registry._publish(parker, "moved", ids=[session_id], to=registry.node_id)
 
     async def end_detached(self, session_id: str) -> Session | None:
         """End a detached session if it still is (see ``END_DETACHED``)."""

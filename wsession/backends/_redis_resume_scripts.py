@@ -4,8 +4,8 @@ Keys under the prefix ``p`` (hash-tagged on a cluster, as every key of the regis
 
 - ``p:s:ID`` (the session's hash) gains ``rseq`` (the last sequence number given), ``rt`` (its
   current resume token), ``st`` (``open`` or ``detached``), ``rdl`` (when a detached
-  session's window ends, ms of Redis time) and ``pk`` (the worker that parked it, which keeps
-  a copy until it is resumed or ends);
+  session's window ends, ms of Redis time), ``pk`` (the worker that parked it, which keeps
+  a copy until it is resumed or ends) and ``pr`` (its presence, for a resume elsewhere);
 - ``p:j:ID`` stream: the session's journal, entry ``SEQ-0`` holding one message (``m``, JSON
   ``{"t": text}`` or ``{"b": base64}``), capped at the replay buffer's size, expiring a while
   after its last write;
@@ -92,7 +92,8 @@ return mine
 PARK = (
     _FORGET
     + """
--- ARGV: prefix, id, node, token, window (ms), journal ttl (s), data JSON. The session's
+-- ARGV: prefix, id, node, token, window (ms), journal ttl (s), data JSON, presence JSON ('' for
+-- none: see Presence.export). The session's
 -- connection on ``node`` ended resumably: it waits for its client until its window ends, owned by
 -- no worker (any worker may resume it). Returns the deadline (ms, Redis time), 0 when the session
 -- is not ``node``'s any more (its worker was declared lost meanwhile).
@@ -102,7 +103,7 @@ local owner = redis.call('HGET', sk, 'node')
 if owner ~= node then return 0 end
 local deadline = now_ms() + tonumber(ARGV[5])
 redis.call('HSET', sk, 'st', 'detached', 'node', '', 'rt', token, 'rdl', deadline,
-  'data', ARGV[7], 'pk', node)
+  'data', ARGV[7], 'pk', node, 'pr', ARGV[8])
 redis.call('SREM', p .. ':n:' .. node .. ':s', sid)
 redis.call('ZADD', p .. ':detached', deadline, sid)
 redis.call('EXPIRE', p .. ':j:' .. sid, ARGV[6])

@@ -571,6 +571,8 @@ class RedisRegistry:
     ) -> None:
         """Stop listening, finish node-lost hooks under way, give up the lease, close the
         client the registry opened."""
+        if self._journal is not None:
+            await self._journal.close()  # the messages being recorded now
         for task in (self._beater, self._listener, *self._waiters):
             if task is not None:
                 task.cancel()
@@ -1208,10 +1210,7 @@ class RedisRegistry:
                 self._on_numbered(fields["items"], message)
                 return
             if op == "moved":
-                resumption = self._bound().resumption
-                if resumption is not None:
-                    for session_id in fields.get("ids", ()):
-                        resumption.drop(str(session_id))
+                self._on_moved([str(i) for i in fields.get("ids", ())], str(fields["to"]))
                 return
             targets = [
                 s for i in fields.get("ids", ()) if (s := local.local_session(i)) is not None
@@ -1241,6 +1240,33 @@ class RedisRegistry:
                         await local.leave(session.id, group)
         except Exception:
             log_error(None, "failed to handle a %r message from the cluster", op, exc=True)
+
+    def _on_moved(self, ids: list[str], node: str) -> None:
+        """Sessions this worker parked were resumed on ``node``: drop the copies here; their
+        presence entries become ``node``'s (no leave) and leave this worker's presence hash."""
+        manager = self._bound()
+        if manager.resumption is not None:
+            for session_id in ids:
+                manager.resumption.drop(session_id)
+        presence = manager.presence_if_used
+        if presence is None:
+            return
+        fields = [
+            json.dumps(list(key), separators=(",", ":"))
+            for session_id in ids
+            for key in presence.hand_over(session_id, node)
+        ]
+        if fields:
+            task = asyncio.get_running_loop().create_task(self._forget_presence(fields))
+            self._waiters.add(task)
+            task.add_done_callback(self._waiters.discard)
+
+    async def _forget_presence(self, fields: list[str]) -> None:
+        try:
+            async with self._bounded():
+                await self.redis.hdel(self._keys.presence(self.node_id), *fields)
+        except _redis_errors() as exc:
+            self._fail(exc)  # the full rewrite after an outage drops them
 
     def _on_numbered(self, items: list[list[Any]], message: Message) -> None:
         """Messages another worker recorded for sessions here (``[id, number]`` pairs)."""
