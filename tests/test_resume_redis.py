@@ -24,12 +24,15 @@ from .test_resume import app_endpoint
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
 
 
-def worker(url: str, prefix: str, window: float) -> tuple[SessionManager, HookRecorder]:
+def worker(
+    url: str, prefix: str, window: float, **settings: Any
+) -> tuple[SessionManager, HookRecorder]:
     from wsession.backends.redis import RedisRegistry
 
     manager = SessionManager(
         registry=RedisRegistry(url, prefix=prefix, heartbeat=0.5),
         resume_window=window,
+        **settings,
         resume_seq_field="seq",
         resume_secret="s" * 32,  # shared by the workers, as a deployment would configure it
     )
@@ -291,3 +294,147 @@ async def test_a_message_sent_while_another_worker_resumes_the_session_is_not_lo
             {"seq": 3, "n": "during too"},
         ]
         await back.close()
+
+
+async def test_forged_reused_expired_and_borrowed_tokens_get_a_fresh_session(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"resume-{secrets.token_hex(4)}"
+    a, recorder_a = worker(redis_server.url, prefix, 1.0)
+    b, recorder_b = worker(redis_server.url, prefix, 1.0)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(a)
+        await stack.enter_async_context(b)
+        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
+        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+        x, x_welcome = await hello(server_a.ws)
+        y, y_welcome = await hello(server_a.ws)
+        reset_connection(x)
+        await detached(a, x_welcome["id"])
+        token = x_welcome["resume"]
+        sid, nonce, mac = token.rsplit(".", 2)
+        tries = {
+            "forged": f"{sid}.{nonce}.{'A' * len(mac)}",
+            "borrowed": f"{y_welcome['id']}.{nonce}.{mac}",  # X's token naming session Y
+            "garbage": "not-a-token",
+        }
+        for what, bad in tries.items():
+            other, fresh = await hello(server_b.ws, f"?resume={bad}&last=0")
+            assert fresh["resumed"] is False, what
+            assert fresh["id"] not in (x_welcome["id"], y_welcome["id"]), what
+            await other.close()
+        # The real token works once (on B); used again, on either worker, it gets nothing.
+        back, again = await hello(server_b.ws, f"?resume={token}&last=0")
+        assert again["resumed"] is True and again["id"] == x_welcome["id"]
+        for server in (server_a, server_b):
+            other, fresh = await hello(server.ws, f"?resume={token}&last=0")
+            assert fresh["resumed"] is False and fresh["id"] != x_welcome["id"]
+            await other.close()
+        # Expired: X drops again and its window (1 s) runs out; then its new token is worthless.
+        reset_connection(back)
+        async with asyncio.timeout(10):
+            while x_welcome["id"] not in recorder_a.ended_ids() + recorder_b.ended_ids():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        late, fresh = await hello(server_a.ws, f"?resume={again['resume']}&last=0")
+        assert fresh["resumed"] is False and fresh["id"] != x_welcome["id"]
+        await late.close()
+        await y.close()
+    ended = [e for e in recorder_a.ended + recorder_b.ended if e[0] == x_welcome["id"]]
+    assert [e[1] for e in ended] == [EndReason.RESUME_EXPIRED]
+    assert a.stats.resume_failed["unknown"] + b.stats.resume_failed["unknown"] >= 3
+    assert b.stats.resume_failed["invalid"] == 3
+
+
+async def test_a_client_behind_the_redis_journal_gets_a_fresh_session_and_the_old_ends_once(
+    redis_server: RedisServer,
+) -> None:
+    """The journal keeps ``resume_buffer`` messages: a client that missed more is never given
+    a partial replay; the session it came back for ends once (``replay lost``)."""
+    prefix = f"resume-{secrets.token_hex(4)}"
+    a, recorder_a = worker(redis_server.url, prefix, 30, resume_buffer=5)
+    b, recorder_b = worker(redis_server.url, prefix, 30, resume_buffer=5)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(a)
+        await stack.enter_async_context(b)
+        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
+        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+        ws, welcome = await hello(server_a.ws)
+        reset_connection(ws)
+        await detached(a, welcome["id"])
+        for n in range(8):
+            assert await b.send(welcome["id"], {"n": n}) is SendResult.QUEUED
+        other, fresh = await hello(server_b.ws, f"?resume={welcome['resume']}&last=0")
+        assert fresh["resumed"] is False and fresh["id"] != welcome["id"]
+        assert b.stats.resume_failed["replay_lost"] == 1
+        async with asyncio.timeout(10):
+            while welcome["id"] not in recorder_a.ended_ids() + recorder_b.ended_ids():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert await b.send(welcome["id"], {"n": 9}) is SendResult.GONE
+        await other.close()
+    ended = [e for e in recorder_a.ended + recorder_b.ended if e[0] == welcome["id"]]
+    assert [e[1] for e in ended] == [EndReason.REPLAY_LOST]
+
+
+async def test_messages_published_while_a_worker_was_not_subscribed_reach_it_afterwards(
+    redis_server: RedisServer,
+) -> None:
+    """Redis pub/sub keeps nothing: a message for worker B's session published while B's
+    subscription was down is read from the session's journal once B subscribes again."""
+    from redis.asyncio import Redis
+
+    prefix = f"resume-{secrets.token_hex(4)}"
+    a, _ = worker(redis_server.url, prefix, 30)
+    b, _ = worker(redis_server.url, prefix, 30)
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(direct.aclose)
+        await stack.enter_async_context(a)
+        await stack.enter_async_context(b)
+        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+        ws, welcome = await hello(server_b.ws)
+        registry_b: Any = b.registry
+        channel = f"{prefix}:ch:{registry_b.node_id}"
+        registry_b._listener.cancel()  # B's subscription goes down (as in a reconnect)
+        async with asyncio.timeout(10):
+            while (await direct.pubsub_numsub(channel))[0][1]:  # noqa: ASYNC110 - bounded
+                await asyncio.sleep(0.02)
+        assert await a.send(welcome["id"], {"n": "missed"}) is SendResult.QUEUED
+        registry_b._listener = asyncio.get_running_loop().create_task(registry_b._listen())
+        async with asyncio.timeout(10):
+            assert json.loads(await ws.recv()) == {"seq": 1, "n": "missed"}
+        assert await a.send(welcome["id"], {"n": "live"}) is SendResult.QUEUED
+        async with asyncio.timeout(10):
+            assert json.loads(await ws.recv()) == {"seq": 2, "n": "live"}
+        await ws.close()
+
+
+async def test_a_number_that_never_arrives_is_read_from_the_journal(
+    redis_server: RedisServer,
+) -> None:
+    """Message 1 for B's session is lost in pub/sub; message 2 (from B itself) is not written
+    before it: B reads 1 from the journal (after a short wait), then writes 1 and 2."""
+    from redis.asyncio import Redis
+
+    prefix = f"resume-{secrets.token_hex(4)}"
+    a, _ = worker(redis_server.url, prefix, 30)
+    b, _ = worker(redis_server.url, prefix, 30)
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(direct.aclose)
+        await stack.enter_async_context(a)
+        await stack.enter_async_context(b)
+        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+        ws, welcome = await hello(server_b.ws)
+        registry_b: Any = b.registry
+        channel = f"{prefix}:ch:{registry_b.node_id}"
+        registry_b._listener.cancel()
+        async with asyncio.timeout(10):
+            while (await direct.pubsub_numsub(channel))[0][1]:  # noqa: ASYNC110 - bounded
+                await asyncio.sleep(0.02)
+        assert await a.send(welcome["id"], {"n": 1}) is SendResult.QUEUED  # lost in pub/sub
+        assert await b.send(welcome["id"], {"n": 2}) is SendResult.QUEUED  # waits for 1
+        async with asyncio.timeout(10):
+            got = [json.loads(await ws.recv()) for _ in range(2)]
+        assert got == [{"seq": 1, "n": 1}, {"seq": 2, "n": 2}]
+        registry_b._listener = asyncio.get_running_loop().create_task(registry_b._listen())
+        await ws.close()
