@@ -56,9 +56,12 @@ Contract (outside checks rely on it; extend it, never rename it):
   carries ``"resume": TOKEN`` (``null`` when off) and ``"resumed": false``. With resumption
   on, every other message the server sends to a client carries ``"seq": N``: 1 for the
   session's first, then increasing by exactly 1, never reset by a resume. A connection lost
-  without a clean close (dropped TCP, idle timeout) leaves the session detached for the window,
-  on the worker that held it (a restarted or another worker answers a resume with a new
-  session: resumption across workers is not built yet).
+  without a clean close (dropped TCP, idle timeout) leaves the session detached for the window.
+  With ``WSESSION_REDIS_URL`` the detached session and its numbered messages are kept in Redis:
+  the client may resume on any worker, also after its worker was killed (``kill -9``) or
+  restarted (a drain on SIGTERM detaches its sessions instead of ending them); give every
+  worker the same ``WSESSION_RESUME_SECRET``. Without Redis it waits on the worker that held it
+  (a restarted or another worker answers a resume with a new session).
   Reconnecting with ``WS /ws?name=NAME&resume=TOKEN&last=N`` (N: the last ``seq`` the client
   processed): if recovered, the welcome has the same ``id``, a new ``resume`` token (each token
   works once), ``"resumed": true`` and ``"replay": K`` (how many missed messages follow), and is
@@ -77,7 +80,8 @@ Contract (outside checks rely on it; extend it, never rename it):
 - ``GET /api/stats``: ``live``, ``connected_total``, ``disconnected_total``, ``rejected_total``,
   ``detached`` (sessions waiting to be resumed) and ``resumed_total``. At rest:
   ``connected_total == disconnected_total + live + detached`` (a resume is not a new
-  connection).
+  connection). With Redis, ``live`` and ``detached`` count every worker's sessions and the
+  totals this worker's.
   (With Redis, ``/api/sessions`` and ``/api/stats`` answer 503 ``{"error": "registry
   unavailable", "detail": "temporarily unavailable"}`` while Redis is unreachable; WebSocket
   actions that need the cluster answer ``{"type": "error", "error": "temporarily
@@ -321,7 +325,7 @@ def create_app(
 
     async def stats(request: Request) -> JSONResponse:
         counters = sessions.stats
-        detached = len(sessions.detached)
+        detached = await sessions.count_detached()
         return JSONResponse(
             {
                 "live": await sessions.count() - detached,

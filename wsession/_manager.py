@@ -194,6 +194,18 @@ class SessionManager:
         self.resume_hooks = (*self.resume_hooks, _check_hook(hook, "on_resume"))
         return hook
 
+    async def count_detached(self) -> int:
+        """How many sessions are detached (waiting for their client): this worker's, or with a
+        registry that keeps detached sessions for every worker (``RedisRegistry``) the whole
+        cluster's. 0 without ``resume_window``.
+
+        Raises:
+            RegistryUnavailable: a cluster registry cannot reach its store.
+        """
+        if self.resumption is None:
+            return 0
+        return await self.resumption.count_detached()
+
     @property
     def detached(self) -> Mapping[str, Session]:
         """This worker's detached sessions by id (read-only; empty without

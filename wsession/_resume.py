@@ -227,6 +227,12 @@ class Resumption:
         """This worker's detached sessions by id (read-only)."""
         return MappingProxyType(self._detached)
 
+    async def count_detached(self) -> int:
+        """Detached sessions: this worker's, or the durable store's (every worker's)."""
+        if self.store is not None:
+            return await self.store.count_detached()
+        return len(self._detached)
+
     # -- a new session --------------------------------------------------------------------
 
     def start(self, session: Session) -> None:

@@ -174,5 +174,8 @@ class ResumeStore(Protocol):
     async def missed(self, session_id: str, first: int, last: int) -> list[tuple[int, Message]]:
         """The recorded messages numbered ``first`` to ``last`` (fewer when some were trimmed)."""
 
+    async def count_detached(self) -> int:
+        """How many sessions wait in the store (every worker's)."""
+
     def adopt(self, session: Session) -> None:
         """A resumed session is this worker's again: index it locally (groups, user key)."""

@@ -339,6 +339,12 @@ class RedisJournal:
             for entry, raw in zip(reply[::2], reply[1::2], strict=True)
         ]
 
+    async def count_detached(self) -> int:
+        """Detached sessions in Redis (every worker's)."""
+        registry = self._registry
+        async with registry._cluster("count_detached"):
+            return int(await registry.redis.zcard(f"{registry._keys.prefix}:detached"))
+
     def adopt(self, session: Session) -> None:
         """A resumed session is this worker's again."""
         self._registry._adopt(session)
