@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from wsession import EndReason, SendResult, SessionManager
 
-from .redis_support import RedisServer
+from .redis_support import RedisClusterServer, RedisServer
 from .support import HookRecorder, mount, reset_connection, run_server
 from .test_resume import app_endpoint
 
@@ -84,14 +84,14 @@ async def test_a_message_from_another_worker_reaches_a_detached_session_on_resum
 
 
 async def test_a_resume_on_the_other_worker_gets_the_session_and_every_missed_message(
-    redis_server: RedisServer,
+    any_redis: RedisServer | RedisClusterServer,
 ) -> None:
     """Cross-worker resumption: the session moves to worker B with its id, data and groups;
     messages sent while it was detached (from both workers) are replayed once, in order, then
     live traffic follows; its disconnect hooks run once, on B, when it ends there."""
     prefix = f"resume-{secrets.token_hex(4)}"
-    a, recorder_a = worker(redis_server.url, prefix, 30)
-    b, recorder_b = worker(redis_server.url, prefix, 30)
+    a, recorder_a = worker(any_redis.url, prefix, 30)
+    b, recorder_b = worker(any_redis.url, prefix, 30)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(a)
         await stack.enter_async_context(b)
@@ -132,11 +132,11 @@ async def test_a_resume_on_the_other_worker_gets_the_session_and_every_missed_me
 
 
 async def test_a_token_resumes_once_across_workers_and_the_window_ends_the_session_once(
-    redis_server: RedisServer,
+    any_redis: RedisServer | RedisClusterServer,
 ) -> None:
     prefix = f"resume-{secrets.token_hex(4)}"
-    a, recorder_a = worker(redis_server.url, prefix, 1.0)
-    b, recorder_b = worker(redis_server.url, prefix, 1.0)
+    a, recorder_a = worker(any_redis.url, prefix, 1.0)
+    b, recorder_b = worker(any_redis.url, prefix, 1.0)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(a)
         await stack.enter_async_context(b)
@@ -260,14 +260,14 @@ async def test_a_resumed_session_causes_no_presence_change_on_another_worker(
 
 
 async def test_a_message_sent_while_another_worker_resumes_the_session_is_not_lost(
-    redis_server: RedisServer,
+    any_redis: RedisServer | RedisClusterServer,
 ) -> None:
     """Between the claim in Redis (which moves the session to worker B) and the end of B's
     resume hooks, a message sent from worker A is recorded for B: B writes it after the
     replay, once."""
     prefix = f"resume-{secrets.token_hex(4)}"
-    a, _ = worker(redis_server.url, prefix, 30)
-    b, _ = worker(redis_server.url, prefix, 30)
+    a, _ = worker(any_redis.url, prefix, 30)
+    b, _ = worker(any_redis.url, prefix, 30)
     sent: list[SendResult] = []
 
     @b.on_resume
@@ -297,11 +297,11 @@ async def test_a_message_sent_while_another_worker_resumes_the_session_is_not_lo
 
 
 async def test_forged_reused_expired_and_borrowed_tokens_get_a_fresh_session(
-    redis_server: RedisServer,
+    any_redis: RedisServer | RedisClusterServer,
 ) -> None:
     prefix = f"resume-{secrets.token_hex(4)}"
-    a, recorder_a = worker(redis_server.url, prefix, 1.0)
-    b, recorder_b = worker(redis_server.url, prefix, 1.0)
+    a, recorder_a = worker(any_redis.url, prefix, 1.0)
+    b, recorder_b = worker(any_redis.url, prefix, 1.0)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(a)
         await stack.enter_async_context(b)
@@ -346,13 +346,13 @@ async def test_forged_reused_expired_and_borrowed_tokens_get_a_fresh_session(
 
 
 async def test_a_client_behind_the_redis_journal_gets_a_fresh_session_and_the_old_ends_once(
-    redis_server: RedisServer,
+    any_redis: RedisServer | RedisClusterServer,
 ) -> None:
     """The journal keeps ``resume_buffer`` messages: a client that missed more is never given
     a partial replay; the session it came back for ends once (``replay lost``)."""
     prefix = f"resume-{secrets.token_hex(4)}"
-    a, recorder_a = worker(redis_server.url, prefix, 30, resume_buffer=5)
-    b, recorder_b = worker(redis_server.url, prefix, 30, resume_buffer=5)
+    a, recorder_a = worker(any_redis.url, prefix, 30, resume_buffer=5)
+    b, recorder_b = worker(any_redis.url, prefix, 30, resume_buffer=5)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(a)
         await stack.enter_async_context(b)
@@ -438,3 +438,46 @@ async def test_a_number_that_never_arrives_is_read_from_the_journal(
         assert got == [{"seq": 1, "n": 1}, {"seq": 2, "n": 2}]
         registry_b._listener = asyncio.get_running_loop().create_task(registry_b._listen())
         await ws.close()
+
+
+async def test_a_detached_session_is_kicked_or_revoked_from_any_worker_once(
+    any_redis: RedisServer | RedisClusterServer,
+) -> None:
+    prefix = f"resume-{secrets.token_hex(4)}"
+    a, recorder_a = worker(any_redis.url, prefix, 30)
+    b, recorder_b = worker(any_redis.url, prefix, 30)
+    for manager in (a, b):
+
+        @manager.on_connect
+        def user_from_query(session: Any) -> None:
+            session.user_key = session.query_params.get("user")
+
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(a)
+        await stack.enter_async_context(b)
+        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
+        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+        kicked, k_welcome = await hello(server_a.ws, "?user=kim")
+        revoked, r_welcome = await hello(server_b.ws, "?user=rey")
+        reset_connection(kicked)
+        reset_connection(revoked)
+        await detached(a, k_welcome["id"])
+        await detached(b, r_welcome["id"])
+        assert await b.close(k_welcome["id"], 4000, "kicked") is True  # parked on A
+        assert await b.revoke_user("rey") == 1  # parked on B itself
+        async with asyncio.timeout(10):
+            while len(recorder_a.ended + recorder_b.ended) < 2:  # noqa: ASYNC110 - bounded
+                await asyncio.sleep(0.02)
+        ended = {e[0]: e[1:] for e in recorder_a.ended + recorder_b.ended}
+        assert ended == {
+            k_welcome["id"]: (EndReason.SERVER_CLOSED, 4000, "kicked"),
+            r_welcome["id"]: (EndReason.SERVER_CLOSED, 4403, "revoked"),
+        }
+        # Their tokens are worthless now, and A's copy of the kicked one ends quietly.
+        for token in (k_welcome["resume"], r_welcome["resume"]):
+            other, fresh = await hello(server_a.ws, f"?resume={token}&last=0")
+            assert fresh["resumed"] is False
+            await other.close()
+        assert await a.count_detached() == 0
+        assert await b.close(k_welcome["id"]) is False
+    assert len(recorder_a.ended + recorder_b.ended) == 4  # the two above, and the two fresh

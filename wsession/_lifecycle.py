@@ -100,14 +100,20 @@ async def unregister(manager: SessionManager, session: Session) -> None:
 
 
 async def end_without_connection(
-    manager: SessionManager, session: Session, reason: EndReason
+    manager: SessionManager,
+    session: Session,
+    reason: EndReason,
+    code: int | None = None,
+    close_reason: str | None = None,
 ) -> None:
-    """End a session that has no connection in this process (its worker died): record
-    ``reason``, count the ending and run the disconnect hooks once, shielded from cancellation.
+    """End a session that has no connection in this process (its worker died, or it was
+    detached in a cluster store): record ``reason`` (and the close ``code`` and
+    ``close_reason`` of a kick), count the ending and run the disconnect hooks once, shielded
+    from cancellation.
 
     Used by cluster registries on the worker that claimed the session.
     """
-    session._end(reason, None, None)
+    session._end(reason, code, close_reason)
     session.state = SessionState.CLOSED
     count_ending(manager, session)
     await run_shielded(run_disconnect_hooks(manager, session))

@@ -830,6 +830,8 @@ class RedisRegistry:
         another worker's session: True once its worker was told."""
         if self._local.local_session(session_id) is not None:
             return await self._local.close(session_id, code, reason)
+        if self._journal is not None and await self._close_detached([session_id], code, reason):
+            return True
         envelope = encode_envelope("close", ids=[session_id], code=code, reason=reason)
         async with self._cluster("close"):
             reply = await self._scripts["SEND"](
@@ -844,6 +846,8 @@ class RedisRegistry:
         closed = await self._local.close_user(user_key, code, reason)
         async with self._cluster("close_user"):
             ids = await self.redis.smembers(self._keys.user(user_key))
+            if self._journal is not None:
+                closed += await self._close_detached(list(ids), code, reason)
             for owner, owned in (await self._remote_owners(ids)).items():
                 await self._publish(owner, "close", ids=owned, code=code, reason=reason)
                 closed += len(owned)
@@ -1009,7 +1013,7 @@ class RedisRegistry:
         owners = await pipe.execute() if remote else []
         by_node: dict[str, list[str]] = defaultdict(list)
         for session_id, owner in zip(remote, owners, strict=True):
-            if owner is not None and owner != self.node_id:
+            if owner and owner != self.node_id:  # '': detached, no worker holds it
                 by_node[owner].append(session_id)
         return by_node
 
@@ -1161,6 +1165,29 @@ class RedisRegistry:
                         await pubsub.aclose()
             await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation
             backoff = min(backoff * 2, self.heartbeat / 2)
+
+    async def _close_detached(self, ids: list[str], code: int, reason: str) -> int:
+        """End those of ``ids`` that are detached (kick, revocation): the parking worker's copy
+        when it is this worker, else here, rebuilt from Redis (disconnect hooks once, with the
+        code and reason). Returns how many it ended."""
+        manager = self._bound()
+        resumption = manager.resumption
+        journal = self._journal
+        assert resumption is not None and journal is not None
+        ended = 0
+        for session_id in ids:
+            parked = resumption.detached.get(session_id)
+            if parked is not None:
+                ended += resumption.close(parked, code, reason)
+                continue
+            async with self._cluster("close"):
+                session = await journal.end_detached(session_id)
+            if session is not None:
+                await end_without_connection(
+                    manager, session, EndReason.SERVER_CLOSED, code, reason
+                )
+                ended += 1
+        return ended
 
     async def _catch_up(self) -> None:
         journal = self._journal
