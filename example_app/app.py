@@ -66,7 +66,11 @@ Contract (outside checks rely on it; extend it, never rename it):
   processed): if recovered, the welcome has the same ``id``, a new ``resume`` token (each token
   works once), ``"resumed": true`` and ``"replay": K`` (how many missed messages follow), and is
   followed by every message with ``seq > N``, in order, then live traffic; a resumed welcome
-  has no ``presence`` (the client keeps its list; the replayed diffs bring it up to date).
+  has no ``presence`` (the client keeps its list; the replayed diffs bring it up to date), and
+  the replay is followed by ``{"type": "presence_sync", "topic": T, "presence": [{"name",
+  "ids"}, ...]}`` for the lobby and each room the session is in: the topic as of its last diff
+  (the diffs that follow apply to it), since diffs sent while the session waited in Redis with
+  no worker holding it are in no replay.
   Otherwise (token forged, used, expired or from a session that ended, or N older than the
   replay buffer holds) the client gets a new ``id`` and ``"resumed": false``, as for a first
   connection: never a partial replay.
@@ -136,6 +140,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsession import (
+    Presence,
     PresenceDiff,
     Refuse,
     RegistryUnavailable,
@@ -283,8 +288,9 @@ def create_app(
         session = get_session(websocket)
         await websocket.accept()
         presence = sessions.presence
-        if not session.resumed:  # a resumed session is still tracked and subscribed
-            await presence.track(session, LOBBY)
+        # A resumed session is usually still tracked and subscribed (tracking again changes
+        # nothing); not after its worker was killed, when its presence left with the worker.
+        await presence.track(session, LOBBY)
         lobby = await presence.subscribe(session, LOBBY) or {}
         welcome: dict[str, Any] = {
             "type": "welcome",
@@ -299,6 +305,8 @@ def create_app(
             welcome["expires_at"] = session.expires_at.isoformat()
         # Sent as it is (not through the session): the welcome is the one unnumbered message.
         await websocket.send_text(lobby_fields.welcome(welcome, lobby, session))
+        if session.resumed:
+            await _sync_presence(presence, session)
         try:
             while True:
                 message = await websocket.receive()
@@ -476,6 +484,21 @@ class _RoomBases:
 
 
 _ROOM_BASES = _RoomBases()
+
+
+async def _sync_presence(presence: Presence, session: Session) -> None:
+    """After a resume, a ``presence_sync`` per topic (the lobby, each room): the topic's people
+    as of its last diff, numbered after the replay. Diffs sent while the session was detached
+    in Redis with no worker holding it (its worker drained or died) are in no replay; this
+    brings the client up to date, and the diffs that follow apply to it."""
+    for topic in (LOBBY, *sorted(session.groups)):
+        if topic != LOBBY:
+            await presence.track(session, topic)  # unchanged unless its worker died
+        base = await presence.subscribe(session, topic) or {}
+        # No await between reading the base and numbering the sync: a later diff follows it.
+        await session.send_json(
+            {"type": "presence_sync", "topic": topic, "presence": _people(base)}
+        )
 
 
 def _online(people: dict[str, dict[str, Any]]) -> list[dict[str, str]]:

@@ -314,14 +314,6 @@ def test_the_demo_page_keeps_its_conversation_across_a_restart_of_its_worker(
     page.screenshot(path=str(ARTIFACTS / "resume-restart-Ann.png"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (issue 14, reported to the lead): a drain removes the worker's presence "
-    "everywhere, detached sessions included, and a resume elsewhere does not track the session "
-    "again, so Ann, live after the resume, is in nobody's lobby; lobby diffs sent while her "
-    "session was detached are not in its replay and the resumed welcome has no base, so the "
-    "page never lists Carl, who came online meanwhile",
-)
 def test_presence_survives_a_restart_of_the_pages_worker(workers: Workers, page: Page) -> None:
     """docs/resumption.md: a rolling restart is invisible apart from latency, and a quick
     reconnect causes no leave and no join. So after A's restart the page lists who came online

@@ -259,6 +259,16 @@
           room: message.group,
         });
         break;
+      case "presence_sync":
+        // After a resume: the topic as it is now (diffs sent while the session waited in the
+        // server's store may be missing), applied as a diff from what this page shows.
+        if (message.topic === "lobby") onLobbyDiff(syncDiff(state.online, message.presence, state.myId));
+        else if (state.roomPeople.has(message.topic)) {
+          const people = state.roomPeople.get(message.topic);
+          applyDiff(people, syncDiff(people, message.presence, null));
+          renderRooms();
+        }
+        break;
       case "joined":
         state.rooms.add(message.group);
         state.roomPeople.set(message.group, new Map()); // filled by the diff that follows
@@ -289,6 +299,17 @@
   function applyDiff(people, diff) {
     for (const { ids } of diff.leaves) for (const id of ids) people.delete(id);
     for (const { name, ids } of diff.joins) for (const id of ids) people.set(id, name);
+  }
+
+  // The diff from what the page shows (``shown``: id -> name) to ``presence`` (a sync's list).
+  function syncDiff(shown, presence, exclude) {
+    const now = new Map();
+    for (const { name, ids } of presence) for (const id of ids) if (id !== exclude) now.set(id, name);
+    const joins = [];
+    const leaves = [];
+    for (const [id, name] of now) if (!shown.has(id)) joins.push({ name, ids: [id] });
+    for (const [id, name] of shown) if (!now.has(id)) leaves.push({ name, ids: [id] });
+    return { joins, leaves };
   }
 
   function onLobbyDiff(diff) {

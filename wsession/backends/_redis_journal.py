@@ -22,6 +22,7 @@ import base64
 import contextlib
 import json
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from .._delivery import SendResult, deliver_numbered, offer_unnumbered
@@ -33,7 +34,14 @@ from ._base import Claim
 from ._redis_codec import encode_data, rebuild_session
 
 if TYPE_CHECKING:
+    from .._presence import PresenceChange
     from .redis import RedisRegistry
+
+DETACHED_NODE = "~detached"
+"""The node name under which presence entries of detached sessions whose worker has gone are
+kept (a presence hash and the ``origin`` of their changes): moving them there when that worker
+drains means no worker sees them leave; a resume moves them to the resuming worker, an ending
+removes them."""
 
 _JOURNAL_TTL_MARGIN = 60
 """Seconds a journal outlives its last write beyond the resume window (a safety net: the
@@ -75,6 +83,16 @@ class RedisJournal:
         self._registry = registry
         self._jobs: deque[_Job] = deque()
         self._flusher: asyncio.Task[None] | None = None
+        # Resumes, parks and endings come in bursts (every client of a dead worker at once):
+        # they queue here, not for the connection pool, where waiting counts against
+        # command_timeout and a burst would look like a Redis outage.
+        self._gate = asyncio.Semaphore(max(1, registry.max_connections // 4))
+
+    @contextlib.asynccontextmanager
+    async def _io(self) -> AsyncIterator[None]:
+        """One of this module's Redis steps: through the gate, then bounded in time."""
+        async with self._gate, self._registry._bounded():
+            yield
 
     # -- settings ------------------------------------------------------------------------------
 
@@ -238,7 +256,7 @@ class RedisJournal:
         """Detach ``session`` in Redis (see ``PARK``); this worker's index forgets it."""
         registry = self._registry
         registry._forget_parked(session)
-        async with registry._bounded():
+        async with self._io():
             deadline = int(
                 await self._script("PARK")(
                     keys=registry._route,
@@ -260,7 +278,7 @@ class RedisJournal:
         """Move a detached session here (see ``RESUME``)."""
         registry = self._registry
         try:
-            async with registry._bounded():
+            async with self._io():
                 reply = await self._script("RESUME")(
                     keys=registry._route,
                     args=[
@@ -281,16 +299,20 @@ class RedisJournal:
         if outcome == "unknown":
             return Claim("unknown")
         session = self._rebuild(session_id, reply[1], reply[2], live=outcome == "ok")
+        stored = _fields(reply[1])
         if outcome == "lost":
+            async with self._io():
+                await self._ended_here(session_id, stored)
             return Claim("lost", session)
         missed = [
             (int(str(entry).split("-", 1)[0]), decode_message(str(raw)))
             for entry, raw in zip(reply[5::2], reply[6::2], strict=True)
         ]
         session.node = registry.node_id
-        flat = reply[1]
-        stored = dict(zip(flat[::2], flat[1::2], strict=True))
-        presence = json.loads(stored["pr"]) if stored.get("pr") else None
+        presence = _presence_of(stored)
+        if presence:  # its entries move here (Presence.adopt): not DETACHED_NODE's any more
+            async with self._io():
+                await self._forget_detached_presence(session_id, presence)
         return Claim(
             "ok",
             session,
@@ -304,23 +326,25 @@ class RedisJournal:
     async def take(self, owner: str, session_id: str) -> None:
         """Ask ``owner`` to close the session's connection (it detaches, then it is claimed)."""
         registry = self._registry
-        async with registry._bounded():
+        async with self._io():
             await registry._publish(owner, "take", ids=[session_id])
 
     async def moved(self, parker: str, session_id: str) -> None:
         """Tell ``parker`` that the session it parked was resumed here."""
         if parker and parker != self._registry.node_id:
             registry = self._registry
-            async with registry._bounded():
+            async with self._io():
                 await registry._publish(parker, "moved", ids=[session_id], to=registry.node_id)
 
     async def end_detached(self, session_id: str) -> Session | None:
         """End a detached session if it still is (see ``END_DETACHED``)."""
         registry = self._registry
-        async with registry._bounded():
+        async with self._io():
             reply = await self._script("END_DETACHED")(
                 keys=registry._route, args=[registry._keys.prefix, session_id]
             )
+            if reply:
+                await self._ended_here(session_id, _fields(reply[0]))
         if not reply:
             return None
         return self._rebuild(session_id, reply[0], reply[1], live=False)
@@ -330,7 +354,7 @@ class RedisJournal:
         if last < first:
             return []
         registry = self._registry
-        async with registry._bounded():
+        async with self._io():
             reply = await self._script("JOURNAL")(
                 keys=registry._route, args=[registry._keys.prefix, session_id, first, last]
             )
@@ -355,10 +379,12 @@ class RedisJournal:
         takes it. Returns them (rebuilt) for their disconnect hooks."""
         registry = self._registry
         grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
-        async with registry._bounded():
+        async with self._io():
             reply = await self._script("SWEEP")(
                 keys=registry._route, args=[registry._keys.prefix, grace, 100]
             )
+            for sid, fields, _ in reply:
+                await self._ended_here(str(sid), _fields(fields))
         return [
             self._rebuild(str(sid), fields, groups, live=False) for sid, fields, groups in reply
         ]
@@ -371,7 +397,7 @@ class RedisJournal:
         durable = [s for s in sessions if s._resume is not None and s._resume.durable is self]
         for start in range(0, len(durable), 500):
             chunk = durable[start : start + 500]
-            async with registry._bounded():
+            async with self._io():
                 pipe = registry.redis.pipeline(transaction=False)
                 for session in chunk:
                     pipe.hget(registry._keys.session(session.id), "rseq")
@@ -383,9 +409,47 @@ class RedisJournal:
                 for seq, message in await self.missed(session.id, journal.expected, int(raw)):
                     deliver_numbered(manager, session, seq, message)
 
+    async def _ended_here(self, session_id: str, stored: dict[str, str]) -> None:
+        """A detached session was ended in Redis by this worker: its parking worker (if another)
+        drops its copy and its presence leaves; entries it left under DETACHED_NODE leave too.
+        The caller holds ``_bounded``."""
+        registry = self._registry
+        parker = stored.get("pk", "")
+        if parker == registry.node_id:
+            return  # this worker parked it: its own copy's teardown does the rest
+        if parker:
+            await registry._publish(parker, "ended", ids=[session_id])
+        presence = _presence_of(stored)
+        if presence:
+            await self._forget_detached_presence(session_id, presence, announce=True)
+
+    async def _forget_detached_presence(
+        self, session_id: str, presence: dict[str, Any], *, announce: bool = False
+    ) -> None:
+        """Remove the session's entries under DETACHED_NODE (and, with ``announce``, tell every
+        worker that they left: the session ended). The caller holds ``_bounded``."""
+        registry = self._registry
+        topics = [str(topic) for topic, _ in presence.get("t", ())]
+        if not topics:
+            return
+        fields = [json.dumps([t, session_id], separators=(",", ":")) for t in topics]
+        await registry.redis.hdel(registry._keys.presence(DETACHED_NODE), *fields)
+        if announce:
+            leaves: list[PresenceChange] = [(t, session_id, "", None) for t in topics]
+            await registry._publish_presence_as(DETACHED_NODE, leaves)
+
     def _rebuild(self, session_id: str, flat: Any, groups: Any, *, live: bool) -> Session:
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         return rebuild_session(self._registry._bound(), session_id, fields, set(groups), live=live)
+
+
+def _fields(flat: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+
+
+def _presence_of(stored: dict[str, str]) -> dict[str, Any] | None:
+    raw = stored.get("pr")
+    return json.loads(raw) if raw else None
 
 
 def _numbers(reply: Any) -> dict[str, int]:

@@ -63,7 +63,7 @@ from ._redis_codec import (
     rebuild_session,
     session_fields,
 )
-from ._redis_journal import RedisJournal
+from ._redis_journal import DETACHED_NODE, RedisJournal
 from ._redis_link import (
     PubSubMode,
     check_cluster_prefix,
@@ -607,11 +607,26 @@ class RedisRegistry:
         after the registry closed)."""
         later: list[tuple[str, str]] = []
         pipe = self.redis.pipeline(transaction=False)
+        parked = self._parked_presence()
+        if parked:
+            # Sessions detached in Redis (this worker parked them) keep their presence: it
+            # moves to DETACHED_NODE first, so no worker sees them leave (see _redis_journal).
+            _write_presence(pipe, self._keys.presence(DETACHED_NODE), parked)
+            envelope = encode_envelope("presence", origin=DETACHED_NODE, changes=parked)
+            self._queue_publish(pipe, self._keys.broadcast, envelope, later)
         pipe.delete(self._keys.presence(self.node_id))
         envelope = encode_envelope("presence_lost", node=self.node_id)
         self._queue_publish(pipe, self._keys.broadcast, envelope, later)
         await pipe.execute()
         await self._publish_later(later)
+
+    def _parked_presence(self) -> list[PresenceChange]:
+        """The presence entries of this worker's parked sessions (tracked here, no longer in
+        the local index), with a durable journal; else none."""
+        presence = self._bound().presence_if_used if self._manager is not None else None
+        if self._journal is None or presence is None:
+            return []
+        return [c for c in presence.tracked_here() if self._local.local_session(c[1]) is None]
 
     async def _close_own_client(self) -> None:
         """Close the client and pool the registry made (never one given to it); bounded."""
@@ -1067,6 +1082,18 @@ class RedisRegistry:
         except _redis_errors() as exc:
             self._fail(exc)
 
+    async def _publish_presence_as(self, origin: str, changes: list[PresenceChange]) -> None:
+        """Write ``changes`` to ``origin``'s presence hash and publish them as ``origin``'s
+        (entries of detached sessions, see ``_redis_journal.DETACHED_NODE``). The caller bounds
+        it in time and handles Redis errors."""
+        later: list[tuple[str, str]] = []
+        pipe = self.redis.pipeline(transaction=False)
+        _write_presence(pipe, self._keys.presence(origin), changes)
+        envelope = encode_envelope("presence", origin=origin, changes=changes)
+        self._queue_publish(pipe, self._keys.broadcast, envelope, later)
+        await pipe.execute()
+        await self._publish_later(later)
+
     async def load_presence(self) -> dict[str, list[PresenceChange]]:
         """The other workers' presence entries, from their presence hashes.
 
@@ -1075,6 +1102,7 @@ class RedisRegistry:
         """
         async with self._cluster("presence"):
             nodes = [n for n in await self.redis.smembers(self._keys.nodes) if n != self.node_id]
+            nodes.append(DETACHED_NODE)  # detached sessions whose worker has gone
             pipe = self.redis.pipeline(transaction=False)
             for node in nodes:
                 pipe.hgetall(self._keys.presence(node))
@@ -1239,6 +1267,9 @@ class RedisRegistry:
             if op == "moved":
                 self._on_moved([str(i) for i in fields.get("ids", ())], str(fields["to"]))
                 return
+            if op == "ended":
+                self._on_ended([str(i) for i in fields.get("ids", ())])
+                return
             targets = [
                 s for i in fields.get("ids", ()) if (s := local.local_session(i)) is not None
             ]
@@ -1287,6 +1318,18 @@ class RedisRegistry:
             task = asyncio.get_running_loop().create_task(self._forget_presence(fields))
             self._waiters.add(task)
             task.add_done_callback(self._waiters.discard)
+
+    def _on_ended(self, ids: list[str]) -> None:
+        """Sessions this worker parked were ended in Redis by another worker (kicked, or
+        resumed from too far behind): drop the copies here; their presence leaves."""
+        manager = self._bound()
+        if manager.resumption is None:
+            return
+        for session_id in ids:
+            copy = manager.resumption.detached.get(session_id)
+            manager.resumption.drop(session_id)
+            if copy is not None:
+                manager._end_presence(copy)
 
     async def _forget_presence(self, fields: list[str]) -> None:
         try:
