@@ -156,7 +156,10 @@ def _kind(text: str | bytes) -> str:
     at = text.find('"type":"')
     if at < 0:
         return "?"
-    return text[at + 8 : text.find('"', at + 8)]
+    kind = text[at + 8 : text.find('"', at + 8)]
+    if kind == "presence_diff":  # the lobby's (every client) apart from the rooms'
+        return "presence_diff/lobby" if '"topic":"lobby"' in text[:80] else "presence_diff/room"
+    return kind
 
 
 def _sum_counts(counts: Any) -> dict[str, int]:
