@@ -8,9 +8,13 @@ cleanly, half drop without a close frame) while ``--talkers`` connections send c
 (each a room message and a direct message per second, and one broadcast every 5 seconds from one
 of them; every client is in one of ten rooms). The clients are spread over ``--processes`` Python
 processes (2 by default) that read everything they are sent. Reported: the handshake
-latency (TCP connect to the welcome) of every connection made, p50 / p99 / max, failures, and
-the server's CPU time. The client runs on the same machine, so the numbers include that
-contention.
+latency (TCP connect to the welcome's arrival) of every connection made, p50 / p99 / max,
+failures, the server's CPU time, what the clients received by JSON ``type`` (count and MB; the
+lobby's presence diffs apart from the rooms'), and the server's ``/api/stats`` at the end.
+``--dump FILE`` keeps each client process's per-second counts and handshake timeline;
+``--profile FILE`` samples the server with py-spy for the run. The clients run on the same
+machine, so the numbers include that contention: they read the welcome's id without decoding
+the whole welcome, which lists everyone online.
 """
 
 from __future__ import annotations
