@@ -17,17 +17,17 @@ pytestmark = pytest.mark.timeout(10)
 
 def test_the_welcome_id_and_message_kinds_are_read_from_the_example_s_own_messages() -> None:
     env = {"WSESSION_PRESENCE_INTERVAL": "0.05"}
-    with TestClient(create_app(environ=env)) as client:
-        with client.websocket_connect("/ws?name=alice") as first:
-            first.receive_text()  # the welcome
-            assert _kind(first.receive_text()) == "presence_diff/lobby"  # her own arrival
-            with client.websocket_connect("/ws?name=bob") as ws:
-                welcome = ws.receive_text()
-                assert _welcome_id(welcome) == json.loads(welcome)["id"]
-                assert _kind(welcome) == "welcome"  # others online: the list follows the head
-                assert json.loads(welcome)["online"]
-                ws.send_text(json.dumps({"type": "join", "group": "room1"}))
-                kinds = [_kind(ws.receive_text()) for _ in range(4)]  # bounded
+    client = TestClient(create_app(environ=env))
+    with client, client.websocket_connect("/ws?name=alice") as first:
+        first.receive_text()  # the welcome
+        assert _kind(first.receive_text()) == "presence_diff/lobby"  # her own arrival
+        with client.websocket_connect("/ws?name=bob") as ws:
+            welcome = ws.receive_text()
+            assert _welcome_id(welcome) == json.loads(welcome)["id"]
+            assert _kind(welcome) == "welcome"  # others online: the list follows the head
+            assert json.loads(welcome)["online"]
+            ws.send_text(json.dumps({"type": "join", "group": "room1"}))
+            kinds = [_kind(ws.receive_text()) for _ in range(4)]  # bounded
     # joined, the room's base, and one interval later bob's own arrival in the lobby and the
     # room (the lobby's diff may come before the join is handled)
     assert sorted(kinds) == [
