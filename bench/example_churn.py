@@ -47,6 +47,7 @@ async def run(port: int, share: int, args: argparse.Namespace) -> dict[str, Any]
     received = 0
     counter = 0
     kinds: dict[str, int] = {}  # message "type" -> count
+    rooms: dict[str, int] = {}  # room -> connections that joined it
     kind_bytes: dict[str, int] = {}
     per_second: dict[int, int] = {}  # seconds since start -> messages received
 
@@ -86,7 +87,9 @@ async def run(port: int, share: int, args: argparse.Namespace) -> dict[str, Any]
         kind_bytes["welcome"] = kind_bytes.get("welcome", 0) + len(welcome_text)
         live[session_id] = ws
         if args.rooms:
-            await ws.send(json.dumps({"type": "join", "group": f"room{counter % 10}"}))
+            room = f"room{counter % 10}"
+            rooms[room] = rooms.get(room, 0) + 1
+            await ws.send(json.dumps({"type": "join", "group": room}))
         task = asyncio.create_task(drain(ws))
         readers.add(task)
         task.add_done_callback(readers.discard)
@@ -125,13 +128,21 @@ async def run(port: int, share: int, args: argparse.Namespace) -> dict[str, Any]
         for _ in range(int(args.seconds)):  # bounded
             tick = time.perf_counter()
             leaving = rng.sample(list(live)[args.talkers :], min(args.churn, len(live)))
+            arriving = []
             for i, session_id in enumerate(leaving):
                 ws = live.pop(session_id)
                 if i % 2:
                     ws.transport.abort()
                 else:
                     await ws.close()
-            await asyncio.gather(*(arrive() for _ in leaving))
+                if args.spread:  # one replacement at a time, evenly over the second
+                    arriving.append(asyncio.create_task(arrive()))
+                    await asyncio.sleep(
+                        max(0.0, tick + (i + 1) / len(leaving) - time.perf_counter())
+                    )
+            if not args.spread:  # the whole second's replacements at once
+                arriving = [asyncio.create_task(arrive()) for _ in leaving]
+            await asyncio.gather(*arriving)
             await asyncio.sleep(max(0.0, 1 - (time.perf_counter() - tick)))
 
     await asyncio.gather(talk(), churn())
@@ -149,6 +160,7 @@ async def run(port: int, share: int, args: argparse.Namespace) -> dict[str, Any]
         "churn_s": churn_done - ramp_done,
         "messages_received": received,
         "kinds": kinds,
+        "rooms_joined": rooms,
         "kind_bytes": kind_bytes,
         "per_second": per_second,
         "timeline": timeline,
@@ -200,6 +212,7 @@ def merge(parts: list[dict[str, Any]], server_cpu: float, elapsed: float) -> dic
         "churn_s": round(max(part["churn_s"] for part in parts), 2),
         "messages_received": sum(part["messages_received"] for part in parts),
         "kinds": _sum_counts(part["kinds"] for part in parts),
+        "rooms_joined": _sum_counts(part["rooms_joined"] for part in parts),
         "kind_mb": {
             k: round(v / 1e6, 1) for k, v in _sum_counts(p["kind_bytes"] for p in parts).items()
         },
@@ -220,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn", type=int, default=100, help="connections replaced per second")
     parser.add_argument("--talkers", type=int, default=10)
     parser.add_argument("--rooms", type=int, default=1, help="0: clients join no room")
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="replace connections one at a time over each second instead of in one burst",
+    )
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--profile", help="py-spy the server for the run; raw samples here")
     parser.add_argument("--dump", help="also write every client process's raw part here (JSON)")
@@ -246,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--ramp={args.ramp}",
             f"--seconds={args.seconds}",
             f"--rooms={args.rooms}",
+            *(["--spread"] if args.spread else []),
         ]
         if args.profile:
             spy = _start_py_spy(proc.pid, args.profile)
