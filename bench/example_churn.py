@@ -67,7 +67,8 @@ async def run(port: int, share: int, args: argparse.Namespace) -> dict[str, Any]
     async def arrive() -> None:
         nonlocal failures, counter
         counter += 1
-        name = f"p{share}user{counter % (args.clients // 2 or 1)}"
+        number = counter  # this arrival's own: ``counter`` moves on during the handshake
+        name = f"p{share}user{number % (args.clients // 2 or 1)}"
         began = time.perf_counter()
         try:
             ws = await connect(
@@ -87,7 +88,7 @@ async def run(port: int, share: int, args: argparse.Namespace) -> dict[str, Any]
         kind_bytes["welcome"] = kind_bytes.get("welcome", 0) + len(welcome_text)
         live[session_id] = ws
         if args.rooms:
-            room = f"room{counter % 10}"
+            room = f"room{number % 10}"
             rooms[room] = rooms.get(room, 0) + 1
             await ws.send(json.dumps({"type": "join", "group": room}))
         task = asyncio.create_task(drain(ws))

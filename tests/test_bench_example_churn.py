@@ -9,7 +9,7 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
-from bench.example_churn import _kind, _welcome_id
+from bench.example_churn import _kind, _welcome_id, main
 from example_app.app import create_app
 
 pytestmark = pytest.mark.timeout(10)
@@ -41,3 +41,20 @@ def test_the_welcome_id_and_message_kinds_are_read_from_the_example_s_own_messag
 def test_a_message_that_is_not_a_welcome_is_refused() -> None:
     with pytest.raises(ValueError, match="not a welcome"):
         _welcome_id('{"type":"dm","id":"x","name":"n","text":"t"}')
+
+
+@pytest.mark.timeout(60)
+def test_connections_replaced_in_one_burst_spread_over_the_ten_rooms(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Each arrival picks its room from its own number: reading the shared counter after the
+    # handshake sent a whole burst of replacements into one room (one room per client process
+    # grew by the churn rate every second, and its diffs and bases with it).
+    argv = ["--clients=40", "--ramp=0.5", "--seconds=2", "--churn=20", "--talkers=2"]
+    assert main([*argv, "--processes=1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["failed"] == 0
+    joined = result["rooms_joined"]
+    assert sum(joined.values()) == result["connections_made"] == 40 + 2 * 20
+    assert sorted(joined) == [f"room{i}" for i in range(10)]
+    assert max(joined.values()) - min(joined.values()) <= 1  # 8 each
