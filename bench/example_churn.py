@@ -12,7 +12,8 @@ latency (TCP connect to the welcome's arrival) of every connection made, p50 / p
 failures, the server's CPU time, what the clients received by JSON ``type`` (count and MB; the
 lobby's presence diffs apart from the rooms'), and the server's ``/api/stats`` at the end.
 ``--dump FILE`` keeps each client process's per-second counts and handshake timeline;
-``--profile FILE`` samples the server with py-spy for the run. The clients run on the same
+``--profile FILE`` samples the server with py-spy for the run; ``--spread`` replaces the
+connections one at a time over each second instead of in one burst. The clients run on the same
 machine, so the numbers include that contention: they read the welcome's id without decoding
 the whole welcome, which lists everyone online.
 """
