@@ -332,3 +332,28 @@ async def test_subscribe_returns_the_base_the_diffs_apply_to() -> None:
                     "bob": {bob.session.id: {"tab": ""}},
                     "carol": {carol.session.id: {"tab": ""}},
                 }
+
+
+@pytest.mark.anyio
+async def test_diffs_stay_in_order_when_the_next_flush_comes_before_the_last_is_sent() -> None:
+    # Under load the next interval can fall due while the last interval's diffs are still being
+    # handed out (a big topic first, then the others): the next diff of a later topic must not
+    # overtake the one still waiting, or a subscriber applies a leave before its join.
+    with ManualClock() as clock:
+        async with running() as (manager, client), client.connect("/ws?user=alice") as alice:
+            await opened(alice)
+            await flush(manager, clock)
+            await next_diffs(alice)
+            presence = manager.presence
+            async with client.connect("/ws?user=bob") as bob:  # a lobby change first ...
+                await opened(bob)
+                await presence.subscribe(alice.session, "room")
+                assert await presence.track(bob.session, "room")  # ... then the room's
+                clock.advance(INTERVAL)  # this interval's diffs: lobby, then room
+                assert await presence.untrack(bob.session, "room")  # no await inside
+                clock.advance(INTERVAL)  # the next one's, before the first were sent
+                await presence.wait_idle()
+                diffs = await next_diffs(alice)
+    room = [(sorted(d["joins"]), sorted(d["leaves"])) for d in diffs if d["topic"] == "room"]
+    assert room == [(["bob"], []), ([], ["bob"])]
+    assert [d["topic"] for d in diffs] == ["lobby", "room", "room"]

@@ -19,7 +19,9 @@ lost worker's presences leave everywhere as one diff when the registry heals it.
 
 Concurrency: every method runs on the event loop's tasks; the synchronous bookkeeping (what is
 tracked, the limits) is done before the first ``await`` of each call. asyncio only (diffs are
-sent from tasks created on the running loop).
+sent from tasks created on the running loop). An interval's diffs are handed out (and its
+changes published) only after the previous interval's, even when the next interval falls due
+while a big fan-out is still under way.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class Presence:
         self._snapshots: dict[str, People] = {}  # topic -> as of its last diff (cached)
         self._timer: Timer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last_send: asyncio.Task[None] | None = None  # the latest interval's sending
         self._loaded = False
         self._loading: asyncio.Lock | None = None
         self._touched: set[tuple[str, str]] | None = set()  # changed before the load finished
@@ -492,14 +495,24 @@ class Presence:
                 sends.append((list(subscribers.values()), self.render(diff)))
         if not sends and not outbox:
             return
-        task = asyncio.get_running_loop().create_task(self._send(sends, outbox))
+        previous = self._last_send
+        task = asyncio.get_running_loop().create_task(self._send(sends, outbox, previous))
+        self._last_send = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _send(
-        self, sends: list[tuple[list[Session], Any]], outbox: list[PresenceChange]
+        self,
+        sends: list[tuple[list[Session], Any]],
+        outbox: list[PresenceChange],
+        previous: asyncio.Task[None] | None,
     ) -> None:
         manager = self._manager
+        if previous is not None and not previous.done():
+            # The last interval's diffs are still being handed out (a big fan-out under load):
+            # wait for them, so that no topic's diff overtakes its predecessor and the changes
+            # are published in the order they were made.
+            await asyncio.wait([previous])
         try:
             for targets, data in sends:
                 await deliver_all(manager, targets, to_message(data), None)
