@@ -236,3 +236,30 @@ async def test_one_stuck_client_does_not_hold_the_workers_other_cross_worker_mes
         await wait_for(all_arrived, 5, "the stuck client's messages")
         assert stuck.frames == [f"m{n}" for n in range(5)]
         assert stuck.session.state is SessionState.OPEN
+
+
+async def test_closing_ends_a_heartbeat_whose_cancellation_was_swallowed(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py sometimes turns the cancellation of a call into an ordinary return (seen with
+    8.1: shutdown then waited for the heartbeat for ever). Closing must end it anyway."""
+    registry = RedisRegistry(
+        redis_server.url, prefix=f"faults-{secrets.token_hex(4)}", heartbeat=0.1
+    )
+    manager = SessionManager(registry=registry, drain_on_signal=False)
+    started = asyncio.Event()
+    swallowed: list[bool] = []
+
+    async def tick_that_swallows() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a Redis call that never answers
+        except asyncio.CancelledError:
+            swallowed.append(True)  # ... and whose cancellation is lost, as redis-py did
+
+    async with asyncio.timeout(15):
+        await manager.__aenter__()
+        registry._tick = tick_that_swallows  # type: ignore[method-assign]
+        await started.wait()
+        await manager.__aexit__(None, None, None)
+    assert swallowed == [True]

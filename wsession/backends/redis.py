@@ -575,9 +575,7 @@ class RedisRegistry:
             await self._journal.close()  # the messages being recorded now
         for task in (self._beater, self._listener, *self._waiters):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _stop(task)
         self._beater = self._listener = None
         if self._healing:
             # Their sessions are claimed already: give their hooks time to run.
@@ -1162,6 +1160,7 @@ class RedisRegistry:
     # -- internals: the listener ------------------------------------------------------------
 
     async def _listen(self) -> None:
+        me = asyncio.current_task()
         backoff = 0.05
         while True:
             pubsub = self.redis.pubsub()
@@ -1191,6 +1190,8 @@ class RedisRegistry:
                 with contextlib.suppress(Exception):
                     async with self._bounded():
                         await pubsub.aclose()
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError  # closing, whatever redis-py made of it
             await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation
             backoff = min(backoff * 2, self.heartbeat / 2)
 
@@ -1408,6 +1409,7 @@ class RedisRegistry:
     # -- internals: the heartbeat, noticing lost workers, healing ---------------------------
 
     async def _beat(self) -> None:
+        task = asyncio.current_task()
         while True:
             await asyncio.sleep(self.heartbeat / 2)  # the renewal period
             try:
@@ -1416,6 +1418,10 @@ class RedisRegistry:
                 self._fail(exc)
             except Exception:
                 log_error(None, "Redis registry heartbeat failed", exc=True)
+            if task is not None and task.cancelling():
+                # redis-py may turn a cancellation into an error or a normal return: the
+                # registry is closing, whatever the call said.
+                raise asyncio.CancelledError
 
     async def _tick(self) -> None:
         """Renew the lease; write what Redis missed; look for lost workers. Each Redis step is
@@ -1735,6 +1741,20 @@ class RedisRegistry:
         except _redis_errors() as exc:
             self._fail(exc)
             raise RegistryUnavailable(f"{operation}: Redis unavailable: {_describe(exc)}") from exc
+
+
+async def _stop(task: asyncio.Task[Any], grace: float = 2.0) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling it again (three times at most) if it
+    lost a cancellation (redis-py may swallow one); never waits unboundedly, and never
+    swallows a cancellation of the caller."""
+    for _ in range(3):
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=grace)
+        if done:
+            if not task.cancelled() and task.exception() is not None:
+                log_error(None, "a Redis registry task failed: %r", task.exception())
+            return
+    log_warning(None, "a Redis registry task did not stop when cancelled: left behind")
 
 
 def _decodes(client: Any) -> bool:
