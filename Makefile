@@ -43,7 +43,8 @@ bench-presence: install
 	$(BIN)/python -m bench.presence
 
 # Seconds-long check that the benchmark harness works (numbers are not judged).
-# What session resumption costs: recording per message, resume latency, memory per detached session.
+# What session resumption costs: recording per message, resume latency, memory per detached session;
+# memory registry and RedisRegistry (a private redis-server; skipped, said so, if not installed).
 bench-resume: install
 	$(BIN)/python -m bench.resume
 
