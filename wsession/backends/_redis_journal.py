@@ -202,7 +202,9 @@ class RedisJournal:
         ]
         script = self._script("RECORD")
         async with registry._bounded():
-            if registry._mode.cluster:  # redis-py's cluster pipelines refuse scripts
+            # One job: a plain EVALSHA (redis-py's pipelines ask SCRIPT EXISTS first, a second
+            # round trip). On a cluster always so: its pipelines refuse scripts.
+            if len(args) == 1 or registry._mode.cluster:
                 raw = [await script(keys=registry._route, args=a) for a in args]
             else:
                 pipe = registry.redis.pipeline(transaction=False)
