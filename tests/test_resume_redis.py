@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from wsession import EndReason, SendResult, SessionManager
 
 from .redis_support import RedisClusterServer, RedisServer
-from .support import HookRecorder, mount, reset_connection, run_server
+from .support import HookRecorder, Server, mount, reset_connection, run_server
 from .test_resume import app_endpoint
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
@@ -39,6 +40,17 @@ def worker(
     recorder = HookRecorder()
     recorder.install(manager)
     return manager, recorder
+
+
+@asynccontextmanager
+async def serving(*managers: SessionManager) -> AsyncIterator[list[Server]]:
+    """Enter each worker's manager and serve it (``app_endpoint``) with uvicorn."""
+    async with AsyncExitStack() as stack:
+        for manager in managers:
+            await stack.enter_async_context(manager)
+        yield [
+            await stack.enter_async_context(run_server(mount(app_endpoint, m))) for m in managers
+        ]
 
 
 async def hello(base: str, query: str = "") -> tuple[ClientConnection, dict[str, Any]]:
@@ -92,11 +104,7 @@ async def test_a_resume_on_the_other_worker_gets_the_session_and_every_missed_me
     prefix = f"resume-{secrets.token_hex(4)}"
     a, recorder_a = worker(any_redis.url, prefix, 30)
     b, recorder_b = worker(any_redis.url, prefix, 30)
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(a)
-        await stack.enter_async_context(b)
-        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
-        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+    async with serving(a, b) as (server_a, server_b):
         ws, welcome = await hello(server_a.ws)
         sid = welcome["id"]
         assert await a.join(sid, "room")
@@ -137,11 +145,7 @@ async def test_a_token_resumes_once_across_workers_and_the_window_ends_the_sessi
     prefix = f"resume-{secrets.token_hex(4)}"
     a, recorder_a = worker(any_redis.url, prefix, 1.0)
     b, recorder_b = worker(any_redis.url, prefix, 1.0)
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(a)
-        await stack.enter_async_context(b)
-        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
-        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+    async with serving(a, b) as (server_a, server_b):
         ws, welcome = await hello(server_a.ws)
         reset_connection(ws)
         await detached(a, welcome["id"])
@@ -275,11 +279,7 @@ async def test_a_message_sent_while_another_worker_resumes_the_session_is_not_lo
         sent.append(await a.send(session.id, {"n": "during"}))
         sent.append(await b.send(session.id, {"n": "during too"}))
 
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(a)
-        await stack.enter_async_context(b)
-        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
-        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+    async with serving(a, b) as (server_a, server_b):
         ws, welcome = await hello(server_a.ws)
         reset_connection(ws)
         await detached(a, welcome["id"])
@@ -302,11 +302,7 @@ async def test_forged_reused_expired_and_borrowed_tokens_get_a_fresh_session(
     prefix = f"resume-{secrets.token_hex(4)}"
     a, recorder_a = worker(any_redis.url, prefix, 1.0)
     b, recorder_b = worker(any_redis.url, prefix, 1.0)
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(a)
-        await stack.enter_async_context(b)
-        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
-        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+    async with serving(a, b) as (server_a, server_b):
         x, x_welcome = await hello(server_a.ws)
         y, y_welcome = await hello(server_a.ws)
         reset_connection(x)
@@ -353,11 +349,7 @@ async def test_a_client_behind_the_redis_journal_gets_a_fresh_session_and_the_ol
     prefix = f"resume-{secrets.token_hex(4)}"
     a, recorder_a = worker(any_redis.url, prefix, 30, resume_buffer=5)
     b, recorder_b = worker(any_redis.url, prefix, 30, resume_buffer=5)
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(a)
-        await stack.enter_async_context(b)
-        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
-        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+    async with serving(a, b) as (server_a, server_b):
         ws, welcome = await hello(server_a.ws)
         reset_connection(ws)
         await detached(a, welcome["id"])
@@ -375,50 +367,18 @@ async def test_a_client_behind_the_redis_journal_gets_a_fresh_session_and_the_ol
     assert [e[1] for e in ended] == [EndReason.REPLAY_LOST]
 
 
-async def test_messages_published_while_a_worker_was_not_subscribed_reach_it_afterwards(
-    redis_server: RedisServer,
-) -> None:
-    """Redis pub/sub keeps nothing: a message for worker B's session published while B's
-    subscription was down is read from the session's journal once B subscribes again."""
+@asynccontextmanager
+async def unsubscribed(
+    url: str,
+) -> AsyncIterator[tuple[SessionManager, SessionManager, ClientConnection, dict[str, Any]]]:
+    """Workers A and B, a client on B, and B's pub/sub subscription down (as while it
+    reconnects: Redis drops what is published meanwhile); B subscribes again at the end."""
     from redis.asyncio import Redis
 
     prefix = f"resume-{secrets.token_hex(4)}"
-    a, _ = worker(redis_server.url, prefix, 30)
-    b, _ = worker(redis_server.url, prefix, 30)
-    direct = Redis.from_url(redis_server.url, decode_responses=True)
-    async with AsyncExitStack() as stack:
-        stack.push_async_callback(direct.aclose)
-        await stack.enter_async_context(a)
-        await stack.enter_async_context(b)
-        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
-        ws, welcome = await hello(server_b.ws)
-        registry_b: Any = b.registry
-        channel = f"{prefix}:ch:{registry_b.node_id}"
-        registry_b._listener.cancel()  # B's subscription goes down (as in a reconnect)
-        async with asyncio.timeout(10):
-            while (await direct.pubsub_numsub(channel))[0][1]:  # noqa: ASYNC110 - bounded
-                await asyncio.sleep(0.02)
-        assert await a.send(welcome["id"], {"n": "missed"}) is SendResult.QUEUED
-        registry_b._listener = asyncio.get_running_loop().create_task(registry_b._listen())
-        async with asyncio.timeout(10):
-            assert json.loads(await ws.recv()) == {"seq": 1, "n": "missed"}
-        assert await a.send(welcome["id"], {"n": "live"}) is SendResult.QUEUED
-        async with asyncio.timeout(10):
-            assert json.loads(await ws.recv()) == {"seq": 2, "n": "live"}
-        await ws.close()
-
-
-async def test_a_number_that_never_arrives_is_read_from_the_journal(
-    redis_server: RedisServer,
-) -> None:
-    """Message 1 for B's session is lost in pub/sub; message 2 (from B itself) is not written
-    before it: B reads 1 from the journal (after a short wait), then writes 1 and 2."""
-    from redis.asyncio import Redis
-
-    prefix = f"resume-{secrets.token_hex(4)}"
-    a, _ = worker(redis_server.url, prefix, 30)
-    b, _ = worker(redis_server.url, prefix, 30)
-    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    a, _ = worker(url, prefix, 30)
+    b, _ = worker(url, prefix, 30)
+    direct = Redis.from_url(url, decode_responses=True)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(direct.aclose)
         await stack.enter_async_context(a)
@@ -431,13 +391,41 @@ async def test_a_number_that_never_arrives_is_read_from_the_journal(
         async with asyncio.timeout(10):
             while (await direct.pubsub_numsub(channel))[0][1]:  # noqa: ASYNC110 - bounded
                 await asyncio.sleep(0.02)
+        try:
+            yield a, b, ws, welcome
+        finally:
+            if registry_b._listener.done():
+                registry_b._listener = asyncio.get_running_loop().create_task(registry_b._listen())
+            await ws.close()
+
+
+async def test_messages_published_while_a_worker_was_not_subscribed_reach_it_afterwards(
+    redis_server: RedisServer,
+) -> None:
+    """Redis pub/sub keeps nothing: a message for worker B's session published while B's
+    subscription was down is read from the session's journal once B subscribes again."""
+    async with unsubscribed(redis_server.url) as (a, b, ws, welcome):
+        assert await a.send(welcome["id"], {"n": "missed"}) is SendResult.QUEUED
+        registry_b: Any = b.registry
+        registry_b._listener = asyncio.get_running_loop().create_task(registry_b._listen())
+        async with asyncio.timeout(10):
+            assert json.loads(await ws.recv()) == {"seq": 1, "n": "missed"}
+        assert await a.send(welcome["id"], {"n": "live"}) is SendResult.QUEUED
+        async with asyncio.timeout(10):
+            assert json.loads(await ws.recv()) == {"seq": 2, "n": "live"}
+
+
+async def test_a_number_that_never_arrives_is_read_from_the_journal(
+    redis_server: RedisServer,
+) -> None:
+    """Message 1 for B's session is lost in pub/sub; message 2 (from B itself) is not written
+    before it: B reads 1 from the journal (after a short wait), then writes 1 and 2."""
+    async with unsubscribed(redis_server.url) as (a, b, ws, welcome):
         assert await a.send(welcome["id"], {"n": 1}) is SendResult.QUEUED  # lost in pub/sub
         assert await b.send(welcome["id"], {"n": 2}) is SendResult.QUEUED  # waits for 1
         async with asyncio.timeout(10):
             got = [json.loads(await ws.recv()) for _ in range(2)]
         assert got == [{"seq": 1, "n": 1}, {"seq": 2, "n": 2}]
-        registry_b._listener = asyncio.get_running_loop().create_task(registry_b._listen())
-        await ws.close()
 
 
 async def test_a_detached_session_is_kicked_or_revoked_from_any_worker_once(
@@ -452,11 +440,7 @@ async def test_a_detached_session_is_kicked_or_revoked_from_any_worker_once(
         def user_from_query(session: Any) -> None:
             session.user_key = session.query_params.get("user")
 
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(a)
-        await stack.enter_async_context(b)
-        server_a = await stack.enter_async_context(run_server(mount(app_endpoint, a)))
-        server_b = await stack.enter_async_context(run_server(mount(app_endpoint, b)))
+    async with serving(a, b) as (server_a, server_b):
         kicked, k_welcome = await hello(server_a.ws, "?user=kim")
         revoked, r_welcome = await hello(server_b.ws, "?user=rey")
         reset_connection(kicked)
