@@ -34,20 +34,23 @@ clean:
 
 .PHONY: bench bench-smoke bench-presence bench-resume bench-scale bench-scale-smoke bench-capacity
 
-# Benchmarks against bare Starlette (not part of `make test`; see BENCHMARKS.md).
+# Benchmarks against bare Starlette, then the resumption rows (issue 14) and the presence join
+# storm (issue 15), each also alone below (not part of `make test`; see BENCHMARKS.md).
 bench: install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.resume
+	$(BIN)/python -m bench.presence
 
 # Presence join storm (issue 15): 2,000 clients in 2 s, diffs against the naive broadcast.
 bench-presence: install
 	$(BIN)/python -m bench.presence
 
-# Seconds-long check that the benchmark harness works (numbers are not judged).
 # What session resumption costs: recording per message, resume latency, memory per detached session;
 # memory registry and RedisRegistry (a private redis-server; skipped, said so, if not installed).
 bench-resume: install
 	$(BIN)/python -m bench.resume
 
+# Seconds-long check that the benchmark harness works (numbers are not judged).
 bench-smoke: install
 	$(BIN)/python -m bench --smoke
 
