@@ -465,3 +465,38 @@ async def test_a_detached_session_is_kicked_or_revoked_from_any_worker_once(
         assert await a.count_detached() == 0
         assert await b.close(k_welcome["id"]) is False
     assert len(recorder_a.ended + recorder_b.ended) == 4  # the two above, and the two fresh
+
+
+async def test_numbers_go_on_after_redis_lost_its_data(own_redis_server: RedisServer) -> None:
+    """A Redis restart without persistence loses the journals and their counters: the worker
+    writes its sessions again with the last number it gave, so numbering goes on from there
+    (a restart at 1 would look like duplicates to a client and be dropped)."""
+    prefix = f"resume-{secrets.token_hex(4)}"
+    a, _ = worker(own_redis_server.url, prefix, 30)
+    async with serving(a) as (server_a,):
+        ws, welcome = await hello(server_a.ws)
+        for n in range(3):
+            assert await a.send(welcome["id"], {"n": n}) in (
+                SendResult.QUEUED,
+                SendResult.DELIVERED,
+            )
+        async with asyncio.timeout(10):
+            assert [json.loads(await ws.recv())["seq"] for _ in range(3)] == [1, 2, 3]
+        own_redis_server.restart()  # empty again
+        from redis.asyncio import Redis
+
+        direct = Redis.from_url(own_redis_server.url, decode_responses=True)
+        registry: Any = a.registry
+        try:
+            async with asyncio.timeout(15):
+                # The heartbeat notices (its lease is gone) and writes the session again.
+                while not (  # noqa: ASYNC110 - another client's state
+                    registry.available and await direct.exists(f"{prefix}:s:{welcome['id']}")
+                ):
+                    await asyncio.sleep(0.05)
+        finally:
+            await direct.aclose()
+        assert await a.send(welcome["id"], {"n": 3}) in (SendResult.QUEUED, SendResult.DELIVERED)
+        async with asyncio.timeout(10):
+            assert json.loads(await ws.recv()) == {"seq": 4, "n": 3}
+        await ws.close()

@@ -164,6 +164,9 @@ def session_fields(
     if token is not None:
         fields["rt"] = token  # resumable: see _redis_resume_scripts.py
         fields["st"] = "open"
+        # The last number this worker knows of: numbering goes on from it if Redis lost its
+        # data (REGISTER keeps a larger one already stored).
+        fields["rseq"] = str(session.seq)
     return fields, truncated
 
 

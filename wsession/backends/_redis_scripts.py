@@ -78,7 +78,9 @@ end
 local fields = {}
 for i = 8 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', sk, unpack(fields))
-if rseq then redis.call('HSET', sk, 'rseq', rseq) end
+if rseq and tonumber(rseq) > tonumber(redis.call('HGET', sk, 'rseq') or '0') then
+  redis.call('HSET', sk, 'rseq', rseq)
+end
 if uk ~= '' then
   redis.call('SADD', p .. ':u:' .. uk, sid)
   redis.call('EXPIRE', p .. ':u:' .. uk, ttl)
