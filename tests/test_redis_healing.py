@@ -368,3 +368,76 @@ async def test_a_connection_right_after_a_redis_restart_does_not_get_its_worker_
         await wait_for(both_listed, 10, "A's session written back")
         assert recorder.node_lost() == []
         assert {s.id for s in await a.sessions()} == {"a-live", "b-new"}
+
+
+@pytest.mark.timeout(60)
+async def test_a_stalled_worker_with_resumption_leaves_its_sessions_detached_hooks_once(
+    redis_server: RedisServer,
+) -> None:
+    """With resumption on both sides, the survivor turns a stalled worker's sessions into
+    detached ones (detach hooks there, no disconnect hook); when the stalled worker wakes up
+    it closes them with 1012 but runs no hook for them (they are the cluster's now), and
+    their clients can resume them."""
+    prefix = f"stall-{secrets.token_hex(4)}"
+    recorder = Recorder()
+    detached_here: list[str] = []
+    port = free_port()
+    env = {
+        **os.environ,
+        "WSESSION_REDIS_URL": redis_server.url,
+        "WSESSION_REDIS_PREFIX": prefix,
+        "WSESSION_HEARTBEAT": str(HEARTBEAT),
+        "WSESSION_RESUME_SECRET": "s" * 32,
+    }
+    worker = start_worker(port, env)
+    clients: list[ClientConnection] = []
+    b = SessionManager(
+        registry=RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT),
+        drain_on_signal=False,
+        resume_window=30,
+        resume_secret="s" * 32,
+    )
+    recorder.install(b, "b")
+    b.on_detach(lambda session: detached_here.append(session.id))
+    try:
+        wait_for_port(port, worker, "example worker", timeout=20)
+        async with b:
+            for i in range(3):
+                ws = await connect(f"ws://127.0.0.1:{port}/ws?name=a{i}")
+                await ws.recv()
+                clients.append(ws)
+            stalled_ids = {s.id for s in await b.sessions()}
+            worker.send_signal(signal.SIGSTOP)
+            try:
+
+                async def healed() -> bool:
+                    return len(detached_here) >= 3
+
+                await wait_for(healed, 15, "B to detach the stalled worker's sessions")
+            finally:
+                worker.send_signal(signal.SIGCONT)
+            assert sorted(detached_here) == sorted(stalled_ids)
+            assert await b.count_detached() == 3
+            for ws in clients:
+                closed = await read_until_closed(ws)
+                assert closed is not None and closed.code == 1012, closed
+            # Worker A runs no disconnect hook for them (its /api/stats counts the endings),
+            # and they are still detached, waiting for their clients.
+            import httpx
+
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+                async def settled() -> bool:
+                    stats = (await http.get("/api/stats")).json()
+                    return bool(stats["live"] == 0)
+
+                await wait_for(settled, 10, "worker A to let its sessions go")
+                stats = (await http.get("/api/stats")).json()
+            assert stats["disconnected_total"] == 0, stats
+            assert await b.count_detached() == 3
+            assert recorder.ended == []
+    finally:
+        for ws in clients:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        stop(worker)

@@ -513,20 +513,29 @@ class Resumption:
         journal = session._resume
         assert journal is not None and journal.durable is not None
         deadline: float | None = None
+        failed = False
         presence = self._manager.presence_if_used
         exported = presence.export(session.id) if presence is not None else None
         try:
             deadline = await journal.durable.park(session, journal.token, window, exported)
         except Exception:
+            failed = True
             log_error(session.id, "could not park %s in the store: ending it", session.id, exc=True)
         finally:
             parked, journal.parked = journal.parked, None
             if parked is not None:
                 parked.set()  # a take-over waits for this
-        if deadline is None:
+        if failed:
             self._end_soon(
                 session, EndReason.SERVER_SHUTDOWN if self.closed else EndReason.RESUME_EXPIRED
             )
+            return
+        if deadline is None:
+            # Not this worker's any more: the cluster declared it lost (it was cut off) and
+            # made the session detached there; whoever resumes or ends it runs its hooks.
+            session._resume = None
+            if presence is not None:
+                presence.session_ended(session)
             return
         journal.deadline = deadline
         if self.closed:

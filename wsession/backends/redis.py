@@ -260,7 +260,9 @@ class RedisRegistry:
       that worker dies too before running them, they do not run (at most once). A worker that
       was alive but declared lost (cut off from Redis or blocked past ``lease_ttl``) finds its
       tombstone when it comes back: it closes those sessions with 1012, whose hooks then run a
-      second time there, and carries on under a new node id.
+      second time there, and carries on under a new node id. With resumption (a manager with
+      ``resume_window``) the cluster makes those sessions detached instead, and the worker that
+      comes back runs no hook for them: their clients resume them on any worker.
 
     Concurrency: every method is called from the event loop's tasks; ``remove`` does its local
     bookkeeping before its first ``await`` and shields its Redis I/O, so it may be called
@@ -1520,8 +1522,16 @@ class RedisRegistry:
         manager = self._bound()
         for session in victims:
             log_warning(session.id, "%s was ended as node lost by the cluster: closing", session.id)
+            # With resumption the cluster made these sessions detached in Redis (not ended):
+            # they detach here too, and parking finds them the cluster's (no hooks here);
+            # their clients resume on any worker.
             close_session(
-                manager, session, _LOST_CLOSE_CODE, "node lost", end_reason=EndReason.NODE_LOST
+                manager,
+                session,
+                _LOST_CLOSE_CODE,
+                "node lost",
+                end_reason=EndReason.NODE_LOST,
+                resumable=self._journal is not None,
             )
 
     async def _take_over_previous_incarnation(self) -> None:
