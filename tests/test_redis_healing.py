@@ -78,6 +78,16 @@ async def wait_for(condition: Any, timeout: float, what: str) -> None:
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
+async def open_clients(port: int, count: int) -> list[ClientConnection]:
+    """``count`` clients of the example worker on ``port``, each past its welcome."""
+    clients = []
+    for i in range(count):
+        ws = await connect(f"ws://127.0.0.1:{port}/ws?name=a{i}")
+        await ws.recv()
+        clients.append(ws)
+    return clients
+
+
 async def cluster_count(manager: SessionManager) -> int | None:
     try:
         return await manager.count()
@@ -287,10 +297,7 @@ async def test_a_stalled_worker_declared_lost_closes_those_sessions_and_rejoins(
     try:
         wait_for_port(port, worker, "example worker", timeout=20)
         async with b:
-            for i in range(3):
-                ws = await connect(f"ws://127.0.0.1:{port}/ws?name=a{i}")
-                await ws.recv()
-                clients.append(ws)
+            clients += await open_clients(port, 3)
             stalled_ids = {s.id for s in await b.sessions()}
             assert len(stalled_ids) == 3
             worker.send_signal(signal.SIGSTOP)
@@ -402,10 +409,7 @@ async def test_a_stalled_worker_with_resumption_leaves_its_sessions_detached_hoo
     try:
         wait_for_port(port, worker, "example worker", timeout=20)
         async with b:
-            for i in range(3):
-                ws = await connect(f"ws://127.0.0.1:{port}/ws?name=a{i}")
-                await ws.recv()
-                clients.append(ws)
+            clients += await open_clients(port, 3)
             stalled_ids = {s.id for s in await b.sessions()}
             worker.send_signal(signal.SIGSTOP)
             try:

@@ -500,3 +500,39 @@ async def test_numbers_go_on_after_redis_lost_its_data(own_redis_server: RedisSe
         async with asyncio.timeout(10):
             assert json.loads(await ws.recv()) == {"seq": 4, "n": 3}
         await ws.close()
+
+
+async def test_a_refused_resume_on_another_worker_leaves_the_session_waiting_in_redis(
+    any_redis: RedisServer | RedisClusterServer,
+) -> None:
+    """A resume hook on worker B refuses: the claim is undone (the session waits in Redis
+    again, same token, its messages kept); the next resume, on A, gets it with everything."""
+    from wsession import Refuse
+
+    prefix = f"resume-{secrets.token_hex(4)}"
+    a, _ = worker(any_redis.url, prefix, 30)
+    b, recorder_b = worker(any_redis.url, prefix, 30)
+
+    @b.on_resume
+    def refuse(session: Any) -> None:
+        raise Refuse(403, reason="not now")
+
+    async with serving(a, b) as (server_a, server_b):
+        ws, welcome = await hello(server_a.ws)
+        reset_connection(ws)
+        await detached(a, welcome["id"])
+        assert await b.send(welcome["id"], {"n": 1}) is SendResult.QUEUED
+        query = f"?resume={welcome['resume']}&last=0"
+        with pytest.raises(Exception, match="403"):
+            await connect(f"{server_b.ws}/ws{query}", open_timeout=10)
+        async with asyncio.timeout(10):
+            while await a.count_detached() != 1:  # noqa: ASYNC110 - parked again in Redis
+                await asyncio.sleep(0.02)
+        assert await b.send(welcome["id"], {"n": 2}) is SendResult.QUEUED
+        back, again = await hello(server_a.ws, query)
+        assert again["resumed"] is True and again["id"] == welcome["id"]
+        async with asyncio.timeout(10):
+            got = [json.loads(await back.recv()) for _ in range(2)]
+        assert got == [{"seq": 1, "n": 1}, {"seq": 2, "n": 2}]
+        await back.close()
+    assert recorder_b.ended == []

@@ -215,9 +215,8 @@ async def deliver_all(
             waiting.append(session)
     delivered = 0
     if durable:
-        store = durable[0]._resume.durable  # type: ignore[union-attr]
-        assert store is not None
-        for result in await store.record(durable, message):
+        assert manager.resumption is not None and manager.resumption.store is not None
+        for result in await manager.resumption.store.record(durable, message):
             delivered += result is SendResult.DELIVERED
             queued += result is SendResult.QUEUED
             gone += result is SendResult.GONE

@@ -321,10 +321,9 @@ class Resumption:
             # died: nothing here can wait on that, so the store is asked again.
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
-        cached = self._detached.pop(session_id, None)
-        if cached is not None and cached._resume is not None and cached._resume.timer:
-            cached._resume.timer.cancel()
-            cached._resume.timer = None
+        cached = self._detached.get(session_id)
+        if cached is not None:
+            self._take_timer(cached)  # ours now (or ended): its window no longer runs here
         if found.outcome == "unknown" or found.session is None:
             return "unknown"
         session = cached if cached is not None else found.session

@@ -300,8 +300,8 @@ class RedisJournal:
             return Claim("open", owner=str(reply[1]))
         if outcome == "unknown":
             return Claim("unknown")
-        session = self._rebuild(session_id, reply[1], reply[2], live=outcome == "ok")
         stored = _fields(reply[1])
+        session = self._rebuild(session_id, stored, reply[2], live=outcome == "ok")
         if outcome == "lost":
             async with self._io():
                 await self._ended_here(session_id, stored)
@@ -349,7 +349,7 @@ class RedisJournal:
                 await self._ended_here(session_id, _fields(reply[0]))
         if not reply:
             return None
-        return self._rebuild(session_id, reply[0], reply[1], live=False)
+        return self._rebuild(session_id, _fields(reply[0]), reply[1], live=False)
 
     async def missed(self, session_id: str, first: int, last: int) -> list[tuple[int, Message]]:
         """The journal's messages numbered ``first`` to ``last``."""
@@ -388,7 +388,8 @@ class RedisJournal:
             for sid, fields, _ in reply:
                 await self._ended_here(str(sid), _fields(fields))
         return [
-            self._rebuild(str(sid), fields, groups, live=False) for sid, fields, groups in reply
+            self._rebuild(str(sid), _fields(fields), groups, live=False)
+            for sid, fields, groups in reply
         ]
 
     async def catch_up(self, sessions: list[Session]) -> None:
@@ -440,9 +441,10 @@ class RedisJournal:
             leaves: list[PresenceChange] = [(t, session_id, "", None) for t in topics]
             await registry._publish_presence_as(DETACHED_NODE, leaves)
 
-    def _rebuild(self, session_id: str, flat: Any, groups: Any, *, live: bool) -> Session:
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        return rebuild_session(self._registry._bound(), session_id, fields, set(groups), live=live)
+    def _rebuild(
+        self, session_id: str, stored: dict[str, str], groups: Any, *, live: bool
+    ) -> Session:
+        return rebuild_session(self._registry._bound(), session_id, stored, set(groups), live=live)
 
 
 def _fields(flat: Any) -> dict[str, str]:

@@ -802,19 +802,26 @@ class RedisRegistry:
 
     async def send_group(self, group: str, message: Message, exclude: str | None = None) -> int:
         """Send to the members of ``group`` wherever they are (local ones first, at once)."""
-        local = self._local.group_snapshot(group)
-        return await self._fan_out(local, self._keys.group(group), message, exclude)
+        key = self._keys.group(group)
+        recorded = await self._record_for_all(key, message, exclude)
+        if recorded is not None:
+            return recorded
+        return await self._fan_out(self._local.group_snapshot(group), key, message, exclude)
 
     async def send_user(self, user_key: str, message: Message) -> int:
         """Send to every session of ``user_key`` wherever it is (local ones first, at once)."""
-        local = self._local.user_snapshot(user_key)
-        return await self._fan_out(local, self._keys.user(user_key), message, None)
+        key = self._keys.user(user_key)
+        recorded = await self._record_for_all(key, message, None)
+        if recorded is not None:
+            return recorded
+        return await self._fan_out(self._local.user_snapshot(user_key), key, message, None)
 
     async def broadcast(self, message: Message, exclude: str | None = None) -> int:
         """Send to every open session of the cluster; local ones first, at once. Returns how
         many it reached (remote sessions counted as reached once published)."""
-        if self._journal is not None:
-            return await self._fan_out(self._local.snapshot(), self._keys.all, message, exclude)
+        recorded = await self._record_for_all(self._keys.all, message, exclude)
+        if recorded is not None:
+            return recorded
         reached = await self._local.broadcast(message, exclude)
         if self._state is not LinkState.AVAILABLE:
             return reached
@@ -1032,23 +1039,28 @@ class RedisRegistry:
                 by_node[owner].append(session_id)
         return by_node
 
+    async def _record_for_all(self, key: str, message: Message, exclude: str | None) -> int | None:
+        """With resumption: record ``message`` for every member of the set ``key`` (this
+        worker's included, in one script: see RedisJournal.record_for, so no member falls
+        between a local and a remote part); how many it recorded, or ``None`` without a journal
+        or when Redis cannot take it (the caller then sends as in an outage, unnumbered)."""
+        if self._journal is None or self._state is not LinkState.AVAILABLE:
+            return None
+        try:
+            async with self._bounded():
+                recorded = await self._journal.record_for(message, key=key, exclude=exclude)
+        except _redis_errors() as exc:
+            self._fail(exc)
+            return None
+        self._stats_send(SendResult.QUEUED, recorded)
+        return recorded
+
     async def _fan_out(
         self, local: list[Session], key: str, message: Message, exclude: str | None
     ) -> int:
-        if self._journal is not None and self._state is LinkState.AVAILABLE:
-            # One script records it for every member, this worker's included (see
-            # RedisJournal.record_for): no member can fall between a local and a remote part.
-            try:
-                async with self._bounded():
-                    recorded = await self._journal.record_for(message, key=key, exclude=exclude)
-            except _redis_errors() as exc:
-                self._fail(exc)  # then as in an outage: the local members, unnumbered
-            else:
-                self._stats_send(SendResult.QUEUED, recorded)
-                return recorded
         reached = await self._local.send_to(local, message, exclude)
         if self._state is not LinkState.AVAILABLE or self._journal is not None:
-            return reached
+            return reached  # (with a journal: it could not record, as in an outage)
         try:
             async with self._bounded():
                 ids = set(await self.redis.smembers(key))
