@@ -32,6 +32,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
 
 from wsession import RegistryUnavailable, SessionManager
+from wsession.backends._redis_link import CallGate
 from wsession.backends.redis import LinkState, RedisRegistry
 
 from .redis_support import RedisClusterServer, RedisServer
@@ -302,3 +303,76 @@ async def test_a_burst_on_a_cluster_is_load_not_an_outage(
         SlowConnection.latency = 0.0
         await slow.aclose()
         await direct.aclose()
+
+
+# -- the gate itself (no Redis) ---------------------------------------------------------------
+
+
+async def test_the_call_gate_serves_in_order_and_lets_a_holder_call_again() -> None:
+    gate = CallGate(1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def call(name: str) -> None:
+        async with gate.slot():
+            order.append(name)
+            async with gate.slot():  # a call within a call: its own slot, no wait
+                order.append(f"{name} again")
+            if name == "first":
+                await release.wait()
+
+    first = asyncio.create_task(call("first"))
+    await asyncio.sleep(0)  # let it take the slot
+    others = [asyncio.create_task(call(n)) for n in ("second", "third")]
+    await asyncio.sleep(0)
+    assert gate.waiting == 2
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, *others), 5)
+    assert order == ["first", "first again", "second", "second again", "third", "third again"]
+    async with gate.slot():  # the slot came back
+        assert gate.held()
+    assert not gate.held()
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_the_slot_passes_it_on() -> None:
+    gate = CallGate(1)
+    got: list[str] = []
+
+    async def call(name: str) -> None:
+        async with gate.slot():
+            got.append(name)
+
+    async with gate.slot():
+        second = asyncio.create_task(call("second"))
+        third = asyncio.create_task(call("third"))
+        await asyncio.sleep(0)
+        assert gate.waiting == 2
+    second.cancel()  # handed the slot on leaving the block, cancelled before it ran
+    await asyncio.wait_for(asyncio.gather(second, third, return_exceptions=True), 5)
+    assert got == ["third"]
+    async with asyncio.timeout(5), gate.slot():  # and the slot is free again
+        pass
+
+
+async def test_refused_waiting_fails_the_waiters_at_once_until_allowed_again() -> None:
+    gate = CallGate(1)
+
+    async def call() -> None:
+        async with gate.slot():
+            pass
+
+    async with gate.slot():
+        waiter = asyncio.create_task(call())
+        await asyncio.sleep(0)
+        gate.refuse_waiting(lambda: ConnectionRefusedError("down"))
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.wait_for(waiter, 5)
+        with pytest.raises(ConnectionRefusedError):  # no free slot: fails without waiting
+            await asyncio.wait_for(call(), 5)
+        gate.allow_waiting()
+        waiter = asyncio.create_task(call())
+        await asyncio.sleep(0)
+        assert gate.waiting == 1
+    await asyncio.wait_for(waiter, 5)
+    gate.refuse_waiting(lambda: ConnectionRefusedError("down"))
+    await asyncio.wait_for(call(), 5)  # a free slot is taken even then

@@ -10,10 +10,110 @@ that slot, and the registry's channels use sharded pub/sub (``SSUBSCRIBE``/``SPU
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import ConfigurationError
+
+
+class CallGate:
+    """At most ``size`` of the registry's Redis calls in flight (one connection each); the
+    others wait their turn, first come first served.
+
+    Why the registry queues here and not in a connection pool (issue 17): a reconnect burst
+    (a thousand handshakes at once) keeps every connection busy for longer than
+    ``command_timeout`` although Redis answers each call at once. Waiting in redis-py's pool
+    happens inside a call's deadline, so the burst looked like Redis being down (an outage, a
+    resync, the heartbeat stuck behind the burst until the other workers declared this one
+    lost). Here the wait is not timed: a call's deadline starts once it holds its slot. The
+    wait is still bounded: every call ahead of it ends within ``command_timeout``, and when one
+    fails (Redis is down, not busy) the registry calls :meth:`refuse_waiting`, which ends every
+    wait at once.
+
+    Re-entrant per task: a call made while the same task holds a slot uses that slot (waiting
+    for a second one could wait for itself).
+
+    Concurrency: used from the event loop's tasks only; a waiter may be cancelled.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._holders: set[asyncio.Task[Any]] = set()
+        self._refusal: Callable[[], BaseException] | None = None
+
+    @property
+    def waiting(self) -> int:
+        """How many calls wait for a slot (cancelled ones may still be counted)."""
+        return len(self._waiters)
+
+    def held(self) -> bool:
+        """Whether the current task holds a slot."""
+        return asyncio.current_task() in self._holders
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold a slot for the body (the current task's own slot if it holds one already).
+
+        Raises:
+            BaseException: what :meth:`refuse_waiting` was given, when it had to wait.
+        """
+        task = asyncio.current_task()
+        if task is None or task in self._holders:
+            yield
+            return
+        await self._acquire()
+        self._holders.add(task)
+        try:
+            yield
+        finally:
+            self._holders.discard(task)
+            self._release()
+
+    def refuse_waiting(self, error: Callable[[], BaseException]) -> None:
+        """Redis is down: end every wait now with ``error()``, and fail every call that finds no
+        free slot at once, until :meth:`allow_waiting`. (Calls ahead fail within
+        ``command_timeout``: waiting for them would only hold a handshake up.)"""
+        self._refusal = error
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error())
+
+    def allow_waiting(self) -> None:
+        """Redis answers again: calls wait their turn again."""
+        self._refusal = None
+
+    async def _acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        if self._refusal is not None:
+            raise self._refusal()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release()  # handed a slot as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        """Hand the slot to the first live waiter, or free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 @dataclass(frozen=True)
@@ -100,8 +200,9 @@ def check_cluster_prefix(prefix: str) -> None:
 
 def make_cluster_client(url: str, *, max_connections: int, timeout: float) -> Any:
     """redis-py's async cluster client for ``url`` (any node: it finds the others). Its per-node
-    connection cap leaves room above ``max_connections`` (which the registry itself enforces,
-    since redis-py's cluster client fails instead of waiting at its cap) for pub/sub."""
+    connection cap leaves room above ``max_connections`` (which the registry itself enforces
+    with a :class:`CallGate`, since redis-py's cluster client fails instead of waiting at its
+    cap) for pub/sub and the heartbeat."""
     from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
