@@ -237,8 +237,8 @@ class RedisRegistry:
             and raise ConfigurationError on entering when the server says otherwise. On a
             cluster every key of ``prefix`` carries the hash tag ``{prefix}`` (one slot, so each
             script runs on one node) and ``max_connections`` caps the calls in flight as on one
-            Redis (redis-py's cluster client has no waiting pool: it fails at its cap). With ``client``, a
-            ``redis.asyncio.cluster.RedisCluster`` means a cluster.
+            Redis (redis-py's cluster client has no waiting pool: it fails at its cap). With
+            ``client``, a ``redis.asyncio.cluster.RedisCluster`` means a cluster.
         sharded_pubsub: on a cluster, use sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``: a
             message goes to the one node holding the channel's slot, not to every node).
             ``None`` (default): when every node runs Redis 7 or later; ``False``: plain pub/sub.
