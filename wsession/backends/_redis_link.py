@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from .._exceptions import ConfigurationError
@@ -55,24 +56,15 @@ class CallGate:
         """Whether the current task holds a slot."""
         return asyncio.current_task() in self._holders
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold a slot for the body (the current task's own slot if it holds one already).
+    def slot(self, timeout: float | None = None) -> _Slot:
+        """Hold a slot for the body (the current task's own slot if it holds one already),
+        then, with ``timeout``, bound the body by ``asyncio.timeout(timeout)``: the deadline
+        starts once the slot is held.
 
         Raises:
             BaseException: what :meth:`refuse_waiting` was given, when it had to wait.
         """
-        task = asyncio.current_task()
-        if task is None or task in self._holders:
-            yield
-            return
-        await self._acquire()
-        self._holders.add(task)
-        try:
-            yield
-        finally:
-            self._holders.discard(task)
-            self._release()
+        return _Slot(self, timeout)
 
     def refuse_waiting(self, error: Callable[[], BaseException]) -> None:
         """Redis is down: end every wait now with ``error()``, and fail every call that finds no
@@ -114,6 +106,50 @@ class CallGate:
                 waiter.set_result(None)
                 return
         self._free += 1
+
+
+class _Slot:
+    """One use of a :class:`CallGate` (a class, not a generator: it wraps every Redis call)."""
+
+    __slots__ = ("_deadline", "_gate", "_task", "_timeout")
+
+    def __init__(self, gate: CallGate, timeout: float | None) -> None:
+        self._gate = gate
+        self._timeout = timeout
+        self._task: asyncio.Task[Any] | None = None
+        self._deadline: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> None:
+        gate = self._gate
+        task = asyncio.current_task()
+        if task is not None and task not in gate._holders:
+            await gate._acquire()
+            gate._holders.add(task)
+            self._task = task
+        if self._timeout is not None:
+            self._deadline = asyncio.timeout(self._timeout)
+            try:
+                await self._deadline.__aenter__()
+            except BaseException:
+                self._deadline = None
+                await self.__aexit__(None, None, None)  # give the slot back
+                raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._deadline is not None:
+                await self._deadline.__aexit__(exc_type, exc, tb)
+        finally:
+            task = self._task
+            if task is not None:
+                self._task = None
+                self._gate._holders.discard(task)
+                self._gate._release()
 
 
 @dataclass(frozen=True)

@@ -423,17 +423,12 @@ class RedisRegistry:
         queues behind a burst (else the other workers would declare this one lost)."""
         if self._priority():
             return asyncio.timeout(self.command_timeout)
-        return self._gated()
+        return self._gate.slot(self.command_timeout)
 
     def _priority(self) -> bool:
         """Whether the caller is the heartbeat (which never queues behind other calls)."""
         beater = self._beater
         return beater is not None and asyncio.current_task() is beater
-
-    @contextlib.asynccontextmanager
-    async def _gated(self) -> Any:
-        async with self._gate.slot(), asyncio.timeout(self.command_timeout):
-            yield
 
     # -- lifecycle --------------------------------------------------------------------------
 
