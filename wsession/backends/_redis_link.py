@@ -1,5 +1,6 @@
 """How the Redis registry connects: one Redis (a pooled client) or a Redis Cluster (redis-py's
-cluster client), and which pub/sub it uses there.
+cluster client), which pub/sub it uses there, and how its calls share connections
+(:class:`CallGate`: a burst waits its turn, it is not an outage).
 
 On a cluster every key of one prefix carries the hash tag ``{prefix}`` (see
 :class:`~wsession.backends._redis_codec.Keys`), so each script runs on the one node that holds
