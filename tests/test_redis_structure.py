@@ -82,16 +82,19 @@ async def test_a_removal_cancelled_while_waiting_for_redis_is_still_done(
             session = live_session(manager, "victim")
             await registry.add(session)
             assert await direct.exists(f"{prefix}:s:victim")
-            # The listener holds one connection; a blocking pop holds the other for 1.5 s.
-            blocker = asyncio.create_task(registry.redis.blpop([f"{prefix}:nothing"], 1.5))
-            await asyncio.sleep(0.1)  # let the pop take its connection (no event to wait on)
+            # The listener holds one connection; blocking pops hold the others for 1.5 s.
+            blockers = [
+                asyncio.create_task(registry.redis.blpop([f"{prefix}:nothing"], 1.5))
+                for _ in range(registry._pool.max_connections - 1)
+            ]
+            await asyncio.sleep(0.1)  # let the pops take their connections (no event to wait on)
             removal = asyncio.create_task(registry.remove(session))
             await asyncio.sleep(0.05)  # the removal is now waiting for a connection
             assert registry._local.local_session("victim") is None  # done before any await
             removal.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await removal
-            await blocker
+            await asyncio.gather(*blockers)
 
             async def gone_from_redis() -> bool:
                 return not await direct.exists(f"{prefix}:s:victim")

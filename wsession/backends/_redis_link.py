@@ -1,5 +1,6 @@
 """How the Redis registry connects: one Redis (a pooled client) or a Redis Cluster (redis-py's
-cluster client), and which pub/sub it uses there.
+cluster client), which pub/sub it uses there, and how its calls share connections
+(:class:`CallGate`: a burst waits its turn, it is not an outage).
 
 On a cluster every key of one prefix carries the hash tag ``{prefix}`` (see
 :class:`~wsession.backends._redis_codec.Keys`), so each script runs on the one node that holds
@@ -10,10 +11,146 @@ that slot, and the registry's channels use sharded pub/sub (``SSUBSCRIBE``/``SPU
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from .._exceptions import ConfigurationError
+
+
+class CallGate:
+    """At most ``size`` of the registry's Redis calls in flight (one connection each); the
+    others wait their turn, first come first served.
+
+    Why the registry queues here and not in a connection pool (issue 17): a reconnect burst
+    (a thousand handshakes at once) keeps every connection busy for longer than
+    ``command_timeout`` although Redis answers each call at once. Waiting in redis-py's pool
+    happens inside a call's deadline, so the burst looked like Redis being down (an outage, a
+    resync, the heartbeat stuck behind the burst until the other workers declared this one
+    lost). Here the wait is not timed: a call's deadline starts once it holds its slot. The
+    wait is still bounded: every call ahead of it ends within ``command_timeout``, and when one
+    fails (Redis is down, not busy) the registry calls :meth:`refuse_waiting`, which ends every
+    wait at once.
+
+    Re-entrant per task: a call made while the same task holds a slot uses that slot (waiting
+    for a second one could wait for itself).
+
+    Concurrency: used from the event loop's tasks only; a waiter may be cancelled.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._holders: set[asyncio.Task[Any]] = set()
+        self._refusal: Callable[[], BaseException] | None = None
+
+    @property
+    def waiting(self) -> int:
+        """How many calls wait for a slot (cancelled ones may still be counted)."""
+        return len(self._waiters)
+
+    def held(self) -> bool:
+        """Whether the current task holds a slot."""
+        return asyncio.current_task() in self._holders
+
+    def slot(self, timeout: float | None = None) -> _Slot:
+        """Hold a slot for the body (the current task's own slot if it holds one already),
+        then, with ``timeout``, bound the body by ``asyncio.timeout(timeout)``: the deadline
+        starts once the slot is held.
+
+        Raises:
+            BaseException: what :meth:`refuse_waiting` was given, when it had to wait.
+        """
+        return _Slot(self, timeout)
+
+    def refuse_waiting(self, error: Callable[[], BaseException]) -> None:
+        """Redis is down: end every wait now with ``error()``, and fail every call that finds no
+        free slot at once, until :meth:`allow_waiting`. (Calls ahead fail within
+        ``command_timeout``: waiting for them would only hold a handshake up.)"""
+        self._refusal = error
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error())
+
+    def allow_waiting(self) -> None:
+        """Redis answers again: calls wait their turn again."""
+        self._refusal = None
+
+    async def _acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        if self._refusal is not None:
+            raise self._refusal()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release()  # handed a slot as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        """Hand the slot to the first live waiter, or free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
+class _Slot:
+    """One use of a :class:`CallGate` (a class, not a generator: it wraps every Redis call)."""
+
+    __slots__ = ("_deadline", "_gate", "_task", "_timeout")
+
+    def __init__(self, gate: CallGate, timeout: float | None) -> None:
+        self._gate = gate
+        self._timeout = timeout
+        self._task: asyncio.Task[Any] | None = None
+        self._deadline: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> None:
+        gate = self._gate
+        task = asyncio.current_task()
+        if task is not None and task not in gate._holders:
+            await gate._acquire()
+            gate._holders.add(task)
+            self._task = task
+        if self._timeout is not None:
+            self._deadline = asyncio.timeout(self._timeout)
+            try:
+                await self._deadline.__aenter__()
+            except BaseException:
+                self._deadline = None
+                await self.__aexit__(None, None, None)  # give the slot back
+                raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._deadline is not None:
+                await self._deadline.__aexit__(exc_type, exc, tb)
+        finally:
+            task = self._task
+            if task is not None:
+                self._task = None
+                self._gate._holders.discard(task)
+                self._gate._release()
 
 
 @dataclass(frozen=True)
@@ -100,8 +237,9 @@ def check_cluster_prefix(prefix: str) -> None:
 
 def make_cluster_client(url: str, *, max_connections: int, timeout: float) -> Any:
     """redis-py's async cluster client for ``url`` (any node: it finds the others). Its per-node
-    connection cap leaves room above ``max_connections`` (which the registry itself enforces,
-    since redis-py's cluster client fails instead of waiting at its cap) for pub/sub."""
+    connection cap leaves room above ``max_connections`` (which the registry itself enforces
+    with a :class:`CallGate`, since redis-py's cluster client fails instead of waiting at its
+    cap) for pub/sub and the heartbeat."""
     from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff

@@ -65,6 +65,7 @@ from ._redis_codec import (
 )
 from ._redis_journal import DETACHED_NODE, RedisJournal
 from ._redis_link import (
+    CallGate,
     PubSubMode,
     check_cluster_prefix,
     is_cluster_client,
@@ -84,6 +85,7 @@ if TYPE_CHECKING:
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOST_CLOSE_CODE = 1012  # "service restart": the client may reconnect at once
 _CLAIM_BATCH = 200
+_OWN_CONNECTIONS = 2  # beyond max_connections: the heartbeat's and the pub/sub listener's
 _NO_SPACE = r"^\S+$"
 
 
@@ -171,8 +173,9 @@ class LinkState(StrEnum):
     """Redis answers but missed writes; the heartbeat writes them. Cluster queries raise
     :class:`~wsession.RegistryUnavailable` (their answer would be incomplete)."""
     OUTAGE = "outage"
-    """A Redis call failed or took longer than ``command_timeout``: local work goes on, cluster
-    queries raise :class:`~wsession.RegistryUnavailable`, the heartbeat keeps trying."""
+    """A Redis call failed or took longer than ``command_timeout`` once it held a connection
+    (waiting for one, in a burst, does not count): local work goes on, cluster queries raise
+    :class:`~wsession.RegistryUnavailable`, the heartbeat keeps trying."""
 
 
 _TRANSITIONS: dict[LinkState, frozenset[LinkState]] = {
@@ -205,11 +208,19 @@ class RedisRegistry:
         node_id: this worker's id (default: random). A fixed one (a pod name) may be reused by
             the next start: that start ends the sessions its crashed predecessor left as node
             lost. Two live workers may not share one: the second raises ConfigurationError.
-        max_connections: size of the connection pool made from ``url``; callers beyond it
-            wait for a free connection (up to ``command_timeout``).
-        command_timeout: seconds any one Redis operation may take (default 1). Past it the
-            registry behaves as in an outage: a Redis that hangs never holds handshakes, sends
-            or stats for longer.
+        max_connections: how many of the registry's Redis calls may be in flight at once (one
+            connection each; default 64). Calls beyond it (a reconnect burst of a thousand
+            handshakes) wait their turn, first come first served, untimed: a burst is load, not
+            an outage, and the wait is bounded by the calls ahead (each ends within
+            ``command_timeout``); if one of them fails, Redis is down and every waiting call
+            fails at once, as in an outage. The heartbeat and the pub/sub listener have a
+            connection of their own beyond these, so the lease is renewed whatever the load (a
+            pool made from ``url`` holds ``max_connections + 2``; give a ``client`` whose pool
+            has room for as many).
+        command_timeout: seconds any one Redis operation may take once it holds a connection
+            (default 1; the wait for a connection is not counted). Past it the registry behaves
+            as in an outage: a Redis that hangs never holds handshakes, sends or stats for
+            longer.
         stored_headers: the handshake headers copied into Redis (an allow-list, lower case;
             default user-agent, origin, host, accept-language). Credentials (Authorization,
             Cookie, Proxy-Authorization, Sec-WebSocket-Key) cannot be listed. Subprotocols
@@ -225,9 +236,9 @@ class RedisRegistry:
             server (``INFO cluster``) when the registry is entered. ``True`` or ``False``: insist,
             and raise ConfigurationError on entering when the server says otherwise. On a
             cluster every key of ``prefix`` carries the hash tag ``{prefix}`` (one slot, so each
-            script runs on one node) and ``max_connections`` caps the calls in flight (redis-py's
-            cluster client has no waiting pool). With ``client``, a
-            ``redis.asyncio.cluster.RedisCluster`` means a cluster.
+            script runs on one node) and ``max_connections`` caps the calls in flight as on one
+            Redis (redis-py's cluster client has no waiting pool: it fails at its cap). With
+            ``client``, a ``redis.asyncio.cluster.RedisCluster`` means a cluster.
         sharded_pubsub: on a cluster, use sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``: a
             message goes to the one node holding the channel's slot, not to every node).
             ``None`` (default): when every node runs Redis 7 or later; ``False``: plain pub/sub.
@@ -337,7 +348,9 @@ class RedisRegistry:
         self._keys = Keys(self.prefix)  # tagged for a cluster once entered
         self._route: list[str] = [self._keys.nodes]  # the key scripts are routed by
         self._mode = PubSubMode()
-        self._gate: asyncio.Semaphore | None = None  # calls in flight, on a cluster
+        # The registry's calls in flight, one connection each (the heartbeat's are not
+        # counted: it has a connection of its own); see CallGate.
+        self._gate = CallGate(self.max_connections)
         self._external_client = client
         self._client: Any = client
         self._scripts: dict[str, Any] = {}
@@ -375,6 +388,10 @@ class RedisRegistry:
         if state not in _TRANSITIONS[old]:
             raise RuntimeError(f"RedisRegistry: illegal transition {old} -> {state}")
         self._state = state
+        if state is LinkState.OUTAGE:
+            self._gate.refuse_waiting(_no_connection)  # a call ahead will fail: don't wait
+        else:
+            self._gate.allow_waiting()
         if state is LinkState.RESYNCING and old is LinkState.OUTAGE:
             self._recovered_at = monotonic()
             self._unwritten.update(s.id for s in self._local.snapshot())
@@ -399,17 +416,19 @@ class RedisRegistry:
             self._enter(LinkState.OUTAGE)
 
     def _bounded(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """A deadline of ``command_timeout`` for one Redis operation (its TimeoutError counts
-        as a Redis failure). On a cluster it also waits for one of ``max_connections`` slots:
-        redis-py's cluster client fails at its connection cap instead of waiting."""
-        if self._gate is None:
+        """One Redis operation: wait for one of ``max_connections`` slots (see
+        :class:`CallGate`: a burst queues there, untimed), then a deadline of
+        ``command_timeout`` (its TimeoutError counts as a Redis failure). The heartbeat task
+        never waits for a slot: it has a connection of its own, so its lease renewal never
+        queues behind a burst (else the other workers would declare this one lost)."""
+        if self._priority():
             return asyncio.timeout(self.command_timeout)
-        return self._gated(self._gate)
+        return self._gate.slot(self.command_timeout)
 
-    @contextlib.asynccontextmanager
-    async def _gated(self, gate: asyncio.Semaphore) -> Any:
-        async with asyncio.timeout(self.command_timeout), gate:
-            yield
+    def _priority(self) -> bool:
+        """Whether the caller is the heartbeat (which never queues behind other calls)."""
+        beater = self._beater
+        return beater is not None and asyncio.current_task() is beater
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -531,7 +550,6 @@ class RedisRegistry:
         if not cluster:
             return
         check_cluster_prefix(self.prefix)
-        self._gate = asyncio.Semaphore(self.max_connections)
         self._keys = Keys(self.prefix, cluster=True)
         self._route = [self._keys.nodes]
         sharded = self.settings.sharded_pubsub
@@ -552,13 +570,15 @@ class RedisRegistry:
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
 
-        # A blocking pool: a burst of sessions waits for a connection instead of failing
-        # with "Too many connections" (redis-py's default pool raises at its limit). Few,
-        # quick retries: an outage must be noticed fast (local work goes on meanwhile).
+        # Calls queue in the registry's CallGate (max_connections in flight); the pool has a
+        # connection more for the heartbeat and one for pub/sub, so they never wait for one.
+        # A blocking pool all the same (redis-py's default pool raises "Too many connections"
+        # at its limit), its wait bounded. Few, quick retries: an outage must be noticed fast
+        # (local work goes on meanwhile).
         self._pool = BlockingConnectionPool.from_url(
             url,
             decode_responses=True,
-            max_connections=self.max_connections,
+            max_connections=self.max_connections + _OWN_CONNECTIONS,
             timeout=self.command_timeout,
             socket_connect_timeout=self.command_timeout,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
@@ -1782,6 +1802,13 @@ async def _stop(task: asyncio.Task[Any], grace: float = 2.0) -> None:
 def _decodes(client: Any) -> bool:
     """Whether ``client`` answers with ``str`` (``decode_responses=True``)."""
     return bool(client.get_connection_kwargs().get("decode_responses"))
+
+
+def _no_connection() -> BaseException:
+    """What a call waiting for a connection gets when Redis turns out to be down."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return RedisConnectionError("Redis unavailable: a call ahead of this one failed")
 
 
 def _describe(exc: BaseException) -> str:
