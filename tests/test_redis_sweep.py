@@ -17,6 +17,8 @@ the registry exits meanwhile), nothing is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import signal
 from typing import Any
@@ -24,13 +26,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from example_app.procs import free_port, start_worker, stop, wait_for_port
 from wsession import EndReason, Session, SessionManager
 from wsession.backends import redis as redis_backend
 from wsession.backends.redis import LinkState, RedisRegistry
 
 from .redis_support import RedisServer
 from .test_redis_burst import slow_proxy
-from .test_redis_healing import Recorder, live_session, wait_for
+from .test_redis_healing import Recorder, live_session, open_clients, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -169,6 +172,58 @@ async def test_exit_while_swept_sessions_end_runs_every_hook_once(
         hooks.release.set()
         if exiting is None:
             await a.__aexit__(None, None, None)
+
+
+async def test_exit_while_a_lost_workers_hooks_run_runs_each_once(
+    redis_server: RedisServer,
+) -> None:
+    """B claims the 40 sessions of a killed worker, whose node-lost hooks take 0.2 s each, and
+    exits at once with drain_timeout=0.5: the exit runs every hook exactly once (none cut off
+    when the deadline passes)."""
+    prefix = f"heal-exit-{secrets.token_hex(4)}"
+    count = 40
+    recorder = Recorder()
+    port = free_port()
+    env = {
+        **os.environ,
+        "WSESSION_REDIS_URL": redis_server.url,
+        "WSESSION_REDIS_PREFIX": prefix,
+        "WSESSION_HEARTBEAT": str(HEARTBEAT),
+    }
+    worker = start_worker(port, env)
+    clients: list[Any] = []
+    b = SessionManager(
+        registry=RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT),
+        drain_on_signal=False,
+        drain_timeout=0.5,
+    )
+    recorder.install(b, "b", delay=0.2)
+    try:
+        wait_for_port(port, worker, "example worker", timeout=20)
+        await b.__aenter__()
+        try:
+            clients = await open_clients(port, count)
+
+            async def everyone_listed() -> bool:
+                return await b.count() == count
+
+            await wait_for(everyone_listed, 10, "all sessions listed")
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+
+            async def claimed_by_b() -> bool:
+                return await b.count() == 0
+
+            await wait_for(claimed_by_b, 10, "B to claim the killed worker's sessions")
+        finally:
+            await b.__aexit__(None, None, None)
+        lost = recorder.node_lost()
+        assert len(lost) == len(set(lost)) == count, (len(lost), len(set(lost)))
+    finally:
+        for ws in clients:
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
+        stop(worker)
 
 
 SESSIONS = 200  # written back after the outage: 200 round trips of 40 ms each, one by one
