@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from example_app.procs import free_port, start_worker, stop, wait_for_port
 from wsession import EndReason, Session, SessionManager
 from wsession.backends import redis as redis_backend
+from wsession.backends._redis_endings import Endings
 from wsession.backends.redis import LinkState, RedisRegistry
 
 from .redis_support import RedisServer
@@ -304,3 +305,60 @@ async def test_writing_sessions_back_after_an_outage_keeps_the_lease(
                 await asyncio.gather(*(registry.remove(s) for s in sessions))
         finally:
             await direct.aclose()
+
+
+# -- the endings queue itself (no Redis) ------------------------------------------------------
+
+
+async def test_endings_run_each_once_a_few_at_a_time_and_close_finishes_the_rest() -> None:
+    endings = Endings(2)
+    release = asyncio.Event()
+    running: list[int] = []
+    most = 0
+    ran: list[int] = []
+    everyone_started = asyncio.Event()
+
+    def ending(n: int) -> Any:
+        async def run() -> None:
+            nonlocal most
+            running.append(n)
+            most = max(most, len(running))
+            if len(running) == 5:
+                everyone_started.set()
+            await release.wait()
+            running.remove(n)
+            ran.append(n)
+
+        return run
+
+    for n in range(5):
+        endings.add(ending(n))
+    assert len(endings) == 5
+    closing = asyncio.create_task(endings.close(timeout=0.05))
+    async with asyncio.timeout(5):
+        await everyone_started.wait()  # past the deadline, the three queued ones start at once
+    assert most == 5
+    release.set()
+    async with asyncio.timeout(5):
+        await closing
+    assert sorted(ran) == [0, 1, 2, 3, 4]
+    assert len(endings) == 0
+
+
+async def test_an_ending_added_as_the_last_runner_finishes_still_runs() -> None:
+    """A runner that just ran out of work, and an ending added before its task's done
+    callbacks ran: the ending must get a runner, not wait in the queue."""
+    endings = Endings(1)
+    second_ran = asyncio.Event()
+
+    async def second() -> None:
+        second_ran.set()
+
+    async def first() -> None:
+        # Runs right after this ending returns and its runner ends, before done callbacks.
+        asyncio.get_running_loop().call_soon(endings.add, second)
+
+    endings.add(first)
+    async with asyncio.timeout(2):
+        await second_ran.wait()
+    await endings.close(timeout=1)

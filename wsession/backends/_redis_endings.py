@@ -30,11 +30,12 @@ class Endings:
         self._concurrency = concurrency
         self._queue: deque[Ending] = deque()
         self._runners: set[asyncio.Task[None]] = set()
+        self._running = 0  # endings taken from the queue and not finished
         self._closing = False
 
     def __len__(self) -> int:
         """Endings queued or under way."""
-        return len(self._queue) + len(self._runners)
+        return len(self._queue) + self._running
 
     def add(self, ending: Ending) -> None:
         """Queue ``ending`` (a coroutine function that logs its own failures)."""
@@ -48,12 +49,20 @@ class Endings:
         runner.add_done_callback(self._runners.discard)
 
     async def _run(self) -> None:
-        while self._queue:
-            ending = self._queue.popleft()
-            try:
-                await ending()
-            except Exception:
-                log_error(None, "a session ending failed", exc=True)
+        try:
+            while self._queue:
+                ending = self._queue.popleft()
+                self._running += 1
+                try:
+                    await ending()
+                except Exception:
+                    log_error(None, "a session ending failed", exc=True)
+                finally:
+                    self._running -= 1
+        finally:
+            # At once, not in the done callback (which runs later): an add() in between would
+            # count this runner as live and leave its ending queued with no runner.
+            self._runners.discard(asyncio.current_task())
 
     async def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the queued endings; then start every one still
