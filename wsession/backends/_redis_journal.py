@@ -385,22 +385,30 @@ class RedisJournal:
         """A resumed session is this worker's again."""
         self._registry._adopt(session)
 
-    async def sweep(self) -> list[Session]:
+    async def sweep(self) -> list[tuple[str, dict[str, str], list[str]]]:
         """End detached sessions whose window ended a while ago and whose worker did not end
         them (it drained or died): each ended once in the cluster, by whichever worker's sweep
-        takes it. Returns them (rebuilt) for their disconnect hooks."""
+        takes it (up to 100 per call). One Redis step: the heartbeat calls it. Returns each
+        one's id, stored fields and groups, for :meth:`finish_swept` (off the heartbeat)."""
         registry = self._registry
         grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
         async with self._io():
             reply = await self._script("SWEEP")(
                 keys=registry._route, args=[registry._keys.prefix, grace, 100]
             )
-            for sid, fields, _ in reply:
-                await self._ended_here(str(sid), _fields(fields))
         return [
-            self._rebuild(str(sid), _fields(fields), groups, live=False)
-            for sid, fields, groups in reply
+            (str(sid), _fields(fields), [str(g) for g in groups]) for sid, fields, groups in reply
         ]
+
+    async def finish_swept(self, session_id: str, stored: dict[str, str]) -> None:
+        """After :meth:`sweep`, off the heartbeat: tell the parking worker and drop the
+        presence it left (see :meth:`_ended_here`). Raises Redis errors."""
+        async with self._io():
+            await self._ended_here(session_id, stored)
+
+    def rebuild_swept(self, session_id: str, stored: dict[str, str], groups: list[str]) -> Session:
+        """A swept session, rebuilt for its disconnect hooks."""
+        return self._rebuild(session_id, stored, groups, live=False)
 
     async def catch_up(self, sessions: list[Session]) -> None:
         """After the pub/sub subscription was lost: write what was recorded for ``sessions``

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 from collections import defaultdict, deque
@@ -63,6 +64,7 @@ from ._redis_codec import (
     rebuild_session,
     session_fields,
 )
+from ._redis_endings import Endings
 from ._redis_journal import DETACHED_NODE, RedisJournal
 from ._redis_link import (
     CallGate,
@@ -85,6 +87,9 @@ if TYPE_CHECKING:
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOST_CLOSE_CODE = 1012  # "service restart": the client may reconnect at once
 _CLAIM_BATCH = 200
+_RESYNC_BATCH = 100  # sessions written back (or removals replayed) per pipeline
+_ENDING_TASKS = 8  # endings of swept or claimed sessions run at once (their hooks)
+_SWEEP_BACKLOG = 100  # the heartbeat sweeps only while fewer endings than this are pending
 _OWN_CONNECTIONS = 2  # beyond max_connections: the heartbeat's and the pub/sub listener's
 _NO_SPACE = r"^\S+$"
 
@@ -268,7 +273,10 @@ class RedisRegistry:
       again, and replays the removals it missed, when Redis is back, and answers cluster queries
       only once that is done.
     - The node-lost hooks of a lost worker's sessions run on the worker that claimed them; if
-      that worker dies too before running them, they do not run (at most once). A worker that
+      that worker dies too before running them, they do not run (at most once). They run in
+      tasks of their own (up to 8 sessions at once), as do the hooks of detached sessions the
+      heartbeat's sweep ends, never in the heartbeat (a slow hook would let the lease lapse);
+      exiting the registry waits for them (see ``_redis_endings.py``). A worker that
       was alive but declared lost (cut off from Redis or blocked past ``lease_ttl``) finds its
       tombstone when it comes back: it closes those sessions with 1012, whose hooks then run a
       second time there, and carries on under a new node id. With resumption (a manager with
@@ -360,6 +368,9 @@ class RedisRegistry:
         self._beater: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._healing: dict[str, asyncio.Task[None]] = {}
+        # Hooks of sessions ended here without a connection (swept, claimed): off the heartbeat.
+        self._endings = Endings(_ENDING_TASKS)
+        self._renewed_at = float("-inf")  # when the last lease renewal was sent (monotonic)
         self._state = LinkState.STOPPED
         self._recovered_at = float("-inf")  # when this worker was last cut off (monotonic)
         self._unwritten: set[str] = set()  # local ids Redis may lack or hold stale
@@ -599,12 +610,15 @@ class RedisRegistry:
             if task is not None:
                 await _stop(task)
         self._beater = self._listener = None
+        limit = self._manager.settings.drain_timeout if self._manager is not None else 10.0
+        deadline = monotonic() + limit
         if self._healing:
-            # Their sessions are claimed already: give their hooks time to run.
-            limit = self._manager.settings.drain_timeout if self._manager is not None else 10.0
+            # Claiming a lost worker's sessions: what is claimed by then is queued for ending.
             _, late = await asyncio.wait(list(self._healing.values()), timeout=limit)
             for task in late:
-                task.cancel()
+                await _stop(task)
+        # Hooks of sessions ended here without a connection: each runs once (see Endings).
+        await self._endings.close(max(0.0, deadline - monotonic()))
         client = self._client
         if client is None:
             return
@@ -911,34 +925,39 @@ class RedisRegistry:
 
     # -- internals: writes ------------------------------------------------------------------
 
+    def _register_args(self, session: Session, node: str) -> list[Any]:
+        """The arguments of the REGISTER script writing ``session`` under ``node``."""
+        fields, truncated = session_fields(session, node, self.policy)
+        if truncated and not self._truncation_logged:
+            self._truncation_logged = True
+            log_warning(
+                session.id,
+                "headers of %s exceed max_stored_header_bytes=%d: those that do not fit are "
+                "not stored in Redis (logged once per worker)",
+                session.id,
+                self.policy.max_header_bytes,
+            )
+        groups = sorted(session.groups)
+        args: list[Any] = [
+            self._keys.prefix,
+            node,
+            self._incarnation,
+            int(self.settings.index_ttl),
+            session.id,
+            session.user_key or "",
+            len(groups),
+            *groups,
+        ]
+        for name, value in fields.items():
+            args += [name, value]
+        return args
+
     async def _register(self, session: Session) -> None:
         """Write ``session`` under this worker's id (a full rewrite: data, user key, groups).
         The caller bounds it in time."""
         for _ in range(3):
             node = self.node_id
-            fields, truncated = session_fields(session, node, self.policy)
-            if truncated and not self._truncation_logged:
-                self._truncation_logged = True
-                log_warning(
-                    session.id,
-                    "headers of %s exceed max_stored_header_bytes=%d: those that do not fit are "
-                    "not stored in Redis (logged once per worker)",
-                    session.id,
-                    self.policy.max_header_bytes,
-                )
-            groups = sorted(session.groups)
-            args: list[str | int] = [
-                self._keys.prefix,
-                node,
-                self._incarnation,
-                int(self.settings.index_ttl),
-                session.id,
-                session.user_key or "",
-                len(groups),
-                *groups,
-            ]
-            for name, value in fields.items():
-                args += [name, value]
+            args = self._register_args(session, node)
             result = int(await self._scripts["REGISTER"](keys=self._route, args=args))
             if result == 1:
                 session.node = node
@@ -955,6 +974,46 @@ class RedisRegistry:
         raise RegistryUnavailable(
             f"could not register {session.id}: this worker keeps being declared lost"
         )
+
+    async def _write_back(self, ids: list[str]) -> None:
+        """Write these local sessions again (a resync), in one Redis step; those the batch
+        could not write (no lease, declared lost meanwhile) are written one by one."""
+        sessions = [
+            s
+            for i in ids
+            if (s := self._local.local_session(i)) is not None
+            and s.end_reason is None  # ending: its removal follows
+            and s.state is not SessionState.CLOSED
+        ]
+        if not sessions:
+            return
+        node = self.node_id
+        async with self._bounded():
+            results = await self._script_batch(
+                "REGISTER", [self._register_args(s, node) for s in sessions]
+            )
+        for session, result in zip(sessions, results, strict=True):
+            try:
+                if int(result) == 1:
+                    session.node = node
+                    self._written.add(session.id)
+                    continue
+                async with self._bounded():
+                    await self._register(session)
+            except ValueError as exc:
+                log_error(session.id, "cannot register %s again: %s", session.id, exc)
+
+    async def _script_batch(self, name: str, calls: list[list[Any]]) -> list[Any]:
+        """Run the script ``name`` once per argument list: one pipeline on one Redis, a call
+        each on a cluster (its pipelines refuse scripts) or for one call (a pipeline asks SCRIPT
+        EXISTS first). The caller bounds it in time."""
+        script = self._scripts[name]
+        if len(calls) == 1 or self._mode.cluster:
+            return [await script(keys=self._route, args=args) for args in calls]
+        pipe = self.redis.pipeline(transaction=False)
+        for args in calls:
+            await script(keys=self._route, args=args, client=pipe)
+        return list(await pipe.execute())
 
     async def _mirror_membership(self, session_id: str, group: str, *, join: bool) -> None:
         """Write a local join or leave to Redis (or leave it to the next resync)."""
@@ -1018,6 +1077,7 @@ class RedisRegistry:
         ttl = int(self.settings.index_ttl)
         ordered = sorted(keys)
         for start in range(0, len(ordered), 1000):
+            await self._keep_lease()
             async with self._bounded():
                 pipe = self.redis.pipeline(transaction=False)
                 for key in ordered[start : start + 1000]:
@@ -1263,15 +1323,30 @@ class RedisRegistry:
             log_error(None, "catching up with the journals failed", exc=True)
 
     async def _sweep(self) -> None:
-        """End the detached sessions nobody else will end (see ``RedisJournal.sweep``)."""
+        """End the detached sessions nobody else will end (see ``RedisJournal.sweep``): one
+        Redis step here; the rest of each ending, hooks included, is queued (see
+        :class:`Endings`), so slow hooks never hold the heartbeat."""
         journal = self._journal
         assert journal is not None
-        manager = self._bound()
-        for session in await journal.sweep():
-            try:
-                await end_without_connection(manager, session, EndReason.RESUME_EXPIRED)
-            except Exception:
-                log_error(session.id, "ending detached %s failed", session.id, exc=True)
+        for session_id, stored, groups in await journal.sweep():
+            self._endings.add(functools.partial(self._end_swept, session_id, stored, groups))
+
+    async def _end_swept(self, session_id: str, stored: dict[str, str], groups: list[str]) -> None:
+        """End a session the sweep took: tell its parking worker, then its disconnect hooks
+        (once: Redis has ended it already, whatever happens here)."""
+        journal = self._journal
+        assert journal is not None
+        try:
+            await journal.finish_swept(session_id, stored)
+        except _redis_errors() as exc:
+            self._fail(exc)
+        except Exception:
+            log_error(session_id, "announcing the end of detached %s failed", session_id, exc=True)
+        try:
+            session = journal.rebuild_swept(session_id, stored, groups)
+            await end_without_connection(self._bound(), session, EndReason.RESUME_EXPIRED)
+        except Exception:
+            log_error(session_id, "ending detached %s failed", session_id, exc=True)
 
     def _restart_listener(self) -> None:
         if self._listener is not None:
@@ -1458,8 +1533,10 @@ class RedisRegistry:
                 raise asyncio.CancelledError
 
     async def _tick(self) -> None:
-        """Renew the lease; write what Redis missed; look for lost workers. Each Redis step is
-        bounded by ``command_timeout``."""
+        """Renew the lease; write what Redis missed; look for lost workers; sweep. Each Redis
+        step is bounded by ``command_timeout``; a long tick (a resync of thousands of sessions)
+        renews the lease between its steps, and no hook runs here (see :class:`Endings`): the
+        lease never lapses while Redis and the event loop are fine."""
         async with self._bounded():
             await self._renew()
         if self._state is LinkState.OUTAGE:
@@ -1471,7 +1548,9 @@ class RedisRegistry:
         if self._state is not LinkState.AVAILABLE:
             return
         await self._check_nodes()
-        if self._journal is not None:
+        if self._journal is not None and len(self._endings) < _SWEEP_BACKLOG:
+            # (With a backlog of endings, the sessions wait in Redis: another worker's sweep, or
+            # a later one here, takes them.)
             await self._sweep()
         if monotonic() - self._ttl_refreshed_at > self.settings.index_ttl / 3:
             await self._refresh_index_ttls()
@@ -1483,6 +1562,7 @@ class RedisRegistry:
         for _ in range(2):
             node = self.node_id
             self._token += 1
+            self._renewed_at = monotonic()
             state = int(
                 await self._scripts["HEARTBEAT"](
                     keys=self._route,
@@ -1504,26 +1584,37 @@ class RedisRegistry:
             self._recovered_at = monotonic()
             self._mark_all_unwritten()
 
-    async def _resync(self) -> None:
-        """Replay missed removals, write every unwritten local session; then available."""
-        for session_id in list(self._pending_removals):
+    async def _keep_lease(self) -> None:
+        """Renew the lease if half a heartbeat went by since the last renewal: called between
+        the steps of a long tick, so the lease never lapses meanwhile."""
+        if monotonic() - self._renewed_at >= self.heartbeat / 2:
             async with self._bounded():
-                await self._remove_in_redis(session_id)
-            self._pending_removals.discard(session_id)
-        for session_id in list(self._unwritten):
-            self._unwritten.discard(session_id)  # before the write: a later change re-adds it
-            session = self._local.local_session(session_id)
-            if session is None or session.end_reason is not None:
-                continue  # gone or ending: its removal follows
-            if session.state is SessionState.CLOSED:
-                continue
+                await self._renew()
+
+    async def _resync(self) -> None:
+        """Replay missed removals, write every unwritten local session; then available. In
+        batches (a pipeline each on one Redis; a call each on a cluster, whose pipelines refuse
+        scripts), renewing the lease between them: thousands of sessions on a slow link take
+        longer than the lease."""
+        size = 1 if self._mode.cluster else _RESYNC_BATCH
+        removals = list(self._pending_removals)
+        for start in range(0, len(removals), size):
+            await self._keep_lease()
+            batch = removals[start : start + size]
+            async with self._bounded():
+                await self._script_batch(
+                    "REMOVE", [[self._keys.prefix, i, self.node_id] for i in batch]
+                )
+            self._pending_removals.difference_update(batch)
+        unwritten = list(self._unwritten)
+        for start in range(0, len(unwritten), size):
+            await self._keep_lease()
+            batch = unwritten[start : start + size]
+            self._unwritten.difference_update(batch)  # before the write: a change re-adds one
             try:
-                async with self._bounded():
-                    await self._register(session)
-            except ValueError as exc:
-                log_error(session.id, "cannot register %s again: %s", session.id, exc)
+                await self._write_back(batch)
             except BaseException:
-                self._unwritten.add(session_id)
+                self._unwritten.update(batch)
                 raise
         if not self._unwritten and not self._pending_removals:
             self._enter(LinkState.AVAILABLE)
@@ -1629,10 +1720,11 @@ class RedisRegistry:
                 node,
                 left,
             )
-            claimed = await self._claim_sessions(node)
-            task = asyncio.get_running_loop().create_task(self._end_all_lost(claimed))
-            self._healing[f"{node}/previous"] = task
-            task.add_done_callback(lambda _: self._healing.pop(f"{node}/previous", None))
+            claimed: list[tuple[str, list[Any]]] = []
+            try:
+                await self._claim_sessions(node, claimed)
+            finally:
+                self._end_all_lost(claimed)
 
     async def _check_nodes(self) -> None:
         """Start healing each worker that is lost: lease expired, or (faster) no pub/sub
@@ -1675,8 +1767,9 @@ class RedisRegistry:
             self._healing[node] = task
 
     async def _heal(self, node: str, expected: str) -> None:
-        """Declare ``node`` lost, claim its sessions, then run their node-lost hooks (in this
-        task: the heartbeat goes on meanwhile)."""
+        """Declare ``node`` lost and claim its sessions (in this task: the heartbeat goes on
+        meanwhile), then queue their node-lost endings (see :class:`Endings`), even when
+        cancelled or failing part-way: every session claimed gets its hooks once."""
         claimed: list[tuple[str, list[Any]]] = []
         try:
             async with self._bounded():
@@ -1693,7 +1786,7 @@ class RedisRegistry:
             if not int(declared):
                 return  # it renewed its lease meanwhile: alive
             log_warning(None, "worker %s is lost: ending its sessions as node lost", node)
-            claimed = await self._claim_sessions(node)
+            await self._claim_sessions(node, claimed)
             async with self._bounded():
                 await self._scripts["FORGET_NODE"](keys=self._route, args=[self._keys.prefix, node])
             await self._presence_lost(node)
@@ -1702,15 +1795,13 @@ class RedisRegistry:
         except Exception:
             log_error(None, "healing lost worker %s failed", node, exc=True)
         finally:
-            try:
-                await self._end_all_lost(claimed)
-            finally:
-                self._healing.pop(node, None)
+            self._end_all_lost(claimed)
+            self._healing.pop(node, None)
 
-    async def _claim_sessions(self, node: str) -> list[tuple[str, list[Any]]]:
+    async def _claim_sessions(self, node: str, claimed: list[tuple[str, list[Any]]]) -> None:
         """Claim every session ``node`` still owns (each claim atomic: a session is claimed by
-        one worker only). Claims made before a failure are kept (appended as they come)."""
-        claimed: list[tuple[str, list[Any]]] = []
+        one worker only), appending them to ``claimed`` as they come, so the claims made before
+        a failure or a cancellation are kept."""
         for _ in range(1000):  # bounded: each round empties what it saw
             async with self._bounded():
                 ids = list(await self.redis.smembers(self._keys.node_sessions(node)))
@@ -1727,11 +1818,12 @@ class RedisRegistry:
                     (str(sid), [fields, groups, int(detached)])
                     for sid, fields, groups, detached in replies
                 ]
-        return claimed
 
-    async def _end_all_lost(self, claimed: list[tuple[str, list[Any]]]) -> None:
+    def _end_all_lost(self, claimed: list[tuple[str, list[Any]]]) -> None:
+        """Queue the node-lost endings of ``claimed`` (each once: the list is emptied)."""
         for session_id, reply in claimed:
-            await self._end_lost(session_id, reply)
+            self._endings.add(functools.partial(self._end_lost, session_id, reply))
+        claimed.clear()
 
     async def _end_lost(self, session_id: str, claimed: list[Any]) -> None:
         try:

@@ -1,0 +1,364 @@
+"""The heartbeat renews the lease whatever else it has to do.
+
+Two pieces of work used to run inside the heartbeat task, between two lease renewals, so a
+worker whose Redis and event loop were fine could still let its lease lapse, and be declared
+lost by the others (its live sessions ended as ``node lost`` there, closed with 1012 here):
+
+- the disconnect hooks of the detached sessions its sweep ended (resumption: their window ran
+  out and the worker that parked them is gone): a slow hook held the next renewal;
+- after an outage, writing this worker's sessions back, one round trip each: thousands of them
+  on a slow link outlast the lease.
+
+Each test watches the lease from another client while the slow work runs, and checks what a
+user relies on: no other worker declares this one lost, every hook runs exactly once (also when
+the registry exits meanwhile), nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from example_app.procs import free_port, start_worker, stop, wait_for_port
+from wsession import EndReason, Session, SessionManager
+from wsession.backends import redis as redis_backend
+from wsession.backends._redis_endings import Endings
+from wsession.backends.redis import LinkState, RedisRegistry
+
+from .redis_support import RedisServer
+from .test_redis_burst import slow_proxy
+from .test_redis_healing import Recorder, live_session, open_clients, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
+
+HEARTBEAT = 0.2  # lease_ttl 1.0
+WINDOW = 0.1  # resume window of the parked sessions
+SECRET = "s" * 32
+
+
+def resumable_worker(url: str, prefix: str, **settings: Any) -> SessionManager:
+    return SessionManager(
+        registry=RedisRegistry(url, prefix=prefix, heartbeat=HEARTBEAT),
+        resume_window=WINDOW,
+        resume_secret=SECRET,
+        drain_on_signal=False,
+        **settings,
+    )
+
+
+async def park_and_leave(url: str, prefix: str, ids: list[str]) -> None:
+    """A worker registers sessions, parks them in Redis (their connections ended resumably),
+    then goes away without ending them (as after a drain whose process then exited): only
+    another worker's sweep ends them, once their window and the sweep's grace are over."""
+    parker = resumable_worker(url, prefix)
+    registry = parker.registry
+    assert isinstance(registry, RedisRegistry)
+    async with registry:
+        journal = registry.resume_store()
+        for session_id in ids:
+            session = live_session(parker, session_id)
+            await registry.add(session)
+            assert await journal.park(session, f"token-{session_id}", WINDOW, None) is not None
+
+
+class BlockingHooks:
+    """A disconnect hook that waits for :attr:`release` (a slow database, say)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.ended: list[tuple[str, EndReason | None]] = []
+
+    def install(self, manager: SessionManager) -> None:
+        async def hook(session: Session) -> None:
+            self.started.set()
+            await self.release.wait()
+            self.ended.append((session.id, session.end_reason))
+
+        manager.on_disconnect(hook)
+
+
+async def watch_lease(direct: Any, prefix: str, node: str, seconds: float) -> set[str]:
+    """The lease tokens of ``node`` seen over ``seconds`` (each renewal writes a new one);
+    fails as soon as the lease is missing or the node has a tombstone."""
+    tokens: set[str] = set()
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while loop.time() < until:  # a span of time is what is watched here
+        token = await direct.get(f"{prefix}:lease:{node}")
+        assert token is not None, "the lease lapsed"
+        assert not await direct.exists(f"{prefix}:dead:{node}"), "declared lost"
+        tokens.add(token)
+        await asyncio.sleep(0.02)
+    return tokens
+
+
+async def test_slow_hooks_of_swept_sessions_do_not_let_the_lease_lapse(
+    redis_server: RedisServer,
+) -> None:
+    """A's sweep ends three orphaned detached sessions whose disconnect hook blocks for 2.5
+    leases. A keeps renewing its lease, B never declares it lost (A's live session is not
+    ended as node lost), and each hook runs once when released."""
+    prefix = f"sweep-{secrets.token_hex(4)}"
+    orphans = ["o1", "o2", "o3"]
+    await park_and_leave(redis_server.url, prefix, orphans)
+    a = resumable_worker(redis_server.url, prefix, disconnect_timeout=30)
+    hooks = BlockingHooks()
+    hooks.install(a)
+    b = SessionManager(
+        registry=RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT),
+        drain_on_signal=False,
+    )
+    recorder = Recorder()
+    recorder.install(b, "b")
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        async with a, b:
+            registry = a.registry
+            assert isinstance(registry, RedisRegistry)
+            node = registry.node_id
+            await registry.add(live_session(a, "a-live"))
+            async with asyncio.timeout(10):
+                await hooks.started.wait()  # A's sweep took them; their hooks block
+            tokens = await watch_lease(direct, prefix, node, 2.5 * registry.lease_ttl)
+            assert len(tokens) >= 5, tokens  # renewed every heartbeat / 2 meanwhile
+            assert hooks.ended == []
+            hooks.release.set()
+
+            async def all_ended() -> bool:
+                return len(hooks.ended) >= len(orphans)
+
+            await wait_for(all_ended, 10, "the swept sessions' hooks")
+            assert sorted(hooks.ended) == [(i, EndReason.RESUME_EXPIRED) for i in orphans]
+            assert recorder.node_lost() == []
+            assert registry.node_id == node
+            assert registry.state is LinkState.AVAILABLE
+            assert [s.id for s in await b.sessions()] == ["a-live"]
+        assert sorted(hooks.ended) == [(i, EndReason.RESUME_EXPIRED) for i in orphans]  # once
+    finally:
+        await direct.aclose()
+
+
+async def test_exit_while_swept_sessions_end_runs_every_hook_once(
+    redis_server: RedisServer,
+) -> None:
+    """More swept sessions than run at once, their hooks blocked, when the worker exits: the
+    exit waits for them (within drain_timeout), and every hook runs exactly once."""
+    prefix = f"sweep-exit-{secrets.token_hex(4)}"
+    orphans = [f"o{i:02}" for i in range(20)]
+    await park_and_leave(redis_server.url, prefix, orphans)
+    a = resumable_worker(redis_server.url, prefix, disconnect_timeout=30, drain_timeout=20)
+    hooks = BlockingHooks()
+    hooks.install(a)
+    await a.__aenter__()
+    exiting: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(10):
+            await hooks.started.wait()
+        exiting = asyncio.create_task(a.__aexit__(None, None, None))
+        done, _ = await asyncio.wait([exiting], timeout=0.5)
+        assert not done, "the registry exited with hooks still running"
+        hooks.release.set()
+        async with asyncio.timeout(20):
+            await exiting
+        assert sorted(hooks.ended) == [(i, EndReason.RESUME_EXPIRED) for i in orphans]
+    finally:
+        hooks.release.set()
+        if exiting is None:
+            await a.__aexit__(None, None, None)
+
+
+async def test_exit_while_a_lost_workers_hooks_run_runs_each_once(
+    redis_server: RedisServer,
+) -> None:
+    """B claims the 40 sessions of a killed worker, whose node-lost hooks take 0.2 s each, and
+    exits at once with drain_timeout=0.5: the exit runs every hook exactly once (none cut off
+    when the deadline passes)."""
+    prefix = f"heal-exit-{secrets.token_hex(4)}"
+    count = 40
+    recorder = Recorder()
+    port = free_port()
+    env = {
+        **os.environ,
+        "WSESSION_REDIS_URL": redis_server.url,
+        "WSESSION_REDIS_PREFIX": prefix,
+        "WSESSION_HEARTBEAT": str(HEARTBEAT),
+    }
+    worker = start_worker(port, env)
+    clients: list[Any] = []
+    b = SessionManager(
+        registry=RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT),
+        drain_on_signal=False,
+        drain_timeout=0.5,
+    )
+    recorder.install(b, "b", delay=0.2)
+    try:
+        wait_for_port(port, worker, "example worker", timeout=20)
+        await b.__aenter__()
+        try:
+            clients = await open_clients(port, count)
+
+            async def everyone_listed() -> bool:
+                return await b.count() == count
+
+            await wait_for(everyone_listed, 10, "all sessions listed")
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+
+            async def claimed_by_b() -> bool:
+                return await b.count() == 0
+
+            await wait_for(claimed_by_b, 10, "B to claim the killed worker's sessions")
+        finally:
+            await b.__aexit__(None, None, None)
+        lost = recorder.node_lost()
+        assert len(lost) == len(set(lost)) == count, (len(lost), len(set(lost)))
+    finally:
+        for ws in clients:
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
+        stop(worker)
+
+
+SESSIONS = 200  # written back after the outage: 200 round trips of 40 ms each, one by one
+LEASE_TTL = 2.0  # longer than the outage itself (noticed within command_timeout)
+
+
+@pytest.mark.parametrize("batch", ["default", 4])
+async def test_writing_sessions_back_after_an_outage_keeps_the_lease(
+    own_redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, batch: Any
+) -> None:
+    """A (200 sessions, behind a link that delays every reply by 40 ms) loses Redis briefly
+    (SIGSTOP) and writes its sessions back. B never declares A lost meanwhile, and every
+    session is in Redis afterwards. With batches of 4 the write-back takes several leases
+    even pipelined (50 pipelines): the lease is renewed between batches."""
+    if batch != "default":
+        monkeypatch.setattr(redis_backend, "_RESYNC_BATCH", batch, raising=False)
+    server = own_redis_server
+    prefix = f"resync-{secrets.token_hex(4)}"
+    recorder = Recorder()
+    direct = Redis.from_url(server.url, decode_responses=True)
+    async with slow_proxy(server) as proxy:
+        registry = RedisRegistry(
+            proxy.url,
+            prefix=prefix,
+            heartbeat=HEARTBEAT,
+            lease_ttl=LEASE_TTL,
+            command_timeout=0.5,
+            max_connections=16,
+        )
+        a = SessionManager(registry=registry, drain_on_signal=False)
+        b = SessionManager(
+            registry=RedisRegistry(
+                server.url, prefix=prefix, heartbeat=HEARTBEAT, lease_ttl=LEASE_TTL
+            ),
+            drain_on_signal=False,
+        )
+        recorder.install(a, "a")
+        recorder.install(b, "b")
+        try:
+            async with a, b:
+                node = registry.node_id
+                sessions = [live_session(a, f"s{i:04}") for i in range(SESSIONS)]
+                await asyncio.gather(*(registry.add(s) for s in sessions))
+                assert await b.count() == SESSIONS
+                assert server.proc is not None
+                server.proc.send_signal(signal.SIGSTOP)
+                try:
+
+                    async def in_outage() -> bool:
+                        return registry.state is LinkState.OUTAGE
+
+                    await wait_for(in_outage, 10, "A to notice the outage")
+                finally:
+                    server.proc.send_signal(signal.SIGCONT)
+                tokens: set[Any] = set()
+                started = asyncio.get_running_loop().time()
+                async with asyncio.timeout(40):
+                    while registry.state is not LinkState.AVAILABLE:
+                        # Polled: B's view of A while A writes its sessions back.
+                        assert not await direct.exists(f"{prefix}:dead:{node}"), "declared lost"
+                        assert recorder.node_lost() == []
+                        token = await direct.get(f"{prefix}:lease:{node}")
+                        if token is not None:
+                            tokens.add(token)
+                        await asyncio.sleep(0.02)
+                took = asyncio.get_running_loop().time() - started
+                if batch != "default":
+                    # The write-back outlasted the lease: a lease renewed only around it lapses.
+                    assert took > LEASE_TTL, took
+                    assert len(tokens) >= 2 * took / LEASE_TTL, (len(tokens), took)
+                assert not await direct.exists(f"{prefix}:dead:{node}")
+                assert registry.node_id == node
+                assert recorder.node_lost() == []
+                assert await b.count() == SESSIONS
+                assert await direct.scard(f"{prefix}:n:{node}:s") == SESSIONS
+                assert await a.count() == SESSIONS
+                # (Removed at once: the registry's exit removes what is left one by one.)
+                await asyncio.gather(*(registry.remove(s) for s in sessions))
+        finally:
+            await direct.aclose()
+
+
+# -- the endings queue itself (no Redis) ------------------------------------------------------
+
+
+async def test_endings_run_each_once_a_few_at_a_time_and_close_finishes_the_rest() -> None:
+    endings = Endings(2)
+    release = asyncio.Event()
+    running: list[int] = []
+    most = 0
+    ran: list[int] = []
+    everyone_started = asyncio.Event()
+
+    def ending(n: int) -> Any:
+        async def run() -> None:
+            nonlocal most
+            running.append(n)
+            most = max(most, len(running))
+            if len(running) == 5:
+                everyone_started.set()
+            await release.wait()
+            running.remove(n)
+            ran.append(n)
+
+        return run
+
+    for n in range(5):
+        endings.add(ending(n))
+    assert len(endings) == 5
+    closing = asyncio.create_task(endings.close(timeout=0.05))
+    async with asyncio.timeout(5):
+        await everyone_started.wait()  # past the deadline, the three queued ones start at once
+    assert most == 5
+    release.set()
+    async with asyncio.timeout(5):
+        await closing
+    assert sorted(ran) == [0, 1, 2, 3, 4]
+    assert len(endings) == 0
+
+
+async def test_an_ending_added_as_the_last_runner_finishes_still_runs() -> None:
+    """A runner that just ran out of work, and an ending added before its task's done
+    callbacks ran: the ending must get a runner, not wait in the queue."""
+    endings = Endings(1)
+    second_ran = asyncio.Event()
+
+    async def second() -> None:
+        second_ran.set()
+
+    async def first() -> None:
+        # Runs right after this ending returns and its runner ends, before done callbacks.
+        asyncio.get_running_loop().call_soon(endings.add, second)
+
+    endings.add(first)
+    async with asyncio.timeout(2):
+        await second_ran.wait()
+    await endings.close(timeout=1)
