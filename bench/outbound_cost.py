@@ -62,17 +62,18 @@ async def _drive(op: str, repeats: int, connections: int) -> None:
         return app(_scope(), receive, send)
 
     if op == "echo":
-        echo = loop.create_task(connection(repeats))
-        while len(manager.local) < 1:
-            await asyncio.sleep(0)
-        stops[0].set_result(None)
+        echo = connection(repeats)
+        stops[0].set_result(None)  # read once the echoes are done
         await echo
         return
     tasks = [loop.create_task(connection(0)) for _ in range(connections)]
-    while len(manager.local) < connections:
+    for _ in range(100 * connections):  # bounded: each connection accepts and registers
+        if len(manager.local) == connections:
+            break
         await asyncio.sleep(0)
     for _ in range(10):
         await asyncio.sleep(0)
+    assert len(manager.local) == connections, len(manager.local)
     ids = list(manager.local)
     if op == "broadcast":
         for _ in range(repeats):
