@@ -6,10 +6,13 @@ is reproduced step by step instead of by chance. Most run under asyncio and trio
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
+import gc
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -760,3 +763,43 @@ async def test_a_manager_frame_is_never_written_in_another_senders_context() -> 
         assert seen["a"] != "b" and seen["b"] != "a"
         a.close()
         b.close()
+
+
+class _LooseTasks:
+    """Starts fake connections as plain asyncio tasks (no task group waits for them)."""
+
+    def start_soon(self, function: Callable[..., Any], *args: Any) -> None:
+        _loose.add(asyncio.get_running_loop().create_task(function(*args)))
+
+
+_loose: set[asyncio.Task[Any]] = set()
+
+
+def test_frames_carried_as_the_event_loop_ends_leave_nothing_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    got: list[SendResult] = []
+
+    async def main(then_send: bool) -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        manager = SessionManager(drain_on_signal=False)  # its handlers would keep the loop
+        server = FakeServer(mount(accept_and_wait, manager))
+        client, session = await open_session(manager, server, _LooseTasks())
+        if then_send:
+            got.append(await manager.send(session.id, "next loop"))
+            assert client.data == ["next loop"]
+            return
+        # Posted, but the loop ends before anything writes it (asyncio.run cancels the rest).
+        _loose.add(asyncio.get_running_loop().create_task(manager.send(session.id, "late")))
+        _loose.add(asyncio.get_running_loop().create_task(manager.broadcast("late")))
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main(False))
+        asyncio.run(main(True))
+    _loose.clear()
+    gc.collect()
+    assert [loop() for loop in loops] == [None, None]
+    assert got == [SendResult.DELIVERED]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
