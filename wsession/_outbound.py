@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from enum import Enum
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -438,70 +439,184 @@ class Carried:
     """How a :func:`carry` went: ``written`` frames completed, ``pending`` still being written,
     ``failed`` refused because the client had left."""
 
-    __slots__ = ("done", "failed", "pending", "written")
+    __slots__ = ("_waiter", "failed", "pending", "written")
 
-    def __init__(self) -> None:
+    def __init__(self, waiter: _Wakeup | None) -> None:
         self.written = 0
         self.pending = 0
         self.failed = 0
-        self.done = anyio.Event()
+        self._waiter = waiter  # what the caller of carry() awaits; None for carry_soon()
+
+    def finish(self) -> None:
+        """Every frame is written or pending: wake the caller (if it still waits)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Wakeup(Protocol):
+    """What a caller of :func:`carry` awaits: an asyncio future, or :class:`_TrioWakeup`."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: None, /) -> None: ...
+    def __await__(self) -> Generator[Any, Any, None]: ...
+
+
+class _TrioWakeup:
+    """The subset of an asyncio future that :func:`carry` uses, on trio."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        import trio
+
+        self._event = trio.Event()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def set_result(self, result: None, /) -> None:
+        self._event.set()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        return self._event.wait().__await__()
+
+
+_Job = tuple[Iterator[tuple["Outbound", Message]], Carried]
+
+
+class _Courier:
+    """Writes manager frames for one event loop: jobs in order, one task at a time.
+
+    The task in ``holder`` has the *courier* role while this object is in ``_COURIERS``. It
+    writes each job's frames one after the other with the server's own ``send`` (run to
+    completion in that task). When a write blocks on a slow client, that task stays the client's
+    writer and the role (with the rest of the job, ``jobs[0]``, and the jobs behind it) passes to
+    a fresh task, so no client holds up another. Out of work, the holder waits one loop turn for
+    more (a loop of sends by id reuses it) and ends. No task per message, nor per caller.
+    """
+
+    __slots__ = ("holder", "jobs", "key", "loop")
+
+    def __init__(self, key: object, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.key = key
+        self.loop = loop  # None on trio
+        self.jobs: deque[_Job] = deque()
+        self.holder: object = None
+
+    def waiter(self) -> _Wakeup:
+        return self.loop.create_future() if self.loop is not None else _TrioWakeup()
+
+    def start(self) -> None:
+        """A fresh task takes the courier role, in a context of its own, not the caller's: it
+        writes for every caller on this loop. (Trio's system tasks have their own already.)"""
+        if self.loop is None:
+            import trio
+
+            self.holder = trio.lowlevel.spawn_system_task(_courier_on_trio, self)
+            return
+        task = self.loop.create_task(_quietly(_courier, self), context=contextvars.Context())
+        self.holder = task
+        _TASKS.add(task)  # the loop keeps tasks only weakly
+        task.add_done_callback(self.ended)
+
+    def ended(self, holder: object) -> None:
+        """A courier task ended. If it still held the role, it was cancelled (the event loop
+        is shutting down, perhaps before the task even started): wake every caller still
+        waiting, and let the next carry on this loop start afresh."""
+        _TASKS.discard(holder)
+        if holder is not self.holder:
+            return  # handed the role on, or gave it up for want of work
+        self.holder = None
+        del _COURIERS[self.key]
+        while self.jobs:
+            self.jobs.popleft()[1].finish()
+
+
+_COURIERS: dict[object, _Courier] = {}  # by event loop (trio: its token), while one runs
+
+
+def _post(writes: list[tuple[Outbound, Message]], waiting: bool) -> Carried:
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        key: object = loop
+    except RuntimeError:
+        import trio
+
+        loop, key = None, trio.lowlevel.current_trio_token()
+    courier = _COURIERS.get(key)
+    if courier is None:
+        courier = _COURIERS[key] = _Courier(key, loop)
+        courier.start()
+    result = Carried(courier.waiter() if waiting else None)
+    courier.jobs.append((iter(writes), result))
+    return result
 
 
 async def carry(writes: list[tuple[Outbound, Message]]) -> Carried:
-    """Write frames whose writer role the caller took with :meth:`Outbound.offer`, from helper
-    tasks, and return once each is written or pending (never waits for a slow client).
+    """Write frames whose writer role the caller took with :meth:`Outbound.offer`, and return
+    once each is written or pending (never waits for a slow client). They are written by this
+    event loop's courier task (see :class:`_Courier`), in order with everything else carried.
 
-    One helper task writes them one after the other; when a client's write blocks, the rest of
-    the list passes to a fresh task and the blocked one stays that client's writer.
+    Cancelling the caller does not cancel the writes: the writer roles are taken already.
     """
-    result = Carried()
-    spawn(_carry, writes, 0, result)
-    await result.done.wait()
+    result = _post(writes, True)
+    waiter = result._waiter
+    assert waiter is not None
+    await waiter
     return result
 
 
 def carry_soon(writes: list[tuple[Outbound, Message]]) -> None:
     """Like :func:`carry`, for callers that cannot wait at all: the writes start soon, in
     order with everything else for their sessions (the writer roles are already taken)."""
-    spawn(_carry, writes, 0, Carried())
+    _post(writes, False)
 
 
-async def _carry(writes: list[tuple[Outbound, Message]], start: int, result: Carried) -> None:
-    handed_on = False
-    current = start
-    finished = False
+async def _courier(courier: _Courier) -> None:
+    jobs = courier.jobs
     me = _canceller()
+    writing: Outbound | None = None  # whose write is pending (this task is suspended in it)
+    armed = False  # a hand_on is scheduled
+    handed_on = False
 
     def hand_on() -> None:
-        # Runs only while this task is blocked in a write: the rest of the list goes to a new
-        # task, and this one stays the blocked client's writer.
-        nonlocal handed_on
-        if finished or handed_on:
-            return
+        # Runs when this task gave the loop control: if that was in a write, the write blocked.
+        nonlocal armed, handed_on
+        armed = False
+        if writing is None or handed_on:
+            return  # it was waiting for more work
         handed_on = True
-        writes[current][0]._driver = me
-        result.pending += 1
-        if current + 1 < len(writes):
-            spawn(_carry, writes, current + 1, result)
-        else:
-            result.done.set()
+        writing._driver = me  # this task stays the blocked client's writer
+        jobs[0][1].pending += 1
+        courier.start()  # the rest of jobs[0], and the jobs behind it
 
-    cancel_hand_on = call_soon(hand_on)
-    try:
-        for current in range(start, len(writes)):
-            outbound, message = writes[current]
+    while True:
+        if not jobs:
+            await (asyncio.sleep(0) if courier.loop is not None else _trio_checkpoint())
+            if not jobs:  # give the role up: the next carry starts a new courier
+                courier.holder = None
+                del _COURIERS[courier.key]
+                return
+        if not armed:
+            armed = True
+            call_soon(hand_on)
+        writes, result = jobs[0]
+        for outbound, message in writes:
             # A manager data frame: the server's send, with no wrapper around it (the hot path
             # of a broadcast).
             outbound.reserved = False
+            writing = outbound
             try:
                 await outbound._server_send(message)
             except Exception:  # the client left, or the server refused the frame
                 outbound._stop()
-            except BaseException:  # cancelled (the connection ended): give the role back
+            except BaseException:  # cancelled (the loop is ending): give the role back
                 outbound._driver = None
                 outbound._release()
                 raise
             if handed_on:
+                writing = None
                 await outbound._write_queue()  # what queued up behind the blocked write
                 return
             outbound._release()
@@ -509,11 +624,24 @@ async def _carry(writes: list[tuple[Outbound, Message]], start: int, result: Car
                 result.failed += 1
             else:
                 result.written += 1
+        writing = None
+        jobs.popleft()
+        result.finish()
+
+
+async def _courier_on_trio(courier: _Courier) -> None:
+    import trio
+
+    try:
+        await _quietly(_courier, courier)
     finally:
-        finished = True
-        cancel_hand_on()
-        if not handed_on:
-            result.done.set()
+        courier.ended(trio.lowlevel.current_task())
+
+
+async def _trio_checkpoint() -> None:
+    import trio
+
+    await trio.lowlevel.checkpoint()
 
 
 # -- the event loop, whichever it is ---------------------------------------------------------------
