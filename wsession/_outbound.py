@@ -61,6 +61,10 @@ class _Waiter:
         self.error: BaseException | None = None
 
 
+# Bound once: on Python 3.11 every ``Offer.X`` goes through ``EnumType.__getattr__``, a Python
+# call per lookup on the hot path of every broadcast recipient.
+_WRITE, _QUEUED, _FULL, _GONE = Offer.WRITE, Offer.QUEUED, Offer.FULL, Offer.GONE
+
 _Entry = tuple[Message, "_Waiter | None", int]
 _NO_QUEUE: deque[_Entry] = deque(maxlen=0)  # shared; appending to it would drop the frame
 
@@ -189,20 +193,20 @@ class Outbound:
         role and must pass the frame to :func:`carry`. ``FULL``: the queue is at its bounds
         (``max_frames`` frames, or ``max_bytes`` bytes once it holds anything)."""
         if self.ended or self.closing:
-            return Offer.GONE
+            return _GONE
         if self.now is not None:
             self.last_write = self.now()
         if not self.busy:
             self.busy = self.reserved = True
-            return Offer.WRITE
+            return _WRITE
         queue = self._queue
         if not self.reserved and (
             len(queue) >= self.max_frames or (queue and self.queued_bytes + nbytes > self.max_bytes)
         ):
-            return Offer.FULL
+            return _FULL
         self._queued().append((message, None, nbytes))
         self.queued_bytes += nbytes
-        return Offer.QUEUED
+        return _QUEUED
 
     def replay(self, messages: list[Message]) -> None:
         """Queue a resumed session's missed messages, in order, ahead of any manager frame
