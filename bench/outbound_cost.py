@@ -7,10 +7,11 @@ operation runs under ``valgrind --tool=callgrind`` twice, with ``n`` and ``2n`` 
 difference, divided by ``n`` (and by the recipients for a broadcast), is the cost of one
 operation with everything else (start-up, connecting, the event loop's set-up) taken out. The
 server's ``send`` is a trivial coroutine here, so the figures are wsession's (and Starlette's)
-Python cost plus that stub, not uvicorn's framing.
+Python cost plus that stub and uvloop's, not uvicorn's framing.
 
 Operations: ``broadcast`` (to every session; per recipient), ``send`` (``manager.send`` by id,
-one at a time; per send), ``echo`` (one connection echoing through Starlette; per message).
+one at a time; per send), ``echo`` (one connection echoing through Starlette; per message) and
+``echo-bare`` (the same without wsession).
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ _TEXT = "0123456789abcdef" * 2
 async def _drive(op: str, repeats: int, connections: int) -> None:
     from wsession import SessionManager
 
-    from .apps import _wsession_starlette
+    from .apps import _wsession_starlette, bare_app
     from .inproc import _scope
 
     manager = SessionManager()
-    app = _wsession_starlette(manager)
+    app = bare_app() if op == "echo-bare" else _wsession_starlette(manager)
     loop = asyncio.get_running_loop()
     stops: list[asyncio.Future[None]] = []
 
@@ -61,7 +62,7 @@ async def _drive(op: str, repeats: int, connections: int) -> None:
 
         return app(_scope(), receive, send)
 
-    if op == "echo":
+    if op in ("echo", "echo-bare"):
         echo = connection(repeats)
         stops[0].set_result(None)  # read once the echoes are done
         await echo
@@ -126,15 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         (op,) = args.ops
-        asyncio.run(_drive(op, args.repeats, args.connections))
+        try:  # the loop uvicorn[standard] serves on, as in bench.inproc
+            import uvloop
+
+            runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        except ImportError:  # pragma: no cover
+            runner = asyncio.Runner()
+        with runner:
+            runner.run(_drive(op, args.repeats, args.connections))
         return 0
-    defaults = {"broadcast": 5, "send": 1000, "echo": 2000}
+    defaults = {"broadcast": 5, "send": 1000, "echo": 2000, "echo-bare": 2000}
     for op in args.ops:
         n = args.repeats or defaults[op]
         one = _instructions(op, n, args.connections)
         two = _instructions(op, 2 * n, args.connections)
         per = (two - one) / n / (args.connections if op == "broadcast" else 1)
-        unit = {"broadcast": "recipient", "send": "send", "echo": "echoed message"}[op]
+        unit = {"broadcast": "recipient", "send": "send"}.get(op, "echoed message")
         print(f"{op}: {per:,.0f} instructions per {unit} (n={n}, {args.connections} sessions)")
     return 0
 
