@@ -623,7 +623,10 @@ async def _courier(courier: _Courier) -> None:
                 writing = None
                 await outbound._write_queue()  # what queued up behind the blocked write
                 return
-            outbound._release()
+            if outbound._queue or outbound.ended:
+                outbound._release()
+            else:
+                outbound.busy = False  # what _release() does then, without a call per recipient
             if outbound.ended and not outbound.closed:
                 result.failed += 1
             else:
