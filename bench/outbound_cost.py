@@ -11,7 +11,8 @@ Python cost plus that stub and uvloop's, not uvicorn's framing.
 
 Operations: ``broadcast`` (to every session; per recipient), ``send`` (``manager.send`` by id,
 one at a time; per send), ``echo`` (one connection echoing through Starlette; per message) and
-``echo-bare`` (the same without wsession).
+``echo-bare`` (the same without wsession), ``broadcast-bare`` (the bare app's own send loop,
+through its ``POST /broadcast``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ async def _drive(op: str, repeats: int, connections: int) -> None:
     from .inproc import _scope
 
     manager = SessionManager()
-    app = bare_app() if op == "echo-bare" else _wsession_starlette(manager)
+    bare = op.endswith("-bare")
+    app = bare_app() if bare else _wsession_starlette(manager)
     loop = asyncio.get_running_loop()
     stops: list[asyncio.Future[None]] = []
 
@@ -74,9 +76,15 @@ async def _drive(op: str, repeats: int, connections: int) -> None:
         await asyncio.sleep(0)
     for _ in range(10):
         await asyncio.sleep(0)
-    assert len(manager.local) == connections, len(manager.local)
+    assert bare or len(manager.local) == connections, len(manager.local)
+    if op == "broadcast-bare":  # through the app's POST /broadcast (the bare app's own loop)
+        for _ in range(repeats):
+            await _post_broadcast(app)
+        repeats = 0
     ids = list(manager.local)
-    if op == "broadcast":
+    if op == "broadcast-bare":
+        pass
+    elif op == "broadcast":
         for _ in range(repeats):
             sent = await manager.broadcast(_TEXT)
             assert sent == connections, sent
@@ -88,6 +96,30 @@ async def _drive(op: str, repeats: int, connections: int) -> None:
     for stop in stops:
         stop.set_result(None)
     await asyncio.gather(*tasks)
+
+
+async def _post_broadcast(app: Any) -> None:
+    sent: list[Any] = []
+    body = [{"type": "http.request", "body": _TEXT.encode(), "more_body": False}]
+
+    async def receive() -> Any:
+        return body.pop() if body else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {**_scope_http(), "method": "POST", "path": "/broadcast", "raw_path": b"/broadcast"}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 200, sent
+
+
+def _scope_http() -> dict[str, Any]:
+    from .inproc import _scope
+
+    scope = _scope()
+    scope.update(type="http", scheme="http", headers=[(b"host", b"127.0.0.1:8000")])
+    scope.pop("subprotocols")
+    return scope
 
 
 def _instructions(op: str, repeats: int, connections: int) -> int:
@@ -136,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         with runner:
             runner.run(_drive(op, args.repeats, args.connections))
         return 0
-    defaults = {"broadcast": 5, "send": 1000, "echo": 2000, "echo-bare": 2000}
+    defaults = {"broadcast": 5, "broadcast-bare": 5, "send": 1000, "echo": 2000, "echo-bare": 2000}
     for op in args.ops:
         n = args.repeats or defaults[op]
         one = _instructions(op, n, args.connections)
         two = _instructions(op, 2 * n, args.connections)
-        per = (two - one) / n / (args.connections if op == "broadcast" else 1)
-        unit = {"broadcast": "recipient", "send": "send"}.get(op, "echoed message")
+        per = (two - one) / n / (args.connections if op.startswith("broadcast") else 1)
+        unit = {"send": "send"}.get(op, "recipient" if "broadcast" in op else "echoed message")
         print(f"{op}: {per:,.0f} instructions per {unit} (n={n}, {args.connections} sessions)")
     return 0
 
