@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from enum import Enum
@@ -449,41 +450,45 @@ class Carried:
         self.written = 0
         self.pending = 0
         self.failed = 0
-        self._waiter = waiter  # what the caller of carry() awaits; None for carry_soon()
+        self._waiter = waiter  # what carry() returns, resolved to self; None for carry_soon()
 
     def finish(self) -> None:
         """Every frame is written or pending: wake the caller (if it still waits)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(self)
 
 
 class _Wakeup(Protocol):
     """What a caller of :func:`carry` awaits: an asyncio future, or :class:`_TrioWakeup`."""
 
     def done(self) -> bool: ...
-    def set_result(self, result: None, /) -> None: ...
-    def __await__(self) -> Generator[Any, Any, None]: ...
+    def set_result(self, result: Carried, /) -> None: ...
+    def __await__(self) -> Generator[Any, Any, Carried]: ...
 
 
 class _TrioWakeup:
     """The subset of an asyncio future that :func:`carry` uses, on trio."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "_result")
 
     def __init__(self) -> None:
         import trio
 
         self._event = trio.Event()
+        self._result: Carried | None = None
 
     def done(self) -> bool:
         return self._event.is_set()
 
-    def set_result(self, result: None, /) -> None:
+    def set_result(self, result: Carried, /) -> None:
+        self._result = result
         self._event.set()
 
-    def __await__(self) -> Generator[Any, Any, None]:
-        return self._event.wait().__await__()
+    def __await__(self) -> Generator[Any, Any, Carried]:
+        yield from self._event.wait().__await__()
+        assert self._result is not None
+        return self._result
 
 
 _Job = tuple[Iterator[tuple["Outbound", Message]], Carried]
@@ -557,18 +562,17 @@ def _post(writes: list[tuple[Outbound, Message]], waiting: bool) -> Carried:
     return result
 
 
-async def carry(writes: list[tuple[Outbound, Message]]) -> Carried:
-    """Write frames whose writer role the caller took with :meth:`Outbound.offer`, and return
-    once each is written or pending (never waits for a slow client). They are written by this
-    event loop's courier task (see :class:`_Courier`), in order with everything else carried.
+def carry(writes: list[tuple[Outbound, Message]]) -> Awaitable[Carried]:
+    """Write frames whose writer role the caller took with :meth:`Outbound.offer`; the
+    awaitable returned resolves once each is written or pending (never waits for a slow
+    client). They are written by this event loop's courier task (see :class:`_Courier`), in
+    order with everything else carried. (A plain function: no coroutine per send.)
 
     Cancelling the caller does not cancel the writes: the writer roles are taken already.
     """
-    result = _post(writes, True)
-    waiter = result._waiter
+    waiter = _post(writes, True)._waiter
     assert waiter is not None
-    await waiter
-    return result
+    return waiter
 
 
 def carry_soon(writes: list[tuple[Outbound, Message]]) -> None:
@@ -597,7 +601,7 @@ async def _courier(courier: _Courier) -> None:
 
     while True:
         if not jobs:
-            await (asyncio.sleep(0) if courier.loop is not None else _trio_checkpoint())
+            await (_one_turn() if courier.loop is not None else _trio_checkpoint())
             if not jobs:  # give the role up: the next carry starts a new courier
                 courier.holder = None
                 del _COURIERS[courier.key]
@@ -643,6 +647,13 @@ async def _courier_on_trio(courier: _Courier) -> None:
         await _quietly(_courier, courier)
     finally:
         courier.ended(trio.lowlevel.current_task())
+
+
+@types.coroutine
+def _one_turn() -> Generator[None, None, None]:
+    """``asyncio.sleep(0)`` without its extra coroutine: a task yielding ``None`` is
+    rescheduled after the callbacks already due."""
+    yield
 
 
 async def _trio_checkpoint() -> None:
