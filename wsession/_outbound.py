@@ -12,8 +12,9 @@ A server's ``send`` coroutine always runs to completion in the task that started
 coroutine is stepped by hand), so servers whose ``send`` enters a task-bound scope work.
 
 The app's own frames wait for their turn (the app feels back-pressure, as without wsession);
-manager frames never wait for a slow client: :func:`carry` writes them from a helper task that
-hands the rest of its list to a fresh task whenever one client's write blocks.
+manager frames never wait for a slow client: :func:`carry` hands them to the event loop's
+*courier*, one task that writes every caller's frames in order and passes the rest of its work to
+a fresh task whenever one client's write blocks (no task per message).
 
 Works on asyncio and on trio (through anyio). This module owns the queue, the writer role and
 the close sequence; the policy (what to do when the queue is full) is in ``_delivery.py``.
