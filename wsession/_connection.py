@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Awaitable, Coroutine, Iterator
 from http import HTTPStatus
 from time import perf_counter
+from typing import Any
 
 import anyio
 
@@ -16,7 +18,7 @@ from ._delivery import close_session, end_later
 from ._exceptions import Refuse
 from ._expiry import arm as arm_expiry
 from ._expiry import disarm as disarm_expiry
-from ._lifecycle import count_ending, run_disconnect_hooks, run_hooks, unregister
+from ._lifecycle import count_ending, run_disconnect_hooks, run_hooks, start_disconnect_hooks
 from ._log import log_error, log_warning
 from ._manager import Hook, SessionManager
 from ._outbound import Outbound
@@ -26,6 +28,8 @@ from ._timers import call_later, timed_out
 from ._types import Message, Receive, Scope, Send
 
 _DENIAL = "websocket.http.response"
+_CLOSED = SessionState.CLOSED  # bound once (see _session.py)
+_APP_RETURNED = EndReason.APP_RETURNED
 
 
 Opened = tuple[Session, Scope, Receive, Send, Ticket, "asyncio.Task[None] | None"]
@@ -127,9 +131,16 @@ async def close_connection(
     pump: asyncio.Task[None] | None,
 ) -> None:
     """Teardown, exactly once per admitted connection: timers off, then the session detaches
-    (``resume_window``) or ends (disconnect hooks, registry removal, limit slots back)."""
+    (``resume_window``, see :func:`_detach`) or ends: disconnect hooks (reverse order), then
+    unregister.
+
+    Nothing of an ending may be skipped by a cancellation: hooks that return awaitables are
+    shielded one by one (see :func:`~wsession._lifecycle.run_hooks`), the registry removal is
+    shielded, and the local bookkeeping sits in ``finally`` blocks. Registries do their own
+    bookkeeping before their first ``await`` in ``remove`` and shield their I/O themselves.
+    """
     if session.end_reason is None:
-        session._end(EndReason.APP_RETURNED, None, None)
+        session._end(_APP_RETURNED, None, None)
     timer = session._force_end
     if timer is not None:
         timer.cancel()
@@ -149,9 +160,31 @@ async def close_connection(
         and resumption.should_detach(session, outbound.accepted)
     ):
         await _detach(manager, resumption, session, ticket)
-    else:
-        session.state = SessionState.CLOSED
-        await _teardown(manager, session, ticket)
+        current_session.set(None)
+        return
+    session.state = _CLOSED
+    if outbound is not None and outbound.closing:  # only wsession's own close can be pending
+        await outbound.finish()
+    count_ending(manager, session)
+    try:
+        pending = start_disconnect_hooks(manager, session)
+        if pending is not None:
+            await pending
+    finally:
+        try:
+            await manager.registry.remove(session)
+        except Exception:  # logged, never raised (registries shield their own I/O)
+            log_error(session.id, "registry could not remove %s", session.id, exc=True)
+        finally:
+            manager.admission.release(ticket)
+            manager._end_presence(session)  # once: the teardown runs once per session
+            manager._forget_local(session)
+            # Drop what ties a closed session to the server's connection object, so a session
+            # kept by user code does not keep the connection's buffers alive.
+            outbound, session._outbound = session._outbound, None
+            if outbound is not None:
+                outbound.shutdown()
+            session._task = None
     current_session.set(None)
 
 
@@ -189,7 +222,8 @@ async def _admit(
                     return taken
                 admitted = True
                 return ticket, claimed
-        refusal = await _run_connect_hooks(manager, session, manager.connect_hooks)
+        outcome = _run_connect_hooks(manager, session, iter(manager.connect_hooks), perf_counter())
+        refusal = outcome if outcome is None or isinstance(outcome, Refuse) else await outcome
         if refusal is None:
             refusal = admission.after_hooks(ticket, session)
             if refusal is None and session.id in manager.local:
@@ -227,7 +261,7 @@ async def _take_over(
     current_session.set(session)
     taken = False
     try:
-        refusal = await _run_connect_hooks(manager, session, manager.resume_hooks)
+        refusal = await _connect_hooks(manager, session, manager.resume_hooks)
         if refusal is None:
             refusal = manager.admission.after_hooks(ticket, session)
         if refusal is not None:
@@ -311,52 +345,91 @@ def replay(first: Message, receive: Receive) -> Receive:
 # -- connect hooks ------------------------------------------------------------------------
 
 
-async def _run_connect_hooks(
-    manager: SessionManager, session: Session, hooks: tuple[Hook, ...]
-) -> Refuse | None:
-    """Run ``hooks`` (the connect hooks, or the resume hooks) in order; return the refusal,
-    if any.
+def _run_connect_hooks(
+    manager: SessionManager, session: Session, hooks: Iterator[Hook], begun: float
+) -> Refuse | Coroutine[Any, Any, Refuse | None] | None:
+    """Run ``hooks`` (the connect hooks, or the resume hooks) in order: the refusal, if any,
+    or ``None``; or, once a hook returned an awaitable, a coroutine that awaits it and runs the
+    rest (await it at once, with no checkpoint in between). Sync hooks cost no coroutine.
 
     Whether a hook is async is decided per call, from what it returned: a sync callable that
     returns an awaitable (``functools.partial``, a lambda, a decorator) is awaited and bounded
-    by ``connect_timeout`` like an ``async def`` hook.
+    by ``connect_timeout`` (counted from ``begun``, before the first hook) like an
+    ``async def`` hook.
     """
-    timeout = manager.settings.connect_timeout
-    deadline = None if timeout is None else perf_counter() + timeout
     timings = manager.stats.hook_seconds["connect"]
     try:
         for hook in hooks:
             started = perf_counter()
             try:
                 result = hook(session)
-                if result is not None and inspect.isawaitable(result):
-                    if deadline is None:
-                        await result
-                    elif await timed_out(result, deadline - started):
-                        manager.stats.hook_errors += 1
-                        log_warning(
-                            session.id,
-                            "connect hooks exceeded %ss: refusing %s",
-                            timeout,
-                            session.id,
-                        )
-                        return Refuse(
-                            manager.settings.error_status, code=1011, label="hook_timeout"
-                        )
-            finally:
+            except BaseException:
                 timings.observe(perf_counter() - started)
-        if manager.data_model is not None and not isinstance(session.data, manager.data_model):
+                raise
+            if result is not None and inspect.isawaitable(result):
+                return _await_connect_hook(manager, session, result, started, hooks, begun)
+            timings.observe(perf_counter() - started)
+        model = manager.data_model
+        if model is not None and not isinstance(session.data, model):
             raise TypeError(
-                f"session.data must stay a {manager.data_model.__name__}, "
+                f"session.data must stay a {model.__name__}, "
                 f"a connect hook set {type(session.data).__name__}"
             )
     except Refuse as refusal:
         return refusal
     except Exception:  # a hook's own TimeoutError included: it is the hook's error, not ours
-        manager.stats.hook_errors += 1
-        log_error(session.id, "connect hook failed for %s: refusing", session.id, exc=True)
-        return Refuse(manager.settings.error_status, code=1011, label="hook_error")
+        return _hook_failed(manager, session)
     return None
+
+
+async def _await_connect_hook(
+    manager: SessionManager,
+    session: Session,
+    result: Awaitable[Any],
+    started: float,
+    rest: Iterator[Hook],
+    begun: float,
+) -> Refuse | None:
+    """Await a connect (or resume) hook's awaitable within ``connect_timeout``, then run the
+    hooks after it (see :func:`_run_connect_hooks`)."""
+    timeout = manager.settings.connect_timeout
+    try:
+        try:
+            if timeout is None:
+                await result
+            elif await timed_out(result, begun + timeout - started):
+                manager.stats.hook_errors += 1
+                log_warning(
+                    session.id, "connect hooks exceeded %ss: refusing %s", timeout, session.id
+                )
+                return Refuse(manager.settings.error_status, code=1011, label="hook_timeout")
+        finally:
+            manager.stats.hook_seconds["connect"].observe(perf_counter() - started)
+    except Refuse as refusal:
+        return refusal
+    except Exception:  # a hook's own TimeoutError included: it is the hook's error, not ours
+        return _hook_failed(manager, session)
+    outcome = _run_connect_hooks(manager, session, rest, begun)
+    if outcome is None or isinstance(outcome, Refuse):
+        return outcome
+    return await outcome
+
+
+def _hook_failed(manager: SessionManager, session: Session) -> Refuse:
+    """Called while handling a hook's exception: count and log it; the refusal to send."""
+    manager.stats.hook_errors += 1
+    log_error(session.id, "connect hook failed for %s: refusing", session.id, exc=True)
+    return Refuse(manager.settings.error_status, code=1011, label="hook_error")
+
+
+async def _connect_hooks(
+    manager: SessionManager, session: Session, hooks: tuple[Hook, ...]
+) -> Refuse | None:
+    """:func:`_run_connect_hooks` for callers that await anyway."""
+    outcome = _run_connect_hooks(manager, session, iter(hooks), perf_counter())
+    if outcome is None or isinstance(outcome, Refuse):
+        return outcome
+    return await outcome
 
 
 async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
@@ -400,35 +473,6 @@ async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
 
 
 # -- teardown -------------------------------------------------------------------------------
-
-
-async def _teardown(manager: SessionManager, session: Session, ticket: Ticket) -> None:
-    """Disconnect hooks (reverse order) then unregister; runs exactly once per session.
-
-    Nothing here may be skipped by a cancellation: hooks that return awaitables are shielded one
-    by one (see :func:`run_disconnect_hooks`), the registry removal is shielded, and the local
-    bookkeeping sits in ``finally`` blocks. Registries do their own bookkeeping before their
-    first ``await`` in ``remove`` and shield their I/O themselves.
-    """
-    outbound = session._outbound
-    if outbound is not None and outbound.closing:  # only wsession's own close can be pending
-        await outbound.finish()
-    count_ending(manager, session)
-    try:
-        await run_disconnect_hooks(manager, session)
-    finally:
-        try:
-            await unregister(manager, session)
-        finally:
-            manager.admission.release(ticket)
-            manager._end_presence(session)  # once: the teardown runs once per session
-            manager._forget_local(session)
-            # Drop what ties a closed session to the server's connection object, so a session
-            # kept by user code does not keep the connection's buffers alive.
-            outbound, session._outbound = session._outbound, None
-            if outbound is not None:
-                outbound.shutdown()
-            session._task = None
 
 
 async def _detach(

@@ -48,6 +48,7 @@ class WSessionMiddleware:
             # The client left before the handshake reached us: nothing to manage, pass it on.
             return await self.app(scope, replay(first, receive), send)
         opened = await open_connection(manager, scope, first, receive, send)
+        first = None  # the session holds it until the app reads it, not this frame
         if opened is None:
             return None  # refused, or ended while it was being registered
         session, app_scope, app_receive, app_send, ticket, pump = opened
