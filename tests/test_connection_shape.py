@@ -9,7 +9,9 @@ idle timeout, resumption, and exceptions and return values passed through unchan
 from __future__ import annotations
 
 import functools
+import os
 import re
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -250,6 +252,40 @@ def test_default_ids_are_unique_urlsafe_and_at_least_128_bits() -> None:
         assert _ID.match(one)
         assert len(one) * 6 >= 128  # base64 characters carry 6 bits each
     assert len({len(one) for one in ids}) == 1
+
+
+def test_ids_from_many_threads_are_unique() -> None:
+    ids: list[list[str]] = [[] for _ in range(8)]
+
+    def make(into: list[str]) -> None:
+        for _ in range(5_000):
+            into.append(new_connection_id())
+
+    threads = [threading.Thread(target=make, args=(into,)) for into in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [one for into in ids for one in into]
+    assert len(set(every)) == len(every) == 40_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_repeats_its_parents_ids() -> None:
+    new_connection_id()  # the parent has ids made ahead now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first ids, then leave at once
+        try:
+            os.write(write, " ".join(new_connection_id() for _ in range(5)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {new_connection_id() for _ in range(400)}  # more than one block's worth
+    assert len(child) == 5 and not child & parent
 
 
 @pytest.mark.anyio
