@@ -29,10 +29,18 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message
 
-from .apps import bare_app, wsession_app
+from wsession import SessionManager
+
+from .apps import _wsession_starlette, bare_app, wsession_app
 from .inproc import _connection, _scope
 
-_APPS = {"bare": bare_app, "wsession": wsession_app}
+
+def _wsession_no_hooks() -> ASGIApp:
+    """wsession without the benchmark's hooks: its own cost alone."""
+    return _wsession_starlette(SessionManager())
+
+
+_APPS = {"bare": bare_app, "wsession": wsession_app, "wsession-nohooks": _wsession_no_hooks}
 
 
 def _loop_factory() -> Any:
