@@ -151,7 +151,7 @@ async def close_connection(
         disarm_expiry(session)
     if pump is not None:
         pump.cancel()
-    session._receive = None  # drop the server's receive (the pump's queue)
+    session._receive = session._first = None  # drop the server's receive (or the pump's queue)
     resumption = manager.resumption
     outbound = session._outbound
     if (
