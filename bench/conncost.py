@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,11 @@ def _wsession_no_hooks() -> ASGIApp:
     return _wsession_starlette(SessionManager())
 
 
-_APPS = {"bare": bare_app, "wsession": wsession_app, "wsession-nohooks": _wsession_no_hooks}
+_APPS: dict[str, Callable[[], ASGIApp]] = {
+    "bare": bare_app,
+    "wsession": wsession_app,
+    "wsession-nohooks": _wsession_no_hooks,
+}
 
 
 def _loop_factory() -> Any:
