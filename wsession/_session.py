@@ -327,7 +327,7 @@ class Session:
     @property
     def is_closed(self) -> bool:
         """True once the session has ended (disconnect hooks are running or have run)."""
-        return self.state is SessionState.CLOSED
+        return self.state is _CLOSED
 
     @property
     def seq(self) -> int:
@@ -392,9 +392,7 @@ class Session:
         ):
             # Numbered and recorded by the durable store first (see ResumeStore), then written.
             state = self.state
-            if state is not SessionState.OPEN and not (
-                journal.held and state is not SessionState.CLOSED
-            ):
+            if state is not _OPEN and not (journal.held and state is not _CLOSED):
                 raise SessionClosed(self.id, state.value)
             (result,) = await journal.durable.record([self], message)
             if result == "gone":
@@ -403,12 +401,12 @@ class Session:
         if (
             journal is not None
             and journal.held
-            and self.state is not SessionState.CLOSED
+            and self.state is not _CLOSED
             and message.get("type") == "websocket.send"
         ):
             journal.stamp(message)  # resuming: written with the replay, in its order
             return
-        if self.state is not SessionState.OPEN or out is None:
+        if self.state is not _OPEN or out is None:
             raise SessionClosed(self.id, self.state.value)
         if journal is not None:
             message = journal.stamp(message)  # kept: a resumed client gets it if it was lost
