@@ -245,6 +245,81 @@ async def test_sync_hooks_returning_awaitables_are_awaited() -> None:
     assert done == ["connect", "lambda", "disconnect"]
 
 
+@pytest.mark.anyio
+async def test_mixed_connect_hooks_run_in_order_each_timed_once() -> None:
+    order: list[str] = []
+
+    async def later(name: str, session: Session) -> None:
+        await anyio.lowlevel.checkpoint()
+        order.append(name)
+
+    def now(name: str) -> Any:
+        return lambda session: order.append(name)
+
+    manager = SessionManager(
+        on_connect=[
+            now("sync-1"),
+            functools.partial(later, "async-2"),
+            now("sync-3"),
+            lambda s: later("awaitable-4", s),
+            now("sync-5"),
+        ]
+    )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        order.append("app")
+
+    await WSessionMiddleware(app, manager=manager)(_scope(), _Peer().receive, _Peer().send)
+    assert order == ["sync-1", "async-2", "sync-3", "awaitable-4", "sync-5", "app"]
+    assert manager.stats.hook_seconds["connect"].count == 5
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failing", ["sync", "async"])
+async def test_a_failing_hook_after_an_async_one_refuses_and_stops_the_rest(failing: str) -> None:
+    ran: list[str] = []
+
+    async def first(session: Session) -> None:
+        await anyio.lowlevel.checkpoint()
+        ran.append("first")
+
+    def boom(session: Session) -> Any:
+        ran.append("boom")
+        if failing == "sync":
+            raise RuntimeError("hook failed")
+
+        async def fail() -> None:
+            raise RuntimeError("hook failed")
+
+        return fail()
+
+    manager = SessionManager(on_connect=[first, boom, lambda s: ran.append("never")])
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("a refused connection never reaches the app")
+
+    peer = _Peer()
+    await WSessionMiddleware(app, manager=manager)(_scope(), peer.receive, peer.send)
+    assert ran == ["first", "boom"]
+    assert manager.stats.refused_by == {"hook_error": 1} and manager.stats.hook_errors == 1
+    assert peer.sent[0]["type"] == "websocket.close"  # no denial extension in this scope
+
+
+@pytest.mark.anyio
+async def test_connect_timeout_bounds_all_the_hooks_together() -> None:
+    async def slow(session: Session) -> None:
+        await anyio.sleep(0.15)
+
+    manager = SessionManager(on_connect=[slow, slow], connect_timeout=0.2)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("a refused connection never reaches the app")
+
+    with anyio.fail_after(5):
+        await WSessionMiddleware(app, manager=manager)(_scope(), _Peer().receive, _Peer().send)
+    assert manager.stats.refused_by == {"hook_timeout": 1}
+
+
 def test_default_ids_are_unique_urlsafe_and_at_least_128_bits() -> None:
     ids = [new_connection_id() for _ in range(20_000)]
     assert len(set(ids)) == len(ids)
