@@ -164,6 +164,33 @@ async def run_burst(
     return monotonic() - started, results
 
 
+async def check_burst_is_load(
+    a: SessionManager,
+    b: SessionManager,
+    lease: Any,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Runs the burst on A and checks it was load, not an outage, as B and Redis see it."""
+    registry = a.registry
+    assert isinstance(registry, RedisRegistry)
+    node = registry.node_id
+    tokens: set[str] = set()
+    took, results = await run_burst(a, lease, tokens)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert outage_warnings(caplog) == []
+    assert registry.state is LinkState.AVAILABLE
+    assert registry.node_id == node
+    # The burst outlasted the lease: a renewal stuck behind it would have lapsed.
+    assert took > registry.lease_ttl, took
+    # Every session was in Redis when its add returned: B sees them all now.
+    assert await b.count() == BURST + 1
+    # Renewed all along (every heartbeat / 2): far more than one token per lease.
+    assert len(tokens) >= 2 * took / registry.lease_ttl, (len(tokens), took)
+    # B judged A every heartbeat / 2 during the burst: no hook ran for A's sessions there.
+    assert recorder.node_lost() == []
+
+
 async def test_a_burst_that_fills_the_pool_is_load_not_an_outage(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -199,21 +226,8 @@ async def test_a_burst_that_fills_the_pool_is_load_not_an_outage(
                 async def lease() -> Any:
                     return await direct.get(f"{prefix}:lease:{node}")
 
-                tokens: set[str] = set()
-                took, results = await run_burst(a, lease, tokens)
-                assert [r for r in results if isinstance(r, BaseException)] == []
-                assert outage_warnings(caplog) == []
-                assert registry.state is LinkState.AVAILABLE
-                assert registry.node_id == node
-                # The burst outlasted the lease: a renewal stuck behind it would have lapsed.
-                assert took > registry.lease_ttl, took
-                # Every session was in Redis when its add returned: B sees them all now.
-                assert await b.count() == BURST + 1
-                # Renewed all along (every heartbeat / 2): far more than one token per lease.
-                assert len(tokens) >= 2 * took / registry.lease_ttl, (len(tokens), took)
-                # B judged A every heartbeat / 2 during the burst: no tombstone, no hook.
+                await check_burst_is_load(a, b, lease, recorder, caplog)
                 assert await direct.exists(f"{prefix}:dead:{node}") == 0
-                assert recorder.node_lost() == []
                 assert await a.count() == BURST + 1
         finally:
             await direct.aclose()
@@ -288,17 +302,8 @@ async def test_a_burst_on_a_cluster_is_load_not_an_outage(
             async def lease() -> Any:
                 return await direct.get(f"{{{prefix}}}:lease:{node}")
 
-            tokens: set[str] = set()
-            took, results = await run_burst(a, lease, tokens)
-            assert [r for r in results if isinstance(r, BaseException)] == []
-            assert outage_warnings(caplog) == []
-            assert registry.state is LinkState.AVAILABLE
-            assert registry.node_id == node
-            assert took > registry.lease_ttl, took
-            assert await b.count() == BURST + 1
-            assert len(tokens) >= 2 * took / registry.lease_ttl, (len(tokens), took)
+            await check_burst_is_load(a, b, lease, recorder, caplog)
             assert await direct.exists(f"{{{prefix}}}:dead:{node}") == 0
-            assert recorder.node_lost() == []
     finally:
         SlowConnection.latency = 0.0
         await slow.aclose()

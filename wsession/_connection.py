@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Awaitable, Coroutine, Iterator
 from http import HTTPStatus
 from time import perf_counter
 from typing import Any
@@ -17,89 +18,78 @@ from ._delivery import close_session, end_later
 from ._exceptions import Refuse
 from ._expiry import arm as arm_expiry
 from ._expiry import disarm as disarm_expiry
-from ._lifecycle import count_ending, run_disconnect_hooks, run_hooks, unregister
+from ._lifecycle import count_ending, run_disconnect_hooks, run_hooks, start_disconnect_hooks
 from ._log import log_error, log_warning
 from ._manager import Hook, SessionManager
 from ._outbound import Outbound
 from ._resume import Resumption
 from ._session import EndReason, Session, SessionState
 from ._timers import call_later, timed_out
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import Message, Receive, Scope, Send
 
 _DENIAL = "websocket.http.response"
+_CLOSED = SessionState.CLOSED  # bound once (see _session.py)
+_APP_RETURNED = EndReason.APP_RETURNED
 
 
-async def serve_connection(
-    manager: SessionManager, app: ASGIApp, scope: Scope, receive: Receive, send: Send
-) -> Any:
-    """Run ``app`` for one WebSocket scope inside a managed session; return what it returns.
+Opened = tuple[Session, Scope, Receive, Send, Ticket, "asyncio.Task[None] | None"]
+"""What :func:`open_connection` hands the middleware: the session, the scope, ``receive`` and
+``send`` the app runs with, and what :func:`close_connection` needs (the limit ticket, the
+``detect_disconnect`` pump)."""
 
-    One coroutine for the whole connection (admission, the app, teardown): every message the app
-    awaits resumes through each frame between the server and the app, so fewer is faster.
+
+async def open_connection(
+    manager: SessionManager, scope: Scope, first: Message, receive: Receive, send: Send
+) -> Opened | None:
+    """Admit a connection whose ``websocket.connect`` (``first``) arrived: the admission
+    checks, then the connect hooks (or, for a resume, the resume hooks), then the registry.
+
+    Returns what the app runs with, or ``None`` when it will not run: the connection was
+    refused (the refusal is sent), or it was ended while being registered (its teardown done).
+    Limit slots are reserved before the hooks and given back here whenever the connection is
+    not admitted (refusal, failing or late hook, cancellation); once this returns an
+    :class:`Opened`, the caller owns the ticket and must call :func:`close_connection`, with no
+    ``await`` in between.
     """
-    await manager._ensure_started()  # no lifespan entered it (daphne): enter it once, now
-    first: Message | None = await receive()
-    if first is None:
-        return await app(scope, receive, send)
-    if first["type"] != "websocket.connect":
-        # The client left before the handshake reached us: nothing to manage, pass it on.
-        return await app(scope, _replay(first, receive), send)
-
-    scope = dict(scope)  # never mutate the server's scope
     settings = manager.settings
-    track = settings.idle_timeout is not None
-    now = _timers.clock.now  # looked up once per connection: nothing added per message
     session = Session(manager.id_factory(), scope, None, manager.new_data())
-    outbound = Outbound(session, send, settings.max_backlog, settings.max_backlog_bytes, track)
-    session._outbound = outbound
-    scope[SCOPE_KEY] = session
+    app_scope = dict(scope)  # never mutate the server's scope
+    app_scope[SCOPE_KEY] = session
     current_session.set(session)  # the connection's own task: no token to keep
     try:
-        admitted = await _admit(manager, session, scope)
+        admitted = await _admit(manager, session, scope, app_scope)
     except BaseException:
         current_session.set(None)  # cancelled during the connect hooks: nothing was set up
         raise
     if isinstance(admitted, Refuse):
-        refusal = admitted
-        manager.stats.refused += 1
-        manager.stats.refused_by[refusal.label] += 1
+        stats = manager.stats
+        stats.refused += 1
+        stats.refused_by[admitted.label] += 1
         current_session.set(None)
-        await _refuse(scope, send, refusal)
+        await _refuse(scope, send, admitted)
         return None
 
-    # Admitted: ``ticket`` is released by the teardown in the ``finally`` below; no await
-    # before it.
-    ticket, taken = admitted
-    resumption = manager.resumption
-    app_send: Send = outbound.send
-    if taken is not session:
-        # This connection resumed a detached session: the app gets that session.
-        session = taken
-        outbound = Outbound(session, send, settings.max_backlog, settings.max_backlog_bytes, track)
-        session._outbound = outbound
+    # Admitted: the ticket is released by close_connection; no await before the try below.
+    # A connection that resumed a detached session gets that session.
+    ticket, session = admitted
+    track = settings.idle_timeout is not None
+    outbound = Outbound(session, send, settings.max_backlog, settings.max_backlog_bytes, track)
+    session._outbound = outbound
     pump: asyncio.Task[None] | None = None
     if settings.detect_disconnect:
         inbox: asyncio.Queue[Message] = asyncio.Queue(settings.read_ahead)
         pump = asyncio.get_running_loop().create_task(_pump(manager, session, receive, inbox))
         receive = inbox.get
-
-    async def receive_wrapper() -> Message:
-        nonlocal first
-        if first is not None:
-            message, first = first, None
-            return message
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            session._client_disconnected(message)
-        elif track:
-            session._last_activity = now()
-        return message
-
-    app_receive: Receive = receive_wrapper
+    app_receive = session._bind_receive(receive, first, track)
+    app_send: Send = outbound.send
+    resumption = manager.resumption
     if session.resumed:
         assert resumption is not None
-        app_send, app_receive = resumption.wrap(session, outbound, outbound.send, receive_wrapper)
-    session._task = _current_task()
+        app_send, app_receive = resumption.wrap(session, outbound, app_send, app_receive)
+    try:  # noqa: SIM105 - contextlib.suppress would cost a context manager per connection
+        session._task = asyncio.current_task()
+    except RuntimeError:  # not running on asyncio (trio): forced ends are not available
+        pass
     if track:
         _arm_idle_timer(manager, session)
     try:
@@ -109,37 +99,97 @@ async def serve_connection(
                 resumption.start(session)
             await manager.registry.add(session)
             session._registered = True
-        arm_expiry(manager, session)  # nothing unless a connect hook set expires_at
-        return await app(scope, app_receive, app_send)
+        if session._expiry is not None:  # a connect hook set expires_at
+            arm_expiry(manager, session)
     except BaseException as exc:
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
-            if session._forced and _uncancel_own(session):
-                # We cancelled the app to end a closed session (kick, slow consumer, drain):
-                # the close frame is on its way, so end normally rather than as an error.
+        try:
+            if app_ended(session, exc):
                 return None
-            session._end(EndReason.CANCELLED, None, None)
-        else:
-            session._end(EndReason.APP_RAISED, 1011, None)
-        raise  # the same object, never wrapped
-    finally:
-        if session.end_reason is None:
-            session._end(EndReason.APP_RETURNED, None, None)
-        for timer in (session._force_end, session._idle_timer):
-            if timer is not None:
-                timer.cancel()
+            raise
+        finally:
+            await close_connection(manager, session, ticket, pump)
+    return session, app_scope, app_receive, app_send, ticket, pump
+
+
+def app_ended(session: Session, exc: BaseException) -> bool:
+    """Record why the app (or the connection's registration) ended with ``exc``; True when it
+    is wsession's own cancellation (kick, slow consumer, drain): absorbed, the connection then
+    ends normally, since the close frame is on its way. Else the caller re-raises ``exc``."""
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        if session._forced and _uncancel_own(session):
+            return True
+        session._end(EndReason.CANCELLED, None, None)
+    else:
+        session._end(EndReason.APP_RAISED, 1011, None)
+    return False
+
+
+async def close_connection(
+    manager: SessionManager,
+    session: Session,
+    ticket: Ticket,
+    pump: asyncio.Task[None] | None,
+) -> None:
+    """Teardown, exactly once per admitted connection: timers off, then the session detaches
+    (``resume_window``, see :func:`_detach`) or ends: disconnect hooks (reverse order), then
+    unregister.
+
+    Nothing of an ending may be skipped by a cancellation: hooks that return awaitables are
+    shielded one by one (see :func:`~wsession._lifecycle.run_hooks`), the registry removal is
+    shielded, and the local bookkeeping sits in ``finally`` blocks. Registries do their own
+    bookkeeping before their first ``await`` in ``remove`` and shield their I/O themselves.
+    """
+    if session.end_reason is None:
+        session._end(_APP_RETURNED, None, None)
+    timer = session._force_end
+    if timer is not None:
+        timer.cancel()
+    timer = session._idle_timer
+    if timer is not None:
+        timer.cancel()
+    if session._expiry is not None:
         disarm_expiry(session)
-        if pump is not None:
-            pump.cancel()
-        if resumption is not None and resumption.should_detach(session, outbound.accepted):
-            await _detach(manager, resumption, session, ticket)
-        else:
-            session.state = SessionState.CLOSED
-            await _teardown(manager, session, ticket)
+    if pump is not None:
+        pump.cancel()
+    session._receive = session._first = None  # drop the server's receive (or the pump's queue)
+    resumption = manager.resumption
+    outbound = session._outbound
+    if (
+        resumption is not None
+        and outbound is not None
+        and resumption.should_detach(session, outbound.accepted)
+    ):
+        await _detach(manager, resumption, session, ticket)
         current_session.set(None)
+        return
+    session.state = _CLOSED
+    if outbound is not None and outbound.closing:  # only wsession's own close can be pending
+        await outbound.finish()
+    count_ending(manager, session)
+    try:
+        pending = start_disconnect_hooks(manager, session)
+        if pending is not None:
+            await pending
+    finally:
+        try:
+            await manager.registry.remove(session)
+        except Exception:  # logged, never raised (registries shield their own I/O)
+            log_error(session.id, "registry could not remove %s", session.id, exc=True)
+        finally:
+            manager.admission.release(ticket)
+            manager._end_presence(session)  # once: the teardown runs once per session
+            manager._forget_local(session)
+            # Drop what ties a closed session to the server's connection object, so a session
+            # kept by user code does not keep the connection's buffers alive.
+            outbound, session._outbound = session._outbound, None
+            if outbound is not None:
+                outbound.shutdown()
+            session._task = None
+    current_session.set(None)
 
 
 async def _admit(
-    manager: SessionManager, session: Session, scope: Scope
+    manager: SessionManager, session: Session, scope: Scope, app_scope: Scope
 ) -> Refuse | tuple[Ticket, Session]:
     """Admission checks and connect hooks (or, for a resume, the resume hooks): the refusal,
     or the admitted connection's ticket and session (``session``, or the detached session this
@@ -167,12 +217,13 @@ async def _admit(
             if isinstance(claimed, str):
                 manager.stats.resume_failed[claimed] += 1  # a new session, as if not asked
             else:
-                taken = await _take_over(manager, resumption, claimed, scope, ticket)
+                taken = await _take_over(manager, resumption, claimed, scope, app_scope, ticket)
                 if isinstance(taken, Refuse):
                     return taken
                 admitted = True
                 return ticket, claimed
-        refusal = await _run_connect_hooks(manager, session, manager.connect_hooks)
+        outcome = _run_connect_hooks(manager, session, iter(manager.connect_hooks), perf_counter())
+        refusal = outcome if outcome is None or isinstance(outcome, Refuse) else await outcome
         if refusal is None:
             refusal = admission.after_hooks(ticket, session)
             if refusal is None and session.id in manager.local:
@@ -195,17 +246,22 @@ async def _admit(
 
 
 async def _take_over(
-    manager: SessionManager, resumption: Resumption, session: Session, scope: Scope, ticket: Ticket
+    manager: SessionManager,
+    resumption: Resumption,
+    session: Session,
+    scope: Scope,
+    app_scope: Scope,
+    ticket: Ticket,
 ) -> Refuse | None:
     """Let a new connection take a claimed detached session over, if its resume hooks and the
     per-user limit admit it; otherwise the session waits again (same token, rest of its
     window)."""
     session._reattach(scope)  # the hooks authenticate the new handshake
-    scope[SCOPE_KEY] = session
+    app_scope[SCOPE_KEY] = session
     current_session.set(session)
     taken = False
     try:
-        refusal = await _run_connect_hooks(manager, session, manager.resume_hooks)
+        refusal = await _connect_hooks(manager, session, manager.resume_hooks)
         if refusal is None:
             refusal = manager.admission.after_hooks(ticket, session)
         if refusal is not None:
@@ -266,20 +322,14 @@ def _check_idle(manager: SessionManager, session: Session, timeout: float) -> No
         )
 
 
-def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # not running on asyncio (trio): forced ends are not available
-        return None
-
-
 def _uncancel_own(session: Session) -> bool:
     """Absorb the cancellation wsession itself requested; False if someone else cancelled too."""
     task = session._task
     return task is not None and task.uncancel() == 0
 
 
-def _replay(first: Message, receive: Receive) -> Receive:
+def replay(first: Message, receive: Receive) -> Receive:
+    """``receive``, with ``first`` (already read) returned once before it."""
     pending: Message | None = first
 
     async def receive_again() -> Message:
@@ -295,52 +345,91 @@ def _replay(first: Message, receive: Receive) -> Receive:
 # -- connect hooks ------------------------------------------------------------------------
 
 
-async def _run_connect_hooks(
-    manager: SessionManager, session: Session, hooks: tuple[Hook, ...]
-) -> Refuse | None:
-    """Run ``hooks`` (the connect hooks, or the resume hooks) in order; return the refusal,
-    if any.
+def _run_connect_hooks(
+    manager: SessionManager, session: Session, hooks: Iterator[Hook], begun: float
+) -> Refuse | Coroutine[Any, Any, Refuse | None] | None:
+    """Run ``hooks`` (the connect hooks, or the resume hooks) in order: the refusal, if any,
+    or ``None``; or, once a hook returned an awaitable, a coroutine that awaits it and runs the
+    rest (await it at once, with no checkpoint in between). Sync hooks cost no coroutine.
 
     Whether a hook is async is decided per call, from what it returned: a sync callable that
     returns an awaitable (``functools.partial``, a lambda, a decorator) is awaited and bounded
-    by ``connect_timeout`` like an ``async def`` hook.
+    by ``connect_timeout`` (counted from ``begun``, before the first hook) like an
+    ``async def`` hook.
     """
-    timeout = manager.settings.connect_timeout
-    deadline = None if timeout is None else perf_counter() + timeout
     timings = manager.stats.hook_seconds["connect"]
     try:
         for hook in hooks:
             started = perf_counter()
             try:
                 result = hook(session)
-                if result is not None and inspect.isawaitable(result):
-                    if deadline is None:
-                        await result
-                    elif await timed_out(result, deadline - started):
-                        manager.stats.hook_errors += 1
-                        log_warning(
-                            session.id,
-                            "connect hooks exceeded %ss: refusing %s",
-                            timeout,
-                            session.id,
-                        )
-                        return Refuse(
-                            manager.settings.error_status, code=1011, label="hook_timeout"
-                        )
-            finally:
+            except BaseException:
                 timings.observe(perf_counter() - started)
-        if manager.data_model is not None and not isinstance(session.data, manager.data_model):
+                raise
+            if result is not None and inspect.isawaitable(result):
+                return _await_connect_hook(manager, session, result, started, hooks, begun)
+            timings.observe(perf_counter() - started)
+        model = manager.data_model
+        if model is not None and not isinstance(session.data, model):
             raise TypeError(
-                f"session.data must stay a {manager.data_model.__name__}, "
+                f"session.data must stay a {model.__name__}, "
                 f"a connect hook set {type(session.data).__name__}"
             )
     except Refuse as refusal:
         return refusal
     except Exception:  # a hook's own TimeoutError included: it is the hook's error, not ours
-        manager.stats.hook_errors += 1
-        log_error(session.id, "connect hook failed for %s: refusing", session.id, exc=True)
-        return Refuse(manager.settings.error_status, code=1011, label="hook_error")
+        return _hook_failed(manager, session)
     return None
+
+
+async def _await_connect_hook(
+    manager: SessionManager,
+    session: Session,
+    result: Awaitable[Any],
+    started: float,
+    rest: Iterator[Hook],
+    begun: float,
+) -> Refuse | None:
+    """Await a connect (or resume) hook's awaitable within ``connect_timeout``, then run the
+    hooks after it (see :func:`_run_connect_hooks`)."""
+    timeout = manager.settings.connect_timeout
+    try:
+        try:
+            if timeout is None:
+                await result
+            elif await timed_out(result, begun + timeout - started):
+                manager.stats.hook_errors += 1
+                log_warning(
+                    session.id, "connect hooks exceeded %ss: refusing %s", timeout, session.id
+                )
+                return Refuse(manager.settings.error_status, code=1011, label="hook_timeout")
+        finally:
+            manager.stats.hook_seconds["connect"].observe(perf_counter() - started)
+    except Refuse as refusal:
+        return refusal
+    except Exception:  # a hook's own TimeoutError included: it is the hook's error, not ours
+        return _hook_failed(manager, session)
+    outcome = _run_connect_hooks(manager, session, rest, begun)
+    if outcome is None or isinstance(outcome, Refuse):
+        return outcome
+    return await outcome
+
+
+def _hook_failed(manager: SessionManager, session: Session) -> Refuse:
+    """Called while handling a hook's exception: count and log it; the refusal to send."""
+    manager.stats.hook_errors += 1
+    log_error(session.id, "connect hook failed for %s: refusing", session.id, exc=True)
+    return Refuse(manager.settings.error_status, code=1011, label="hook_error")
+
+
+async def _connect_hooks(
+    manager: SessionManager, session: Session, hooks: tuple[Hook, ...]
+) -> Refuse | None:
+    """:func:`_run_connect_hooks` for callers that await anyway."""
+    outcome = _run_connect_hooks(manager, session, iter(hooks), perf_counter())
+    if outcome is None or isinstance(outcome, Refuse):
+        return outcome
+    return await outcome
 
 
 async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
@@ -384,35 +473,6 @@ async def _refuse(scope: Scope, send: Send, refusal: Refuse) -> None:
 
 
 # -- teardown -------------------------------------------------------------------------------
-
-
-async def _teardown(manager: SessionManager, session: Session, ticket: Ticket) -> None:
-    """Disconnect hooks (reverse order) then unregister; runs exactly once per session.
-
-    Nothing here may be skipped by a cancellation: hooks that return awaitables are shielded one
-    by one (see :func:`run_disconnect_hooks`), the registry removal is shielded, and the local
-    bookkeeping sits in ``finally`` blocks. Registries do their own bookkeeping before their
-    first ``await`` in ``remove`` and shield their I/O themselves.
-    """
-    outbound = session._outbound
-    if outbound is not None and outbound.closing:  # only wsession's own close can be pending
-        await outbound.finish()
-    count_ending(manager, session)
-    try:
-        await run_disconnect_hooks(manager, session)
-    finally:
-        try:
-            await unregister(manager, session)
-        finally:
-            manager.admission.release(ticket)
-            manager._end_presence(session)  # once: the teardown runs once per session
-            manager._forget_local(session)
-            # Drop what ties a closed session to the server's connection object, so a session
-            # kept by user code does not keep the connection's buffers alive.
-            outbound, session._outbound = session._outbound, None
-            if outbound is not None:
-                outbound.shutdown()
-            session._task = None
 
 
 async def _detach(

@@ -7,7 +7,7 @@ registries call :func:`end_without_connection` for sessions whose worker died.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +30,17 @@ def count_ending(manager: SessionManager, session: Session) -> None:
 
 async def run_disconnect_hooks(manager: SessionManager, session: Session) -> None:
     """Run the disconnect hooks in reverse order, each at most once (see :func:`run_hooks`)."""
-    await run_hooks(
+    pending = start_disconnect_hooks(manager, session)
+    if pending is not None:
+        await pending
+
+
+def start_disconnect_hooks(manager: SessionManager, session: Session) -> Awaitable[None] | None:
+    """:func:`start_hooks` for the disconnect hooks (reverse order)."""
+    return start_hooks(
         manager,
         session,
-        tuple(reversed(manager.disconnect_hooks)),
+        reversed(manager.disconnect_hooks),
         "disconnect",
         manager.stats.hook_seconds["disconnect"],
     )
@@ -42,7 +49,7 @@ async def run_disconnect_hooks(manager: SessionManager, session: Session) -> Non
 async def run_hooks(
     manager: SessionManager,
     session: Session,
-    hooks: tuple[Hook, ...],
+    hooks: Iterable[Hook],
     what: str,
     timings: Histogram | None = None,
 ) -> None:
@@ -53,24 +60,83 @@ async def run_hooks(
     cancellation of the caller; a failing or late hook is logged and counted, the others still
     run. If the caller was cancelled meanwhile, the cancellation is re-raised after the last hook.
     """
-    cancelled: BaseException | None = None
-    timeout = manager.settings.disconnect_timeout
-    for hook in hooks:
+    pending = start_hooks(manager, session, hooks, what, timings)
+    if pending is not None:
+        await pending
+
+
+def start_hooks(
+    manager: SessionManager,
+    session: Session,
+    hooks: Iterable[Hook],
+    what: str,
+    timings: Histogram | None = None,
+) -> Awaitable[None] | None:
+    """:func:`run_hooks` without a coroutine while the hooks stay sync: runs them up to the
+    first one that returns an awaitable and returns ``None`` if none did, else an awaitable
+    that runs the rest. Await it at once (no checkpoint in between): until then that hook's
+    awaitable and the remaining hooks have not run."""
+    rest = iter(hooks)
+    pending = _until_awaitable(manager, session, rest, what, timings)
+    if pending is None:
+        return None
+    return _finish_hooks(manager, session, pending, rest, what, timings)
+
+
+_Pending = tuple["Hook", Awaitable[Any], float]
+
+
+def _until_awaitable(
+    manager: SessionManager,
+    session: Session,
+    rest: Iterator[Hook],
+    what: str,
+    timings: Histogram | None,
+) -> _Pending | None:
+    """Call the next hooks of ``rest`` while they return plain values; the first that returns
+    an awaitable stops it (that hook, its awaitable and when it started)."""
+    for hook in rest:
         started = perf_counter()
         try:
             result = hook(session)
-            if result is not None and inspect.isawaitable(result):
-                try:
-                    await run_shielded(_bounded(manager, session, hook, result, timeout, what))
-                except anyio.get_cancelled_exc_class() as exc:
-                    cancelled = exc  # the hook finished anyway; the others must run too
         except Exception:
-            manager.stats.hook_errors += 1
-            log_error(session.id, "%s hook %r failed for %s", what, hook, session.id, exc=True)
+            _hook_failed(manager, session, hook, what)
+        else:
+            if result is not None and inspect.isawaitable(result):
+                return hook, result, started
         if timings is not None:
             timings.observe(perf_counter() - started)
+    return None
+
+
+async def _finish_hooks(
+    manager: SessionManager,
+    session: Session,
+    pending: _Pending | None,
+    rest: Iterator[Hook],
+    what: str,
+    timings: Histogram | None,
+) -> None:
+    cancelled: BaseException | None = None
+    timeout = manager.settings.disconnect_timeout
+    while pending is not None:
+        hook, result, started = pending
+        try:
+            await run_shielded(_bounded(manager, session, hook, result, timeout, what))
+        except anyio.get_cancelled_exc_class() as exc:
+            cancelled = exc  # the hook finished anyway; the others must run too
+        except Exception:
+            _hook_failed(manager, session, hook, what)
+        if timings is not None:
+            timings.observe(perf_counter() - started)
+        pending = _until_awaitable(manager, session, rest, what, timings)
     if cancelled is not None:
         raise cancelled
+
+
+def _hook_failed(manager: SessionManager, session: Session, hook: Any, what: str) -> None:
+    manager.stats.hook_errors += 1
+    log_error(session.id, "%s hook %r failed for %s", what, hook, session.id, exc=True)
 
 
 async def _bounded(

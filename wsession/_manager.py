@@ -56,7 +56,7 @@ class SessionManager:
         on_refresh: refresh hooks (see :meth:`on_refresh`), run in order by :meth:`refresh`.
         on_detach: detach hooks (see :meth:`on_detach`), with ``resume_window``.
         on_resume: resume hooks (see :meth:`on_resume`), with ``resume_window``.
-        id_factory: makes connection ids (default: 128 random bits, URL-safe). Ids must be
+        id_factory: makes connection ids (default: 132 random bits, URL-safe). Ids must be
             unguessable and unique; a duplicate of a live id is an error.
         **settings: fields of :class:`~wsession.Settings` (``connect_timeout``, ...).
 

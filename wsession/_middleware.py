@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ._connection import serve_connection
+from ._connection import app_ended, close_connection, open_connection, replay
 from ._exceptions import ConfigurationError
 from ._manager import SessionManager
-from ._types import ASGIApp, Receive, Scope, Send
+from ._types import ASGIApp, Message, Receive, Scope, Send
 
 
 class WSessionMiddleware:
@@ -33,6 +33,31 @@ class WSessionMiddleware:
         self.manager = manager if manager is not None else SessionManager()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The whole connection runs in this one coroutine (an ``async def``, so servers detect
+        # ASGI 3): every message the app awaits resumes through each frame between the server
+        # and the app, so fewer is faster. Admission and teardown are helpers it awaits.
         if scope["type"] != "websocket":
             return await self.app(scope, receive, send)
-        return await serve_connection(self.manager, self.app, scope, receive, send)  # type: ignore[no-any-return]
+        manager = self.manager
+        if not manager._entered:
+            await manager._ensure_started()  # no lifespan entered it (daphne): enter it now
+        first: Message | None = await receive()
+        if first is None:
+            return await self.app(scope, receive, send)
+        if first["type"] != "websocket.connect":
+            # The client left before the handshake reached us: nothing to manage, pass it on.
+            return await self.app(scope, replay(first, receive), send)
+        opened = await open_connection(manager, scope, first, receive, send)
+        first = None  # the session holds it until the app reads it, not this frame
+        if opened is None:
+            return None  # refused, or ended while it was being registered
+        session, app_scope, app_receive, app_send, ticket, pump = opened
+        del opened
+        try:
+            return await self.app(app_scope, app_receive, app_send)
+        except BaseException as exc:
+            if app_ended(session, exc):
+                return None  # wsession ended it (kick, drain): the close frame is on its way
+            raise  # the same object, never wrapped
+        finally:
+            await close_connection(manager, session, ticket, pump)

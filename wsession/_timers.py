@@ -19,9 +19,11 @@ Redis command timeouts) run on real time.
 clock. Read ``clock`` through the module (``_timers.clock``) at the time of use: a name imported
 with ``from ._timers import clock`` would keep the clock that was in force at import.
 
-**The hot path.** Reading the clock must cost nothing per message: a connection looks up
-``clock.now`` once when it starts and keeps the bound callable (for :class:`SystemClock` it *is*
-``time.monotonic``), so a clock must be installed before the connections it should govern.
+**The hot path.** Reading the clock must cost next to nothing per message, and only with an
+``idle_timeout``: a connection's outbound path looks up ``clock.now`` once when it starts and
+keeps the bound callable (for :class:`SystemClock` it *is* ``time.monotonic``), and its receive
+reads ``clock.now()`` per message, so a clock must be installed before the connections it
+should govern.
 
 **Empty context.** ``loop.call_later`` snapshots the current context, and asyncio keeps a
 cancelled timer (and its context) until its deadline. Inside a connection the context holds
