@@ -6,9 +6,13 @@ is reproduced step by step instead of by chance. Most run under asyncio and trio
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
+import gc
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -614,3 +618,188 @@ async def test_a_close_while_the_writer_is_blocked_mid_queue_drops_the_rest() ->
     assert client.frames[-1]["type"] == "websocket.close" and client.frames[-1]["code"] == 4000
     assert len(app_send) == 1
     assert len(recorder.ended) == 1
+
+
+# -- issue 17: the outbound fast paths keep every guarantee above ---------------------------------
+
+
+async def open_sessions(
+    manager: SessionManager, server: FakeServer, tg: Any, n: int
+) -> list[tuple[FakeClient, Session]]:
+    opened = []
+    for _ in range(n):
+        known = set(manager.local)
+        client = await server.connect(tg)
+        await client.wait_for(lambda c=client: c.accepted)  # type: ignore[misc]
+        with anyio.fail_after(5):
+            while set(manager.local) == known:
+                await wait_all_tasks_blocked()
+        (new,) = set(manager.local) - known
+        opened.append((client, manager.local[new]))
+    return opened
+
+
+@BOTH
+async def test_sends_by_id_in_one_turn_are_not_held_up_by_a_blocked_client() -> None:
+    manager = SessionManager()
+    server = FakeServer(mount(accept_and_wait, manager), task_bound=True)
+    results: dict[str, SendResult] = {}
+
+    async def send(session: Session, *texts: str) -> None:
+        for text in texts:
+            results[text] = await manager.send(session.id, text)
+
+    async with anyio.create_task_group() as tg:
+        (a, sa), (b, sb), (c, sc) = await open_sessions(manager, server, tg, 3)
+        a.pause()
+        async with anyio.create_task_group() as senders:  # all three start in the same turn
+            senders.start_soon(send, sa, "a1", "a2")
+            senders.start_soon(send, sb, "b1")
+            senders.start_soon(send, sc, "c1")
+        # a1 blocks on its client; b1 and c1 were written all the same, a2 waits behind a1.
+        assert results == {
+            "a1": SendResult.QUEUED,
+            "b1": SendResult.DELIVERED,
+            "c1": SendResult.DELIVERED,
+            "a2": SendResult.QUEUED,
+        }
+        assert (b.data, c.data, a.data) == (["b1"], ["c1"], [])
+        assert await manager.send(sb.id, "b2") is SendResult.DELIVERED
+        assert await manager.broadcast("all") == 3
+        a.resume()
+        await a.wait_for(lambda: len(a.data) == 3)
+        assert a.data == ["a1", "a2", "all"] and b.data == ["b1", "b2", "all"]
+        assert [x.foreign_resumes for x in (a, b, c)] == [0, 0, 0]
+        for x in (a, b, c):
+            x.close()
+
+
+@BOTH
+async def test_a_client_blocking_mid_broadcast_holds_up_neither_the_rest_nor_sends_by_id() -> None:
+    manager = SessionManager()
+    server = FakeServer(mount(accept_and_wait, manager), task_bound=True)
+    async with anyio.create_task_group() as tg:
+        opened = await open_sessions(manager, server, tg, 4)
+        clients = [c for c, _ in opened]
+        clients[1].pause_after(1)  # takes the first broadcast, blocks on the second
+        sent: list[str] = []
+
+        async def broadcasts() -> None:
+            for text in "xy":
+                await manager.broadcast(text)
+                sent.append(text)
+
+        async def sends_by_id(i: int, session_id: str) -> None:
+            await manager.send(session_id, f"to{i}")
+            sent.append(f"to{i}")
+
+        async with anyio.create_task_group() as senders:  # trio picks their order
+            senders.start_soon(broadcasts)
+            for i, (_, session) in enumerate(opened):
+                senders.start_soon(sends_by_id, i, session.id)
+        assert len(sent) == 6
+        for i, client in enumerate(clients):
+            if i != 1:
+                assert sorted(client.data) == [f"to{i}", "x", "y"]
+                assert client.data.index("x") < client.data.index("y")
+        assert len(clients[1].data) == 1
+        clients[1].resume()
+        await clients[1].wait_for(lambda: len(clients[1].data) == 3)
+        assert sorted(clients[1].data) == ["to1", "x", "y"]
+        assert clients[1].data.index("x") < clients[1].data.index("y")
+        assert sum(c.foreign_resumes for c in clients) == 0
+        for client in clients:
+            client.close()
+
+
+@BOTH
+async def test_a_sender_cancelled_while_waiting_still_gets_its_frame_written_in_order() -> None:
+    manager = SessionManager()
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # the send below is cancelled at its first wait
+            await manager.send(session.id, "1")
+        assert scope.cancelled_caught
+        assert await manager.send(session.id, "2") in (SendResult.DELIVERED, SendResult.QUEUED)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await manager.broadcast("3")
+        assert await manager.send(session.id, "4") in (SendResult.DELIVERED, SendResult.QUEUED)
+        await client.wait_for(lambda: len(client.data) == 4)
+        assert client.data == ["1", "2", "3", "4"]
+        client.close()
+
+
+@BOTH
+async def test_a_manager_frame_is_never_written_in_another_senders_context() -> None:
+    who: contextvars.ContextVar[str | None] = contextvars.ContextVar("who", default=None)
+    seen: dict[str, str | None] = {}
+    manager = SessionManager()
+    inner = mount(accept_and_wait, manager)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def watched_send(message: Any) -> None:
+            if message["type"] == "websocket.send":
+                seen[message["text"]] = who.get()
+            await send(message)
+
+        await inner(scope, receive, watched_send)
+
+    async def sender(name: str, session: Session) -> None:
+        who.set(name)
+        await manager.send(session.id, name)
+
+    server = FakeServer(app)
+    async with anyio.create_task_group() as tg:
+        (a, sa), (b, sb) = await open_sessions(manager, server, tg, 2)
+        async with anyio.create_task_group() as senders:
+            senders.start_soon(sender, "a", sa)
+            senders.start_soon(sender, "b", sb)
+        # Written by wsession's helper task, in a context of its own or the sender's, but
+        # never in the context of whichever sender happened to start that task.
+        assert seen.keys() == {"a", "b"}
+        assert seen["a"] != "b" and seen["b"] != "a"
+        a.close()
+        b.close()
+
+
+class _LooseTasks:
+    """Starts fake connections as plain asyncio tasks (no task group waits for them)."""
+
+    def start_soon(self, function: Callable[..., Any], *args: Any) -> None:
+        _loose.add(asyncio.get_running_loop().create_task(function(*args)))
+
+
+_loose: set[asyncio.Task[Any]] = set()
+
+
+def test_frames_carried_as_the_event_loop_ends_leave_nothing_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    got: list[SendResult] = []
+
+    async def main(then_send: bool) -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        manager = SessionManager(drain_on_signal=False)  # its handlers would keep the loop
+        server = FakeServer(mount(accept_and_wait, manager))
+        client, session = await open_session(manager, server, _LooseTasks())
+        if then_send:
+            got.append(await manager.send(session.id, "next loop"))
+            assert client.data == ["next loop"]
+            return
+        # Posted, but the loop ends before anything writes it (asyncio.run cancels the rest).
+        _loose.add(asyncio.get_running_loop().create_task(manager.send(session.id, "late")))
+        _loose.add(asyncio.get_running_loop().create_task(manager.broadcast("late")))
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main(False))
+        asyncio.run(main(True))
+    _loose.clear()
+    gc.collect()
+    assert [loop() for loop in loops] == [None, None]
+    assert got == [SendResult.DELIVERED]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -71,8 +71,20 @@ def message_size(message: Message) -> int:
     return len(text) if text is not None else len(message.get("bytes") or b"")
 
 
+# Bound once: on Python 3.11 every ``SomeEnum.X`` is a Python call (``EnumType.__getattr__``),
+# paid per message and per broadcast recipient on the paths below.
+_OPEN = SessionState.OPEN
+_WRITE, _QUEUED, _FULL, _GONE = Offer.WRITE, Offer.QUEUED, Offer.FULL, Offer.GONE
+_DELIVERED_R, _QUEUED_R, _DROPPED_R, _GONE_R = (
+    SendResult.DELIVERED,
+    SendResult.QUEUED,
+    SendResult.DROPPED,
+    SendResult.GONE,
+)
+
+
 def _outbound(session: Session) -> Outbound | None:
-    if session.state is not SessionState.OPEN:
+    if session.state is not _OPEN:
         return None
     return session._outbound
 
@@ -103,15 +115,15 @@ async def _deliver_one(
     for _ in range(1000):  # bounded: each round waits for room or ends
         outbound = _outbound(session)
         if outbound is None:
-            return SendResult.GONE
+            return _GONE_R
         offer = outbound.offer(message, nbytes)
-        if offer is Offer.WRITE:
+        if offer is _WRITE:
             carried = await carry([(outbound, message)])
             if carried.written:
-                return SendResult.DELIVERED
-            return SendResult.QUEUED if carried.pending else SendResult.GONE
-        if offer is not Offer.FULL:
-            return SendResult.QUEUED if offer is Offer.QUEUED else SendResult.GONE
+                return _DELIVERED_R
+            return _QUEUED_R if carried.pending else _GONE_R
+        if offer is not _FULL:
+            return _QUEUED_R if offer is _QUEUED else _GONE_R
         policy = manager.settings.slow_consumer
         if policy is SlowConsumerPolicy.DROP:
             manager.stats.dropped += 1
@@ -177,9 +189,9 @@ async def deliver_all(
     queued = dropped = gone = 0
     policy = manager.settings.slow_consumer
     durable: list[Session] = []
+    if exclude is not None:
+        targets = [session for session in targets if session.id != exclude]
     for session in targets:
-        if session.id == exclude:
-            continue
         journal = session._resume
         if journal is not None and journal.durable:
             durable.append(session)
@@ -195,16 +207,16 @@ async def deliver_all(
             else:
                 gone += 1
             continue
-        outbound = _outbound(session)
-        if outbound is None:
+        outbound = session._outbound
+        if session.state is not _OPEN or outbound is None:
             gone += 1
             continue
         offer = outbound.offer(message, nbytes)
-        if offer is Offer.WRITE:
+        if offer is _WRITE:
             writes.append((outbound, message))
-        elif offer is Offer.QUEUED:
+        elif offer is _QUEUED:
             queued += 1
-        elif offer is Offer.GONE:
+        elif offer is _GONE:
             gone += 1
         elif policy is SlowConsumerPolicy.DROP:
             dropped += 1

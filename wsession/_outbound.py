@@ -12,8 +12,9 @@ A server's ``send`` coroutine always runs to completion in the task that started
 coroutine is stepped by hand), so servers whose ``send`` enters a task-bound scope work.
 
 The app's own frames wait for their turn (the app feels back-pressure, as without wsession);
-manager frames never wait for a slow client: :func:`carry` writes them from a helper task that
-hands the rest of its list to a fresh task whenever one client's write blocks.
+manager frames never wait for a slow client: :func:`carry` hands them to the event loop's
+*courier*, one task that writes every caller's frames in order and passes the rest of its work to
+a fresh task whenever one client's write blocks (no task per message).
 
 Works on asyncio and on trio (through anyio). This module owns the queue, the writer role and
 the close sequence; the policy (what to do when the queue is full) is in ``_delivery.py``.
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from enum import Enum
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -59,6 +62,10 @@ class _Waiter:
         self.done = anyio.Event()
         self.error: BaseException | None = None
 
+
+# Bound once: on Python 3.11 every ``Offer.X`` goes through ``EnumType.__getattr__``, a Python
+# call per lookup on the hot path of every broadcast recipient.
+_WRITE, _QUEUED, _FULL, _GONE = Offer.WRITE, Offer.QUEUED, Offer.FULL, Offer.GONE
 
 _Entry = tuple[Message, "_Waiter | None", int]
 _NO_QUEUE: deque[_Entry] = deque(maxlen=0)  # shared; appending to it would drop the frame
@@ -188,20 +195,20 @@ class Outbound:
         role and must pass the frame to :func:`carry`. ``FULL``: the queue is at its bounds
         (``max_frames`` frames, or ``max_bytes`` bytes once it holds anything)."""
         if self.ended or self.closing:
-            return Offer.GONE
+            return _GONE
         if self.now is not None:
             self.last_write = self.now()
         if not self.busy:
             self.busy = self.reserved = True
-            return Offer.WRITE
+            return _WRITE
         queue = self._queue
         if not self.reserved and (
             len(queue) >= self.max_frames or (queue and self.queued_bytes + nbytes > self.max_bytes)
         ):
-            return Offer.FULL
+            return _FULL
         self._queued().append((message, None, nbytes))
         self.queued_bytes += nbytes
-        return Offer.QUEUED
+        return _QUEUED
 
     def replay(self, messages: list[Message]) -> None:
         """Queue a resumed session's missed messages, in order, ahead of any manager frame
@@ -438,82 +445,222 @@ class Carried:
     """How a :func:`carry` went: ``written`` frames completed, ``pending`` still being written,
     ``failed`` refused because the client had left."""
 
-    __slots__ = ("done", "failed", "pending", "written")
+    __slots__ = ("_waiter", "failed", "pending", "written")
 
-    def __init__(self) -> None:
+    def __init__(self, waiter: _Wakeup | None) -> None:
         self.written = 0
         self.pending = 0
         self.failed = 0
-        self.done = anyio.Event()
+        self._waiter = waiter  # what carry() returns, resolved to self; None for carry_soon()
+
+    def finish(self) -> None:
+        """Every frame is written or pending: wake the caller (if it still waits)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self)
 
 
-async def carry(writes: list[tuple[Outbound, Message]]) -> Carried:
-    """Write frames whose writer role the caller took with :meth:`Outbound.offer`, from helper
-    tasks, and return once each is written or pending (never waits for a slow client).
+class _Wakeup(Protocol):
+    """What a caller of :func:`carry` awaits: an asyncio future, or :class:`_TrioWakeup`."""
 
-    One helper task writes them one after the other; when a client's write blocks, the rest of
-    the list passes to a fresh task and the blocked one stays that client's writer.
+    def done(self) -> bool: ...
+    def set_result(self, result: Carried, /) -> None: ...
+    def __await__(self) -> Generator[Any, Any, Carried]: ...
+
+
+class _TrioWakeup:
+    """The subset of an asyncio future that :func:`carry` uses, on trio."""
+
+    __slots__ = ("_event", "_result")
+
+    def __init__(self) -> None:
+        import trio
+
+        self._event = trio.Event()
+        self._result: Carried | None = None
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def set_result(self, result: Carried, /) -> None:
+        self._result = result
+        self._event.set()
+
+    def __await__(self) -> Generator[Any, Any, Carried]:
+        yield from self._event.wait().__await__()
+        assert self._result is not None
+        return self._result
+
+
+_Job = tuple[Iterator[tuple["Outbound", Message]], Carried]
+
+
+class _Courier:
+    """Writes manager frames for one event loop: jobs in order, one task at a time.
+
+    The task in ``holder`` has the *courier* role while this object is in ``_COURIERS``. It
+    writes each job's frames one after the other with the server's own ``send`` (run to
+    completion in that task). When a write blocks on a slow client, that task stays the client's
+    writer and the role (with the rest of the job, ``jobs[0]``, and the jobs behind it) passes to
+    a fresh task, so no client holds up another. Out of work, the holder waits one loop turn for
+    more (a loop of sends by id reuses it) and ends. No task per message, nor per caller.
     """
-    result = Carried()
-    spawn(_carry, writes, 0, result)
-    await result.done.wait()
+
+    __slots__ = ("holder", "jobs", "key", "loop")
+
+    def __init__(self, key: object, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.key = key
+        self.loop = loop  # None on trio
+        self.jobs: deque[_Job] = deque()
+        self.holder: object = None
+
+    def waiter(self) -> _Wakeup:
+        return self.loop.create_future() if self.loop is not None else _TrioWakeup()
+
+    def start(self) -> None:
+        """A fresh task takes the courier role, in a context of its own, not the caller's: it
+        writes for every caller on this loop. (Trio's system tasks have their own already.)"""
+        if self.loop is None:
+            import trio
+
+            self.holder = trio.lowlevel.spawn_system_task(_courier_on_trio, self)
+            return
+        task = self.loop.create_task(_quietly(_courier, self), context=contextvars.Context())
+        self.holder = task
+        _TASKS.add(task)  # the loop keeps tasks only weakly
+        task.add_done_callback(self.ended)
+
+    def ended(self, holder: object) -> None:
+        """A courier task ended. If it still held the role, it was cancelled (the event loop
+        is shutting down, perhaps before the task even started): wake every caller still
+        waiting, and let the next carry on this loop start afresh."""
+        _TASKS.discard(holder)
+        if holder is not self.holder:
+            return  # handed the role on, or gave it up for want of work
+        self.holder = None
+        del _COURIERS[self.key]
+        while self.jobs:
+            self.jobs.popleft()[1].finish()
+
+
+_COURIERS: dict[object, _Courier] = {}  # by event loop (trio: its token), while one runs
+
+
+def _post(writes: list[tuple[Outbound, Message]], waiting: bool) -> Carried:
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        key: object = loop
+    except RuntimeError:
+        import trio
+
+        loop, key = None, trio.lowlevel.current_trio_token()
+    courier = _COURIERS.get(key)
+    if courier is None:
+        courier = _COURIERS[key] = _Courier(key, loop)
+        courier.start()
+    result = Carried(courier.waiter() if waiting else None)
+    courier.jobs.append((iter(writes), result))
     return result
+
+
+def carry(writes: list[tuple[Outbound, Message]]) -> Awaitable[Carried]:
+    """Write frames whose writer role the caller took with :meth:`Outbound.offer`; the
+    awaitable returned resolves once each is written or pending (never waits for a slow
+    client). They are written by this event loop's courier task (see :class:`_Courier`), in
+    order with everything else carried. (A plain function: no coroutine per send.)
+
+    Cancelling the caller does not cancel the writes: the writer roles are taken already.
+    """
+    waiter = _post(writes, True)._waiter
+    assert waiter is not None
+    return waiter
 
 
 def carry_soon(writes: list[tuple[Outbound, Message]]) -> None:
     """Like :func:`carry`, for callers that cannot wait at all: the writes start soon, in
     order with everything else for their sessions (the writer roles are already taken)."""
-    spawn(_carry, writes, 0, Carried())
+    _post(writes, False)
 
 
-async def _carry(writes: list[tuple[Outbound, Message]], start: int, result: Carried) -> None:
-    handed_on = False
-    current = start
-    finished = False
+async def _courier(courier: _Courier) -> None:
+    jobs = courier.jobs
     me = _canceller()
+    writing: Outbound | None = None  # whose write is pending (this task is suspended in it)
+    armed = False  # a hand_on is scheduled
+    handed_on = False
 
     def hand_on() -> None:
-        # Runs only while this task is blocked in a write: the rest of the list goes to a new
-        # task, and this one stays the blocked client's writer.
-        nonlocal handed_on
-        if finished or handed_on:
-            return
+        # Runs when this task gave the loop control: if that was in a write, the write blocked.
+        nonlocal armed, handed_on
+        armed = False
+        if writing is None or handed_on:
+            return  # it was waiting for more work
         handed_on = True
-        writes[current][0]._driver = me
-        result.pending += 1
-        if current + 1 < len(writes):
-            spawn(_carry, writes, current + 1, result)
-        else:
-            result.done.set()
+        writing._driver = me  # this task stays the blocked client's writer
+        jobs[0][1].pending += 1
+        courier.start()  # the rest of jobs[0], and the jobs behind it
 
-    cancel_hand_on = call_soon(hand_on)
-    try:
-        for current in range(start, len(writes)):
-            outbound, message = writes[current]
+    while True:
+        if not jobs:
+            await (_one_turn() if courier.loop is not None else _trio_checkpoint())
+            if not jobs:  # give the role up: the next carry starts a new courier
+                courier.holder = None
+                del _COURIERS[courier.key]
+                return
+        if not armed:
+            armed = True
+            call_soon(hand_on)
+        writes, result = jobs[0]
+        for outbound, message in writes:
             # A manager data frame: the server's send, with no wrapper around it (the hot path
             # of a broadcast).
             outbound.reserved = False
+            writing = outbound
             try:
                 await outbound._server_send(message)
             except Exception:  # the client left, or the server refused the frame
                 outbound._stop()
-            except BaseException:  # cancelled (the connection ended): give the role back
+            except BaseException:  # cancelled (the loop is ending): give the role back
                 outbound._driver = None
                 outbound._release()
                 raise
             if handed_on:
+                writing = None
                 await outbound._write_queue()  # what queued up behind the blocked write
                 return
-            outbound._release()
+            if outbound._queue or outbound.ended:
+                outbound._release()
+            else:
+                outbound.busy = False  # what _release() does then, without a call per recipient
             if outbound.ended and not outbound.closed:
                 result.failed += 1
             else:
                 result.written += 1
+        writing = None
+        jobs.popleft()
+        result.finish()
+
+
+async def _courier_on_trio(courier: _Courier) -> None:
+    import trio
+
+    try:
+        await _quietly(_courier, courier)
     finally:
-        finished = True
-        cancel_hand_on()
-        if not handed_on:
-            result.done.set()
+        courier.ended(trio.lowlevel.current_task())
+
+
+@types.coroutine
+def _one_turn() -> Generator[None, None, None]:
+    """``asyncio.sleep(0)`` without its extra coroutine: a task yielding ``None`` is
+    rescheduled after the callbacks already due."""
+    yield
+
+
+async def _trio_checkpoint() -> None:
+    import trio
+
+    await trio.lowlevel.checkpoint()
 
 
 # -- the event loop, whichever it is ---------------------------------------------------------------
