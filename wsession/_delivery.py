@@ -234,7 +234,8 @@ async def deliver_all(
             gone += result is SendResult.GONE
     if writes:
         carried = await carry(writes)
-        delivered, gone = carried.written, gone + carried.failed
+        delivered += carried.written
+        gone += carried.failed
         queued += carried.pending
     sends = manager.stats.sends
     for session in waiting:
