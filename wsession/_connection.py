@@ -18,7 +18,13 @@ from ._delivery import close_session, end_later
 from ._exceptions import Refuse
 from ._expiry import arm as arm_expiry
 from ._expiry import disarm as disarm_expiry
-from ._lifecycle import count_ending, run_disconnect_hooks, run_hooks, start_disconnect_hooks
+from ._lifecycle import (
+    count_ending,
+    run_disconnect_hooks,
+    run_hooks,
+    start_disconnect_hooks,
+    unregister,
+)
 from ._log import log_error, log_warning
 from ._manager import Hook, SessionManager
 from ._outbound import Outbound
@@ -172,9 +178,7 @@ async def close_connection(
             await pending
     finally:
         try:
-            await manager.registry.remove(session)
-        except Exception:  # logged, never raised (registries shield their own I/O)
-            log_error(session.id, "registry could not remove %s", session.id, exc=True)
+            await unregister(manager, session)
         finally:
             manager.admission.release(ticket)
             manager._end_presence(session)  # once: the teardown runs once per session
@@ -261,7 +265,7 @@ async def _take_over(
     current_session.set(session)
     taken = False
     try:
-        refusal = await _connect_hooks(manager, session, manager.resume_hooks)
+        refusal = await _connect_hooks(manager, session, iter(manager.resume_hooks), perf_counter())
         if refusal is None:
             refusal = manager.admission.after_hooks(ticket, session)
         if refusal is not None:
@@ -409,10 +413,7 @@ async def _await_connect_hook(
         return refusal
     except Exception:  # a hook's own TimeoutError included: it is the hook's error, not ours
         return _hook_failed(manager, session)
-    outcome = _run_connect_hooks(manager, session, rest, begun)
-    if outcome is None or isinstance(outcome, Refuse):
-        return outcome
-    return await outcome
+    return await _connect_hooks(manager, session, rest, begun)
 
 
 def _hook_failed(manager: SessionManager, session: Session) -> Refuse:
@@ -423,10 +424,11 @@ def _hook_failed(manager: SessionManager, session: Session) -> Refuse:
 
 
 async def _connect_hooks(
-    manager: SessionManager, session: Session, hooks: tuple[Hook, ...]
+    manager: SessionManager, session: Session, hooks: Iterator[Hook], begun: float
 ) -> Refuse | None:
-    """:func:`_run_connect_hooks` for callers that await anyway."""
-    outcome = _run_connect_hooks(manager, session, iter(hooks), perf_counter())
+    """:func:`_run_connect_hooks` for callers that await anyway (the connection's own path
+    calls it directly: a sync hook then costs no coroutine)."""
+    outcome = _run_connect_hooks(manager, session, hooks, begun)
     if outcome is None or isinstance(outcome, Refuse):
         return outcome
     return await outcome

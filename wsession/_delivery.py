@@ -207,7 +207,7 @@ async def deliver_all(
             else:
                 gone += 1
             continue
-        outbound = session._outbound
+        outbound = session._outbound  # _outbound(session), inlined: this runs per recipient
         if session.state is not _OPEN or outbound is None:
             gone += 1
             continue

@@ -502,14 +502,8 @@ class Session:
         return message
 
     async def _app_receive_tracked(self) -> Message:
-        first = self._first
-        if first is not None:
-            self._first = None
-            return first
-        message = await self._receive()  # type: ignore[misc]
-        if message["type"] == "websocket.disconnect":
-            self._client_disconnected(message)
-        else:
+        message = await self._app_receive()
+        if message["type"] == "websocket.receive":  # the client's activity (not the connect)
             self._last_activity = _timers.clock.now()
         return message
 
