@@ -436,6 +436,25 @@ async def test_the_app_reads_every_message_in_order_and_the_close_is_recorded() 
 
 
 @pytest.mark.anyio
+async def test_the_app_gets_the_servers_own_message_objects() -> None:
+    # The connect message the middleware read first, and every later one, are handed on as
+    # the very objects the server returned (not copies, not a stand-in connect message).
+    manager = SessionManager()
+    got: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        got.append(await receive())
+        await send({"type": "websocket.accept"})
+        got.append(await receive())
+        got.append(await receive())
+
+    peer = _Peer([{"type": "websocket.receive", "text": "a"}, {"type": "websocket.disconnect"}])
+    sent = list(peer.inbox)
+    await WSessionMiddleware(app, manager=manager)(_scope(), peer.receive, peer.send)
+    assert [id(m) for m in got] == [id(m) for m in sent]
+
+
+@pytest.mark.anyio
 async def test_the_idle_timeout_still_closes_and_reading_keeps_it_open() -> None:
     manager = SessionManager(idle_timeout=100)
     closed: list[Message] = []

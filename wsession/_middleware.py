@@ -51,10 +51,12 @@ class WSessionMiddleware:
         first = None  # the session holds it until the app reads it, not this frame
         if opened is None:
             return None  # refused, or ended while it was being registered
-        session, app_scope, app_receive, app_send, ticket, pump = opened
+        # The app's scope, receive and send take the server's names: this frame waits in every
+        # open connection, and each name is a slot of it (8 bytes) for the connection's life.
+        session, scope, receive, send, ticket, pump = opened
         del opened
         try:
-            return await self.app(app_scope, app_receive, app_send)
+            return await self.app(scope, receive, send)
         except BaseException as exc:
             if app_ended(session, exc):
                 return None  # wsession ended it (kick, drain): the close frame is on its way

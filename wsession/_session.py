@@ -492,10 +492,11 @@ class Session:
         return self._app_receive_tracked if track else self._app_receive
 
     async def _app_receive(self) -> Message:
-        first = self._first
-        if first is not None:
-            self._first = None
-            return first
+        # One local, not two: this coroutine waits in every idle connection, and each local
+        # is a slot of its frame for as long as it waits.
+        if self._first is not None:
+            message, self._first = self._first, None
+            return message
         message = await self._receive()  # type: ignore[misc]
         if message["type"] == "websocket.disconnect":
             self._client_disconnected(message)
