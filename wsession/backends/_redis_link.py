@@ -59,7 +59,7 @@ class CallGate:
 
     def slot(self, timeout: float | None = None) -> _Slot:
         """Hold a slot for the body (the current task's own slot if it holds one already),
-        then, with ``timeout``, bound the body by ``asyncio.timeout(timeout)``: the deadline
+        then, with ``timeout``, bound the body by a :class:`Deadline` of ``timeout``: the deadline
         starts once the slot is held.
 
         Raises:
@@ -109,6 +109,45 @@ class CallGate:
         self._free += 1
 
 
+class Deadline:
+    """``asyncio.timeout(seconds)`` for one Redis call, except that a reply which reached the
+    socket in time is never thrown away because the event loop itself was late.
+
+    Why (issue 17): a worker's loop can stall for longer than ``command_timeout`` (a full
+    garbage collection of a heap holding 100k connections, a CPU-bound handler, a starved
+    CPU). When it runs again it finds Redis's reply and the expired deadline in the same turn,
+    and asyncio runs the deadline's callback before the woken call, so the call failed as if
+    Redis had not answered, and the registry declared an outage. Here the deadline, once due,
+    expires one loop turn later (``reschedule`` to the past: ``call_soon``), after the call
+    that its reply woke. A Redis that does not answer is still given up on, one turn late.
+    """
+
+    __slots__ = ("_seconds", "_timeout", "_timer")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._timeout = asyncio.timeout(None)
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        # reschedule(0.0), a time already past, expires the timeout with call_soon.
+        self._timer = asyncio.get_running_loop().call_later(
+            self._seconds, self._timeout.reschedule, 0.0
+        )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self._timeout.__aexit__(exc_type, exc, tb)
+
+
 class _Slot:
     """One use of a :class:`CallGate` (a class, not a generator: it wraps every Redis call)."""
 
@@ -118,7 +157,7 @@ class _Slot:
         self._gate = gate
         self._timeout = timeout
         self._task: asyncio.Task[Any] | None = None
-        self._deadline: asyncio.Timeout | None = None
+        self._deadline: Deadline | None = None
 
     async def __aenter__(self) -> None:
         gate = self._gate
@@ -128,7 +167,7 @@ class _Slot:
             gate._holders.add(task)
             self._task = task
         if self._timeout is not None:
-            self._deadline = asyncio.timeout(self._timeout)
+            self._deadline = Deadline(self._timeout)
             try:
                 await self._deadline.__aenter__()
             except BaseException:

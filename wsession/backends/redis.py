@@ -68,6 +68,7 @@ from ._redis_endings import Endings
 from ._redis_journal import DETACHED_NODE, RedisJournal
 from ._redis_link import (
     CallGate,
+    Deadline,
     PubSubMode,
     check_cluster_prefix,
     is_cluster_client,
@@ -431,9 +432,10 @@ class RedisRegistry:
         :class:`CallGate`: a burst queues there, untimed), then a deadline of
         ``command_timeout`` (its TimeoutError counts as a Redis failure). The heartbeat task
         never waits for a slot: it has a connection of its own, so its lease renewal never
-        queues behind a burst (else the other workers would declare this one lost)."""
+        queues behind a burst (else the other workers would declare this one lost). Either way
+        a reply that arrived while the loop was stalled is read (see :class:`Deadline`)."""
         if self._priority():
-            return asyncio.timeout(self.command_timeout)
+            return Deadline(self.command_timeout)
         return self._gate.slot(self.command_timeout)
 
     def _priority(self) -> bool:
