@@ -803,3 +803,32 @@ def test_frames_carried_as_the_event_loop_ends_leave_nothing_behind(
     assert [loop() for loop in loops] == [None, None]
     assert got == [SendResult.DELIVERED]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# appended to tests/test_guarantees.py
+
+
+# -- review of the courier (issue 17 follow-up) ----------------------------------------------------
+
+
+@BOTH
+async def test_a_client_blocked_mid_broadcast_keeps_no_other_ended_session_alive() -> None:
+    manager = SessionManager()
+    server = FakeServer(mount(accept_and_wait, manager))
+    async with anyio.create_task_group() as tg:
+        (a, _), (b, sb) = await open_sessions(manager, server, tg, 2)
+        a.pause()
+        assert await manager.broadcast("x") == 2  # a's write blocks: its task stays with a
+        assert b.data == ["x"] and a.data == []
+        b_session = weakref.ref(sb)
+        b_done = b.done
+        b.close()
+        del b, sb  # the fake client's scope holds the session too
+        await b_done.wait()
+        await wait_all_tasks_blocked()
+        gc.collect()
+        # b ended; only a's blocked write is still under way.
+        assert b_session() is None
+        a.resume()
+        await a.wait_for(lambda: a.data == ["x"])
+        a.close()
