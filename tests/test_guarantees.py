@@ -832,3 +832,41 @@ async def test_a_client_blocked_mid_broadcast_keeps_no_other_ended_session_alive
         a.resume()
         await a.wait_for(lambda: a.data == ["x"])
         a.close()
+
+
+@BOTH
+async def test_frames_queued_behind_an_app_write_are_not_written_in_the_apps_context() -> None:
+    who: contextvars.ContextVar[str | None] = contextvars.ContextVar("who", default=None)
+    seen: dict[str, str | None] = {}
+    manager = SessionManager()
+    inner = mount(accept_and_wait, manager)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def watched_send(message: Any) -> None:
+            if message["type"] == "websocket.send":
+                seen[message["text"]] = who.get()
+            await send(message)
+
+        await inner(scope, receive, watched_send)
+
+    async def app_task_send(session: Session) -> None:
+        who.set("app")
+        await session.send_text("app")
+
+    async def sender(session: Session) -> None:
+        who.set("sender")
+        assert await manager.send(session.id, "manager") is SendResult.QUEUED
+
+    server = FakeServer(app)
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        tg.start_soon(app_task_send, session)  # holds the writer role, blocked
+        await wait_all_tasks_blocked()
+        await sender(session)  # queued behind the app's frame
+        client.resume()
+        await client.wait_for(lambda: client.data == ["app", "manager"])
+        # The app's task wrote its own frame; the manager frame queued behind it was written by
+        # a helper task, which must not carry the app task's context.
+        assert seen == {"app": "app", "manager": None}
+        client.close()
