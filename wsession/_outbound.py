@@ -667,7 +667,9 @@ async def _trio_checkpoint() -> None:
 
 
 def spawn(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    """Run ``function(*args)`` in a new task that nobody waits for (asyncio or trio)."""
+    """Run ``function(*args)`` in a new task that nobody waits for (asyncio or trio), in a
+    context of its own: it writes frames other tasks sent, so it must not carry the context of
+    the task that happened to start it (trio's system tasks have their own already)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -675,7 +677,7 @@ def spawn(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
 
         trio.lowlevel.spawn_system_task(_quietly, function, *args)
         return
-    task = loop.create_task(_quietly(function, *args))
+    task = loop.create_task(_quietly(function, *args), context=contextvars.Context())
     _TASKS.add(task)  # the loop keeps tasks only weakly
     task.add_done_callback(_TASKS.discard)
 
