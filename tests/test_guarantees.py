@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from anyio import wait_all_tasks_blocked
+from trio.testing import MockClock
 from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -870,3 +871,42 @@ async def test_frames_queued_behind_an_app_write_are_not_written_in_the_apps_con
         # a helper task, which must not carry the app task's context.
         assert seen == {"app": "app", "manager": None}
         client.close()
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio")]
+)
+async def test_the_wait_policy_waits_at_most_send_timeout_in_all() -> None:
+    # Time is trio's mock clock: it jumps whenever every task is blocked, so nothing sleeps.
+    manager = SessionManager(slow_consumer="wait", send_timeout=10, max_backlog=1)
+    server = FakeServer(mount(accept_and_wait, manager))
+    took: dict[str, tuple[SendResult, float]] = {}
+
+    async def send(text: str) -> None:
+        started = anyio.current_time()
+        result = await manager.send(session.id, text)
+        took[text] = (result, anyio.current_time() - started)
+
+    async def reads_one_frame_every(seconds: float) -> None:
+        while not client.done.is_set():
+            await anyio.sleep(seconds)
+            client.pause_after(1)
+            client.resume()
+
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        client.pause()
+        await manager.send(session.id, "a")  # being written, blocked
+        await manager.send(session.id, "b")  # the backlog is full
+        tg.start_soon(reads_one_frame_every, 6.0)
+        async with anyio.create_task_group() as senders:  # both wait for room
+            senders.start_soon(send, "c")
+            senders.start_soon(send, "d")
+        tg.cancel_scope.cancel()
+    # At 6 s one frame left the backlog: one sender got the room, the other went on waiting. It
+    # must not have waited longer than send_timeout in all (a fresh timeout per round of
+    # waiting let it wait 12 s, and up to 1000 rounds).
+    assert sorted(result for result, _ in took.values()) == [SendResult.GONE, SendResult.QUEUED], (
+        took
+    )
+    assert max(elapsed for _, elapsed in took.values()) <= 10
