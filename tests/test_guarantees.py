@@ -20,9 +20,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 from anyio import wait_all_tasks_blocked
-from trio.testing import MockClock
 from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from trio.testing import MockClock
 
 from wsession import (
     EndReason,

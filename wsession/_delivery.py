@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from pydantic import BaseModel
 
 from ._json import check_text, encode_json
@@ -112,6 +113,7 @@ async def _deliver_one(
         if carried.written:
             return SendResult.DELIVERED
         return SendResult.QUEUED  # pending, or kept for a resume
+    deadline: float | None = None
     for _ in range(1000):  # bounded: each round waits for room or ends
         outbound = _outbound(session)
         if outbound is None:
@@ -128,11 +130,14 @@ async def _deliver_one(
         if policy is SlowConsumerPolicy.DROP:
             manager.stats.dropped += 1
             return SendResult.DROPPED
-        if policy is SlowConsumerPolicy.CLOSE or not await outbound.wait_for_room(
-            manager.settings.send_timeout
-        ):
-            close_slow_consumer(manager, session)
-            return SendResult.GONE
+        if policy is SlowConsumerPolicy.WAIT:
+            # One deadline for every round: room taken by a rival does not restart the wait.
+            if deadline is None:
+                deadline = anyio.current_time() + manager.settings.send_timeout
+            if await outbound.wait_for_room(deadline - anyio.current_time()):
+                continue
+        close_slow_consumer(manager, session)
+        return SendResult.GONE
     return SendResult.GONE
 
 
