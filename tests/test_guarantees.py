@@ -941,3 +941,31 @@ async def test_a_slow_clients_backlog_stays_bounded_when_sends_meet_a_reserved_w
         assert outbound.backlog <= 4, (outbound.backlog, results.count(SendResult.QUEUED))
         client.resume()
         client.close()
+
+
+@BOTH
+async def test_a_reading_client_behind_a_send_that_yields_is_not_a_slow_consumer() -> None:
+    # Servers whose send always yields to the event loop (hypercorn on trio) keep a send by id
+    # pending for some turns even when the client reads. A loop of sends by id must then let the
+    # writer run: queued sends that never yielded filled the backlog in one step and closed a
+    # client that read everything as a slow consumer (hypercorn/trio: 400 sends, 137 gone).
+    manager = SessionManager(max_backlog=4)
+    inner = mount(accept_and_wait, manager)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def yielding_send(message: Any) -> None:
+            for _ in range(5):  # a lock, a channel, a task of its own: several turns
+                await anyio.lowlevel.checkpoint()
+            await send(message)
+
+        await inner(scope, receive, yielding_send)
+
+    server = FakeServer(app)
+    async with anyio.create_task_group() as tg:
+        client, session = await open_session(manager, server, tg)
+        results = [await manager.send(session.id, str(i)) for i in range(20)]
+        assert SendResult.GONE not in results
+        await client.wait_for(lambda: len(client.data) == 20)
+        assert client.data == [str(i) for i in range(20)]
+        assert manager.stats.slow_consumers == 0
+        client.close()
