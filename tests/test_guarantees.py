@@ -915,30 +915,26 @@ async def test_the_wait_policy_waits_at_most_send_timeout_in_all() -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="frames offered while the writer role is reserved (taken, no write started yet) "
-    "skip the max_backlog/max_backlog_bytes bounds, and a manager send that is queued never "
-    "yields: one task can queue any number in one step; a design decision for the lead",
+    "skip the max_backlog/max_backlog_bytes bounds: senders in one turn (many tasks, or a "
+    "burst of Redis messages read in one step) queue any number; a design decision for the lead",
 )
 @BOTH
 async def test_a_slow_clients_backlog_stays_bounded_when_sends_meet_a_reserved_writer() -> None:
     manager = SessionManager(max_backlog=4, slow_consumer="drop")
     server = FakeServer(mount(accept_and_wait, manager))
-    results: list[SendResult] = []
-
-    async def producer(session: Session) -> None:
-        for i in range(1000):  # never yields: each send is queued without waiting
-            results.append(await manager.send(session.id, str(i)))
 
     async with anyio.create_task_group() as tg:
         client, session = await open_session(manager, server, tg)
         client.pause()
-        async with anyio.create_task_group() as senders:  # both start in the same turn
+        async with anyio.create_task_group() as senders:  # all start in the same turn
             senders.start_soon(manager.broadcast, "first")  # takes the writer role
-            senders.start_soon(producer, session)
+            for i in range(100):
+                senders.start_soon(manager.send, session.id, str(i))
         assert client.data == []  # "first" is being written, blocked
         outbound = session._outbound
         assert outbound is not None
         # Documented: at most max_backlog frames waiting, plus the frame being written.
-        assert outbound.backlog <= 4, (outbound.backlog, results.count(SendResult.QUEUED))
+        assert outbound.backlog <= 4, (outbound.backlog, manager.stats.dropped)
         client.resume()
         client.close()
 
@@ -954,7 +950,7 @@ async def test_a_reading_client_behind_a_send_that_yields_is_not_a_slow_consumer
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         async def yielding_send(message: Any) -> None:
-            for _ in range(5):  # a lock, a channel, a task of its own: several turns
+            for _ in range(3):  # a lock, a channel, a task of its own: a few turns
                 await anyio.lowlevel.checkpoint()
             await send(message)
 

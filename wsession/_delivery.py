@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from pydantic import BaseModel
 
 from ._json import check_text, encode_json
@@ -95,6 +96,10 @@ async def deliver(manager: SessionManager, session: Session, message: Message) -
     a closed or vanished connection. Counted in ``stats.sends``."""
     result = await _deliver_one(manager, session, message, message_size(message))
     manager.stats.sends[result] += 1
+    if result is _QUEUED_R:
+        # Queued behind a pending write, perhaps without waiting at all: give the writer a
+        # turn, or a loop of sends fills the backlog of a client that reads everything.
+        await anyio.lowlevel.checkpoint()
     return result
 
 
@@ -242,6 +247,8 @@ async def deliver_all(
         delivered += carried.written
         gone += carried.failed
         queued += carried.pending
+    elif queued:
+        await anyio.lowlevel.checkpoint()  # as in deliver(): let the writers have a turn
     sends = manager.stats.sends
     for session in waiting:
         result = await _deliver_one(manager, session, message, nbytes)
