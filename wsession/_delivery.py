@@ -247,8 +247,6 @@ async def deliver_all(
         delivered += carried.written
         gone += carried.failed
         queued += carried.pending
-    elif queued:
-        await anyio.lowlevel.checkpoint()  # as in deliver(): let the writers have a turn
     sends = manager.stats.sends
     for session in waiting:
         result = await _deliver_one(manager, session, message, nbytes)
@@ -265,6 +263,8 @@ async def deliver_all(
         if count:
             sends[result] += count
     manager.stats.dropped += dropped
+    if queued and not (durable or writes or waiting):
+        await anyio.lowlevel.checkpoint()  # as in deliver(): let the writers have a turn
     return delivered + queued
 
 
