@@ -941,11 +941,13 @@ async def test_a_slow_clients_backlog_stays_bounded_when_sends_meet_a_reserved_w
 
 @BOTH
 async def test_a_reading_client_behind_a_send_that_yields_is_not_a_slow_consumer() -> None:
-    # Servers whose send always yields to the event loop (hypercorn on trio) keep a send by id
-    # pending for some turns even when the client reads. A loop of sends by id must then let the
-    # writer run: queued sends that never yielded filled the backlog in one step and closed a
-    # client that read everything as a slow consumer (hypercorn/trio: 400 sends, 137 gone).
-    manager = SessionManager(max_backlog=4)
+    # Servers whose send always yields to the event loop (hypercorn on trio) keep a manager
+    # frame pending for some turns even when the client reads. A loop of sends (or broadcasts)
+    # must then let the writer run: queued sends that never yielded filled any backlog in one
+    # step and closed a client that read everything as a slow consumer (hypercorn/trio: 400
+    # sends, 137 gone). Here a send takes 3 turns: one turn per queued send keeps 20 sends
+    # within 16 waiting.
+    manager = SessionManager(max_backlog=16)
     inner = mount(accept_and_wait, manager)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -962,6 +964,8 @@ async def test_a_reading_client_behind_a_send_that_yields_is_not_a_slow_consumer
         results = [await manager.send(session.id, str(i)) for i in range(20)]
         assert SendResult.GONE not in results
         await client.wait_for(lambda: len(client.data) == 20)
-        assert client.data == [str(i) for i in range(20)]
+        assert [await manager.broadcast(str(i)) for i in range(20, 40)] == [1] * 20
+        await client.wait_for(lambda: len(client.data) == 40)
+        assert client.data == [str(i) for i in range(40)]
         assert manager.stats.slow_consumers == 0
         client.close()
