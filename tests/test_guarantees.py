@@ -34,6 +34,7 @@ from wsession import (
     SessionStateError,
     SlowConsumerPolicy,
 )
+from wsession.testing import ManualClock
 
 from .fake_server import FakeClient, FakeServer
 from .support import HookRecorder, mount, recorded
@@ -969,3 +970,24 @@ async def test_a_reading_client_behind_a_send_that_yields_is_not_a_slow_consumer
         assert client.data == [str(i) for i in range(40)]
         assert manager.stats.slow_consumers == 0
         client.close()
+
+
+async def test_frames_a_stuck_client_never_got_do_not_keep_it_from_idling_out() -> None:
+    # idle_timeout: "without a message either way". A client that stopped reading (a half-open
+    # connection: what the idle timeout is for) gets no message from frames that are dropped
+    # or left waiting; offering them used to count as writing, so regular broadcasts kept it
+    # open for ever under the drop policy.
+    manager = SessionManager(idle_timeout=100, slow_consumer="drop", max_backlog=1)
+    server = FakeServer(mount(accept_and_wait, manager))
+    with ManualClock() as clock:
+        async with anyio.create_task_group() as tg:
+            client, session = await open_session(manager, server, tg)
+            client.pause()
+            assert await manager.send(session.id, "a") is SendResult.QUEUED  # blocked
+            for _ in range(4):
+                clock.advance(30)
+                await wait_all_tasks_blocked()
+                await manager.broadcast("tick")  # queued once, then dropped
+            assert session.end_reason is EndReason.SERVER_CLOSED  # idle since 0, checked at 100
+            assert session.close_code == manager.settings.idle_close_code
+            client.drop()
