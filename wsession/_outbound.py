@@ -196,9 +196,11 @@ class Outbound:
         (``max_frames`` frames, or ``max_bytes`` bytes once it holds anything)."""
         if self.ended or self.closing:
             return _GONE
-        if self.now is not None:
-            self.last_write = self.now()
         if not self.busy:
+            # Written now (a frame dropped or left waiting is no message for the idle timeout;
+            # a queued one counts when _drain writes it).
+            if self.now is not None:
+                self.last_write = self.now()
             self.busy = self.reserved = True
             return _WRITE
         queue = self._queue
@@ -322,6 +324,8 @@ class Outbound:
             return
         if message["type"] == "websocket.accept":
             self.accepted = True
+        elif self.now is not None:
+            self.last_write = self.now()
         try:
             await self._server_send(message)
         except Exception:  # the client left, or the server refused the frame
