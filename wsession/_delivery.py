@@ -11,6 +11,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+import anyio
+import anyio.lowlevel
 from pydantic import BaseModel
 
 from ._json import check_text, encode_json
@@ -94,6 +96,10 @@ async def deliver(manager: SessionManager, session: Session, message: Message) -
     a closed or vanished connection. Counted in ``stats.sends``."""
     result = await _deliver_one(manager, session, message, message_size(message))
     manager.stats.sends[result] += 1
+    if result is _QUEUED_R:
+        # Queued behind a pending write, perhaps without waiting at all: give the writer a
+        # turn, or a loop of sends fills the backlog of a client that reads everything.
+        await anyio.lowlevel.checkpoint()
     return result
 
 
@@ -112,6 +118,7 @@ async def _deliver_one(
         if carried.written:
             return SendResult.DELIVERED
         return SendResult.QUEUED  # pending, or kept for a resume
+    deadline: float | None = None
     for _ in range(1000):  # bounded: each round waits for room or ends
         outbound = _outbound(session)
         if outbound is None:
@@ -128,11 +135,14 @@ async def _deliver_one(
         if policy is SlowConsumerPolicy.DROP:
             manager.stats.dropped += 1
             return SendResult.DROPPED
-        if policy is SlowConsumerPolicy.CLOSE or not await outbound.wait_for_room(
-            manager.settings.send_timeout
-        ):
-            close_slow_consumer(manager, session)
-            return SendResult.GONE
+        if policy is SlowConsumerPolicy.WAIT:
+            # One deadline for every round: room taken by a rival does not restart the wait.
+            if deadline is None:
+                deadline = anyio.current_time() + manager.settings.send_timeout
+            if await outbound.wait_for_room(deadline - anyio.current_time()):
+                continue
+        close_slow_consumer(manager, session)
+        return SendResult.GONE
     return SendResult.GONE
 
 
@@ -253,6 +263,8 @@ async def deliver_all(
         if count:
             sends[result] += count
     manager.stats.dropped += dropped
+    if queued and not (durable or writes or waiting):
+        await anyio.lowlevel.checkpoint()  # as in deliver(): let the writers have a turn
     return delivered + queued
 
 

@@ -196,9 +196,11 @@ class Outbound:
         (``max_frames`` frames, or ``max_bytes`` bytes once it holds anything)."""
         if self.ended or self.closing:
             return _GONE
-        if self.now is not None:
-            self.last_write = self.now()
         if not self.busy:
+            # Written now (a frame dropped or left waiting is no message for the idle timeout;
+            # a queued one counts when _drain writes it).
+            if self.now is not None:
+                self.last_write = self.now()
             self.busy = self.reserved = True
             return _WRITE
         queue = self._queue
@@ -322,6 +324,8 @@ class Outbound:
             return
         if message["type"] == "websocket.accept":
             self.accepted = True
+        elif self.now is not None:
+            self.last_write = self.now()
         try:
             await self._server_send(message)
         except Exception:  # the client left, or the server refused the frame
@@ -667,7 +671,9 @@ async def _trio_checkpoint() -> None:
 
 
 def spawn(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    """Run ``function(*args)`` in a new task that nobody waits for (asyncio or trio)."""
+    """Run ``function(*args)`` in a new task that nobody waits for (asyncio or trio), in a
+    context of its own: it writes frames other tasks sent, so it must not carry the context of
+    the task that happened to start it (trio's system tasks have their own already)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -675,7 +681,7 @@ def spawn(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
 
         trio.lowlevel.spawn_system_task(_quietly, function, *args)
         return
-    task = loop.create_task(_quietly(function, *args))
+    task = loop.create_task(_quietly(function, *args), context=contextvars.Context())
     _TASKS.add(task)  # the loop keeps tasks only weakly
     task.add_done_callback(_TASKS.discard)
 
