@@ -915,9 +915,9 @@ async def test_the_wait_policy_waits_at_most_send_timeout_in_all() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="frames offered while the writer role is reserved (taken, no write started yet) "
-    "skip the max_backlog/max_backlog_bytes bounds: senders in one turn (many tasks, or a "
-    "burst of Redis messages read in one step) queue any number; a design decision for the lead",
+    reason="known, documented in docs/guarantees.md: frames offered while the writer role is "
+    "reserved (taken, no write started yet) skip the max_backlog/max_backlog_bytes bounds, so "
+    "senders in one turn queue any number; counting them closes fast clients that get a burst",
 )
 @BOTH
 async def test_a_slow_clients_backlog_stays_bounded_when_sends_meet_a_reserved_writer() -> None:
