@@ -362,3 +362,54 @@ async def test_an_ending_added_as_the_last_runner_finishes_still_runs() -> None:
     async with asyncio.timeout(2):
         await second_ran.wait()
     await endings.close(timeout=1)
+
+
+# -- kicks of detached sessions ----------------------------------------------------------------
+
+
+async def test_close_user_runs_detached_sessions_hooks_outside_its_redis_call(
+    redis_server: RedisServer,
+) -> None:
+    """``close_user`` ends a user's sessions that wait detached in Redis (their worker went
+    away), here, hooks included. A disconnect hook slower than ``command_timeout`` (a slow
+    database) must not count as Redis failing: close_user ends every one of them and returns
+    how many, the registry stays available, and each hook runs once. (The hooks ran inside
+    close_user's Redis call, under its ``command_timeout``: the first slow hook put the worker
+    in its outage state and close_user raised RegistryUnavailable with the others left
+    detached.)"""
+    prefix = f"kick-{secrets.token_hex(4)}"
+    ids = ["d1", "d2"]
+    parker = resumable_worker(redis_server.url, prefix)
+    parking = parker.registry
+    assert isinstance(parking, RedisRegistry)
+    async with parking:
+        journal = parking.resume_store()
+        for session_id in ids:
+            session = live_session(parker, session_id)
+            session.user_key = "dora"
+            await parking.add(session)
+            assert await journal.park(session, f"token-{session_id}", 30, None) is not None
+    command_timeout = 0.3
+    registry = RedisRegistry(
+        redis_server.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=command_timeout
+    )
+    b = SessionManager(
+        registry=registry,
+        resume_window=30,
+        resume_secret=SECRET,
+        drain_on_signal=False,
+        disconnect_timeout=30,
+    )
+    ended: list[tuple[str, EndReason | None, int | None]] = []
+
+    @b.on_disconnect
+    async def slow_hook(session: Session) -> None:
+        await asyncio.sleep(2 * command_timeout)  # the hook's own work, not synchronisation
+        ended.append((session.id, session.end_reason, session.close_code))
+
+    async with b:
+        assert await b.count_detached() == len(ids)
+        assert await b.close_user("dora", 4000, "bye") == len(ids)
+        assert registry.state is LinkState.AVAILABLE
+        assert await b.count_detached() == 0
+    assert sorted(ended) == [(i, EndReason.SERVER_CLOSED, 4000) for i in ids]

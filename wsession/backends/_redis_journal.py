@@ -93,7 +93,7 @@ class RedisJournal:
     async def _io(self) -> AsyncIterator[None]:
         """One of this module's Redis steps: through the gate, then the registry's
         ``_bounded`` (a connection slot, then ``command_timeout``). The heartbeat (the sweep)
-        and a task that holds a registry slot already (a kick inside ``close_user``) skip this
+        and a task that holds a registry slot already (a kick: ``_close_detached``) skip this
         gate: the first must not queue behind a burst, the second would wait while holding a
         slot that the holders of this gate wait for."""
         registry = self._registry

@@ -901,9 +901,12 @@ class RedisRegistry:
         when Redis is unreachable; then RegistryUnavailable tells that the others were not."""
         closed = await self._local.close_user(user_key, code, reason)
         async with self._cluster("close_user"):
-            ids = await self.redis.smembers(self._keys.user(user_key))
-            if self._journal is not None:
-                closed += await self._close_detached(list(ids), code, reason)
+            ids = list(await self.redis.smembers(self._keys.user(user_key)))
+        if self._journal is not None:
+            # Not inside the call above: detached sessions end here, disconnect hooks included,
+            # and a hook is neither a Redis call (no command_timeout) nor may it hold a slot.
+            closed += await self._close_detached(ids, code, reason)
+        async with self._cluster("close_user"):
             for owner, owned in (await self._remote_owners(ids)).items():
                 await self._publish(owner, "close", ids=owned, code=code, reason=reason)
                 closed += len(owned)
