@@ -33,7 +33,7 @@ from wsession.backends._redis_endings import Endings
 from wsession.backends.redis import LinkState, RedisRegistry
 
 from .redis_support import RedisServer
-from .test_redis_burst import slow_proxy
+from .test_redis_burst import SlowProxy, slow_proxy
 from .test_redis_healing import Recorder, live_session, open_clients, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
@@ -413,3 +413,157 @@ async def test_close_user_runs_detached_sessions_hooks_outside_its_redis_call(
         assert registry.state is LinkState.AVAILABLE
         assert await b.count_detached() == 0
     assert sorted(ended) == [(i, EndReason.SERVER_CLOSED, 4000) for i in ids]
+
+
+# -- the sweep's reply is the only record of what it took ------------------------------------
+
+
+class HoldingProxy(SlowProxy):
+    """A loopback proxy in front of Redis that forwards requests at once and replies at once,
+    except while :attr:`flowing` is clear: then replies wait (Redis has run the commands; the
+    replies are late)."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port, latency=1.0)  # (the direction of replies, not a delay)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
+    ) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await reader.read(65536):
+                if delay:
+                    await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+
+
+async def test_exit_while_the_sweep_is_in_flight_still_ends_what_it_took(
+    redis_server: RedisServer,
+) -> None:
+    """The registry exits while its heartbeat's SWEEP is in flight: Redis has run it (the
+    orphaned sessions are ended there) and its reply is on its way. Their hooks must still run,
+    once: the reply is the only record of what was taken (cancelling the call dropped it, and
+    those sessions ended in Redis with no hook anywhere). The reply is held back by a proxy
+    until the exit has cancelled the heartbeat."""
+    prefix = f"sweep-cut-{secrets.token_hex(4)}"
+    orphans = ["o1", "o2", "o3"]
+    await park_and_leave(redis_server.url, prefix, orphans)
+    proxy = HoldingProxy(redis_server.port)
+    await proxy.start()
+    registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=5)
+    a = SessionManager(
+        registry=registry,
+        resume_window=WINDOW,
+        resume_secret=SECRET,
+        drain_on_signal=False,
+        drain_timeout=10,
+    )
+    ended: list[tuple[str, EndReason | None]] = []
+
+    @a.on_disconnect
+    def record(session: Session) -> None:
+        ended.append((session.id, session.end_reason))
+
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
+    await a.__aenter__()
+    exiting: asyncio.Task[None] | None = None
+    try:
+        sweep = registry._scripts["SWEEP"]
+        await direct.script_load(sweep.script)  # else the held reply is NOSCRIPT: nothing ran
+
+        async def sweep_when_all_are_due(**kwargs: Any) -> Any:
+            # Sweeps nothing until every orphan is due; then holds back the reply.
+            seconds, micros = await direct.time()
+            due_before = int(seconds) * 1000 + int(micros) // 1000 - grace
+            if await direct.zcount(f"{prefix}:detached", "-inf", due_before) < len(orphans):
+                return []
+            proxy.flowing.clear()
+            return await sweep(**kwargs)
+
+        registry._scripts["SWEEP"] = sweep_when_all_are_due
+
+        async def redis_took_them() -> bool:
+            return not proxy.flowing.is_set() and await direct.zcard(f"{prefix}:detached") == 0
+
+        await wait_for(redis_took_them, 10, "the sweep to run in Redis")
+        beater = registry._beater
+        assert beater is not None
+        exiting = asyncio.create_task(a.__aexit__(None, None, None))
+        async with asyncio.timeout(5):
+            while not beater.cancelling():  # noqa: ASYNC110 - bounded; set by the exit at once
+                await asyncio.sleep(0)
+        proxy.flowing.set()  # the reply arrives after the cancellation
+        async with asyncio.timeout(20):
+            await exiting
+        assert sorted(ended) == [(i, EndReason.RESUME_EXPIRED) for i in orphans]
+    finally:
+        proxy.flowing.set()
+        if exiting is None:
+            await a.__aexit__(None, None, None)
+        await direct.aclose()
+        await proxy.close()
+
+
+async def test_exit_while_a_claim_is_in_flight_still_ends_what_it_took(
+    redis_server: RedisServer,
+) -> None:
+    """B heals lost worker A and exits while its CLAIM is in flight (Redis has run it: A's
+    sessions are B's to end) and past drain_timeout, so the healing task is cancelled. The
+    claimed sessions' node-lost hooks must still run, once: the reply is the only record of
+    them. The reply is held back by a proxy until the exit has cancelled the healing task."""
+    prefix = f"claim-cut-{secrets.token_hex(4)}"
+    ids = ["a1", "a2", "a3"]
+    lost = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT)
+    a = SessionManager(registry=lost, drain_on_signal=False)
+    proxy = HoldingProxy(redis_server.port)
+    await proxy.start()
+    registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=5)
+    b = SessionManager(registry=registry, drain_on_signal=False, drain_timeout=0.2)
+    recorder = Recorder()
+    recorder.install(b, "b")
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    exiting: asyncio.Task[None] | None = None
+    await lost.__aenter__()
+    try:
+        for session_id in ids:
+            await lost.add(live_session(a, session_id))
+        owned = f"{prefix}:n:{lost.node_id}:s"
+        await b.__aenter__()
+        claim = registry._scripts["CLAIM"]
+        await direct.script_load(claim.script)  # else the held reply is NOSCRIPT: nothing ran
+
+        async def claim_and_hold_the_reply(**kwargs: Any) -> Any:
+            proxy.flowing.clear()
+            return await claim(**kwargs)
+
+        registry._scripts["CLAIM"] = claim_and_hold_the_reply
+        # A dies (as kill -9 would leave it: no heartbeat, no subscription, nothing removed).
+        for task in (lost._beater, lost._listener):
+            assert task is not None
+            await redis_backend._stop(task)
+
+        async def redis_ran_the_claim() -> bool:
+            return not proxy.flowing.is_set() and await direct.scard(owned) == 0
+
+        await wait_for(redis_ran_the_claim, 10, "B's claim to run in Redis")
+        healing = list(registry._healing.values())
+        assert len(healing) == 1
+        exiting = asyncio.create_task(b.__aexit__(None, None, None))
+        async with asyncio.timeout(5):
+            while not healing[0].cancelling():  # noqa: ASYNC110 - bounded; after drain_timeout
+                await asyncio.sleep(0.01)
+        proxy.flowing.set()  # the reply arrives after the cancellation
+        async with asyncio.timeout(20):
+            await exiting
+        assert sorted(recorder.node_lost()) == ids
+    finally:
+        proxy.flowing.set()
+        if exiting is None:
+            await b.__aexit__(None, None, None)
+        await lost._close_own_client()
+        await direct.aclose()
+        await proxy.close()

@@ -1331,8 +1331,11 @@ class RedisRegistry:
         :class:`Endings`), so slow hooks never hold the heartbeat."""
         journal = self._journal
         assert journal is not None
-        for session_id, stored, groups in await journal.sweep():
+
+        def take(session_id: str, stored: dict[str, str], groups: list[str]) -> None:
             self._endings.add(functools.partial(self._end_swept, session_id, stored, groups))
+
+        await journal.sweep(take)
 
     async def _end_swept(self, session_id: str, stored: dict[str, str], groups: list[str]) -> None:
         """End a session the sweep took: tell its parking worker, then its disconnect hooks
@@ -1813,14 +1816,23 @@ class RedisRegistry:
             for start in range(0, len(ids), _CLAIM_BATCH):
                 batch = ids[start : start + _CLAIM_BATCH]
                 async with self._bounded():
-                    # One script per batch (redis-py's cluster pipelines refuse scripts).
-                    replies = await self._scripts["CLAIM"](
-                        keys=self._route, args=[self._keys.prefix, node, self._window_ms(), *batch]
-                    )
-                claimed += [
-                    (str(sid), [fields, groups, int(detached)])
-                    for sid, fields, groups, detached in replies
-                ]
+                    await run_shielded(self._claim_batch(node, batch, claimed))
+
+    async def _claim_batch(
+        self, node: str, batch: list[str], claimed: list[tuple[str, list[Any]]]
+    ) -> None:
+        """CLAIM ``batch``, the sessions it took appended to ``claimed``, shielded: Redis takes
+        them as it runs the script, and the reply is the only record of which ones. A
+        cancellation between the two (the registry exiting while it heals) dropped it: those
+        sessions left Redis and their node-lost hooks ran nowhere."""
+        async with asyncio.timeout(self.command_timeout):  # (shielded from the caller's)
+            # One script per batch (redis-py's cluster pipelines refuse scripts).
+            replies = await self._scripts["CLAIM"](
+                keys=self._route, args=[self._keys.prefix, node, self._window_ms(), *batch]
+            )
+        claimed += [
+            (str(sid), [fields, groups, int(detached)]) for sid, fields, groups, detached in replies
+        ]
 
     def _end_all_lost(self, claimed: list[tuple[str, list[Any]]]) -> None:
         """Queue the node-lost endings of ``claimed`` (each once: the list is emptied)."""
