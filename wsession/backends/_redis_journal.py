@@ -84,25 +84,25 @@ class RedisJournal:
         self._registry = registry
         self._jobs: deque[_Job] = deque()
         self._flusher: asyncio.Task[None] | None = None
-        # Resumes, parks and endings come in bursts (every client of a dead worker at once):
-        # they take a quarter of the registry's connections at most, so the handshakes and
-        # sends of the same moment keep the rest. (Waiting here, as in the registry's
-        # CallGate, is untimed: a burst is load, not an outage.)
-        self._gate = asyncio.Semaphore(max(1, registry.max_connections // 4))
 
     @contextlib.asynccontextmanager
     async def _io(self) -> AsyncIterator[None]:
-        """One of this module's Redis steps: through the gate, then the registry's
-        ``_bounded`` (a connection slot, then ``command_timeout``). The heartbeat (the sweep)
-        and a task that holds a registry slot already (a kick: ``_close_detached``) skip this
-        gate: the first must not queue behind a burst, the second would wait while holding a
-        slot that the holders of this gate wait for."""
+        """One of this module's Redis steps: through the journal's gate, then the registry's
+        ``_bounded`` (a connection slot, then ``command_timeout``). Resumes, parks and endings
+        come in bursts (every client of a dead worker at once): they take a quarter of the
+        registry's connections at most, so the handshakes and sends of the same moment keep
+        the rest. Waiting there is untimed, as in the registry's gate (a burst is load, not an
+        outage), and ends with the same outage (see ``RedisRegistry._journal_gate``): steps
+        waiting behind a hung Redis fail at once, not one ``command_timeout`` each in turn.
+        The heartbeat (the sweep) and a task that holds a registry slot already (a kick:
+        ``_close_detached``) skip this gate: the first must not queue behind a burst, the
+        second would wait while holding a slot that the holders of this gate wait for."""
         registry = self._registry
         if registry._priority() or registry._gate.held():
             async with registry._bounded():
                 yield
             return
-        async with self._gate, registry._bounded():
+        async with registry._journal_gate.slot(), registry._bounded():
             yield
 
     # -- settings ------------------------------------------------------------------------------

@@ -359,6 +359,10 @@ class RedisRegistry:
         # The registry's calls in flight, one connection each (the heartbeat's are not
         # counted: it has a connection of its own); see CallGate.
         self._gate = CallGate(self.max_connections)
+        # The journal's steps (resumes, parks, endings: bursts when a worker dies) queue here
+        # first, a quarter of the connections at most (see RedisJournal._io); refused with
+        # the one above in an outage.
+        self._journal_gate = CallGate(max(1, self.max_connections // 4))
         self._external_client = client
         self._client: Any = client
         self._scripts: dict[str, Any] = {}
@@ -399,10 +403,11 @@ class RedisRegistry:
         if state not in _TRANSITIONS[old]:
             raise RuntimeError(f"RedisRegistry: illegal transition {old} -> {state}")
         self._state = state
-        if state is LinkState.OUTAGE:
-            self._gate.refuse_waiting(_no_connection)  # a call ahead will fail: don't wait
-        else:
-            self._gate.allow_waiting()
+        for gate in (self._gate, self._journal_gate):
+            if state is LinkState.OUTAGE:
+                gate.refuse_waiting(_no_connection)  # a call ahead will fail: don't wait
+            else:
+                gate.allow_waiting()
         if state is LinkState.RESYNCING and old is LinkState.OUTAGE:
             self._recovered_at = monotonic()
             self._unwritten.update(s.id for s in self._local.snapshot())
