@@ -27,7 +27,7 @@ import pytest
 from redis.asyncio import Redis
 
 from example_app.procs import free_port, start_worker, stop, wait_for_port
-from wsession import EndReason, Session, SessionManager
+from wsession import EndReason, RegistryUnavailable, Session, SessionManager
 from wsession.backends import redis as redis_backend
 from wsession.backends._redis_endings import Endings
 from wsession.backends.redis import LinkState, RedisRegistry
@@ -567,3 +567,38 @@ async def test_exit_while_a_claim_is_in_flight_still_ends_what_it_took(
         await lost._close_own_client()
         await direct.aclose()
         await proxy.close()
+
+
+async def test_a_start_that_fails_after_taking_over_still_ends_what_it_claimed(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start under a fixed node id claims what its crashed predecessor left, then fails
+    (Redis goes away before its first heartbeat): entering raises, and the claimed sessions'
+    node-lost hooks have run by then. They are claimed in Redis (no other worker will end
+    them) and the app's start-up has failed, so its process is about to exit: hooks still
+    running in the background would be cut off with it."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    prefix = f"start-fails-{secrets.token_hex(4)}"
+    ids = ["p1", "p2", "p3"]
+    crashed = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT, node_id="pod")
+    a = SessionManager(registry=crashed, drain_on_signal=False)
+    await crashed.__aenter__()
+    for session_id in ids:
+        await crashed.add(live_session(a, session_id))
+    for task in (crashed._beater, crashed._listener):  # it dies: nothing removed
+        assert task is not None
+        await redis_backend._stop(task)
+    await crashed._close_own_client()
+    registry = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT, node_id="pod")
+    b = SessionManager(registry=registry, drain_on_signal=False, drain_timeout=10)
+    recorder = Recorder()
+    recorder.install(b, "b", delay=0.2)
+
+    async def redis_goes_away() -> None:
+        raise RedisConnectionError("Redis went away right after the take-over")
+
+    monkeypatch.setattr(registry, "_tick", redis_goes_away)
+    with pytest.raises(RegistryUnavailable):
+        await b.__aenter__()
+    assert sorted(recorder.node_lost()) == ids

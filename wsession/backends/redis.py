@@ -527,6 +527,9 @@ class RedisRegistry:
             await self._tick()
         except BaseException as exc:
             self._enter(LinkState.STOPPED)
+            # What the take-over (or a first sweep) took is this worker's to end, and the
+            # start-up fails: its hooks run now, as at exit, not cut off when the process ends.
+            await self._endings.close(self._drain_limit())
             await self._close_own_client()
             if isinstance(exc, _redis_errors()):
                 raise RegistryUnavailable(f"cannot reach Redis: {_describe(exc)}") from exc
@@ -615,7 +618,7 @@ class RedisRegistry:
             if task is not None:
                 await _stop(task)
         self._beater = self._listener = None
-        limit = self._manager.settings.drain_timeout if self._manager is not None else 10.0
+        limit = self._drain_limit()
         deadline = monotonic() + limit
         if self._healing:
             # Claiming a lost worker's sessions: what is claimed by then is queued for ending.
@@ -639,6 +642,10 @@ class RedisRegistry:
                 await client.srem(self._keys.nodes, self.node_id)
         self._enter(LinkState.STOPPED)
         await self._close_own_client()
+
+    def _drain_limit(self) -> float:
+        """How long closing waits for the endings under way (the manager's drain_timeout)."""
+        return self._manager.settings.drain_timeout if self._manager is not None else 10.0
 
     async def _presence_gone(self) -> None:
         """At shutdown: this worker's presence leaves everywhere at once (the sessions it
