@@ -609,3 +609,27 @@ async def test_a_start_that_fails_after_taking_over_still_ends_what_it_claimed(
     with pytest.raises(RegistryUnavailable):
         await b.__aenter__()
     assert sorted(recorder.node_lost()) == ids
+
+
+async def test_an_ending_whose_hook_raises_cancelled_error_does_not_stop_the_rest() -> None:
+    """A disconnect hook may raise CancelledError itself (it awaits a task of its own that was
+    cancelled) without anyone cancelling the ending: that is its failure, logged like any
+    other. The runner goes on with the queue (it stopped, and the next ending waited for the
+    next add or the registry's exit)."""
+    endings = Endings(1)
+    second_ran = asyncio.Event()
+
+    async def first() -> None:
+        loop = asyncio.get_running_loop()
+        helper = loop.create_task(asyncio.Event().wait())
+        helper.cancel()
+        await helper  # raises CancelledError: the helper was cancelled, not this ending
+
+    async def second() -> None:
+        second_ran.set()
+
+    endings.add(first)
+    endings.add(second)
+    async with asyncio.timeout(2):
+        await second_ran.wait()
+    await endings.close(timeout=1)
