@@ -428,20 +428,21 @@ async def test_close_user_runs_detached_sessions_hooks_outside_its_redis_call(
 class HoldingProxy(SlowProxy):
     """A loopback proxy in front of Redis that forwards requests at once and replies at once,
     except while :attr:`flowing` is clear: then replies wait (Redis has run the commands; the
-    replies are late)."""
+    replies are late); and while :attr:`requests` is clear, requests wait too (cut off)."""
 
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port, latency=1.0)  # (the direction of replies, not a delay)
         self.flowing = asyncio.Event()
         self.flowing.set()
+        self.requests = asyncio.Event()
+        self.requests.set()
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
     ) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             while data := await reader.read(65536):
-                if delay:
-                    await self.flowing.wait()
+                await (self.flowing if delay else self.requests).wait()
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
@@ -694,5 +695,58 @@ async def test_a_claim_whose_reply_comes_too_late_still_ends_what_it_took(
     finally:
         proxy.flowing.set()
         await lost._close_own_client()
+        await direct.aclose()
+        await proxy.close()
+
+
+async def test_a_registration_whose_reply_was_lost_is_closed_when_its_worker_is_declared_lost(
+    redis_server: RedisServer,
+) -> None:
+    """A registers a session; Redis writes it but the reply comes after command_timeout, so A
+    counts it as written "locally only". A is then cut off past its lease: B declares A lost and
+    runs the session's node-lost hooks (Redis had it). When A is back it must close that
+    session as it closes every session the cluster ended (1012, end reason node lost), not write
+    it back under its new node id as a live session whose hooks already ran."""
+    prefix = f"lost-reply-{secrets.token_hex(4)}"
+    proxy = HoldingProxy(redis_server.port)
+    await proxy.start()
+    registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=0.3)
+    a = SessionManager(registry=registry, drain_on_signal=False)
+    b = SessionManager(
+        registry=RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT),
+        drain_on_signal=False,
+    )
+    recorder = Recorder()
+    recorder.install(b, "b")
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        async with a, b:
+            node = registry.node_id
+            session = live_session(a, "s1")
+            await direct.script_load(registry._scripts["REGISTER"].script)  # (not NOSCRIPT)
+            # Connections open (a new one's handshake would wait for its held reply instead).
+            await asyncio.gather(*(registry.redis.ping() for _ in range(4)))
+            proxy.flowing.clear()
+            await registry.add(session)  # the reply is late: "registered locally only"
+            assert await direct.hget(f"{prefix}:s:s1", "node") == node  # but Redis has it
+            proxy.requests.clear()  # cut off: A's lease lapses
+
+            async def b_ended_it() -> bool:
+                return recorder.node_lost() == ["s1"]
+
+            await wait_for(b_ended_it, 10, "B to end A's session as node lost")
+            proxy.requests.set()
+            proxy.flowing.set()
+
+            async def a_rejoined() -> bool:
+                return registry.node_id != node and registry.state is LinkState.AVAILABLE
+
+            await wait_for(a_rejoined, 10, "A to come back under a new node id")
+            assert session.end_reason is EndReason.NODE_LOST
+            assert session.close_code == 1012
+            assert recorder.node_lost() == ["s1"]
+    finally:
+        proxy.requests.set()
+        proxy.flowing.set()
         await direct.aclose()
         await proxy.close()

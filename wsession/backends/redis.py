@@ -379,7 +379,13 @@ class RedisRegistry:
         self._recovered_at = float("-inf")  # when this worker was last cut off (monotonic)
         self._unwritten: set[str] = set()  # local ids Redis may lack or hold stale
         self._pending_removals: set[str] = set()  # ids removed here, maybe not yet in Redis
-        self._written: set[str] = set()  # ids registered in Redis under the current node id
+        # Ids registered in Redis under the current node id: counted from the moment the
+        # registration is sent until a reply says the script wrote nothing. A call that timed
+        # out may have been written all the same, and if the cluster then declares this worker
+        # lost it ends that session too (hooks there): _declared_lost must close it here like
+        # the others, not write it back as a live session whose hooks already ran. (One that
+        # in fact failed is then closed needlessly: its hooks run once, here.)
+        self._written: set[str] = set()
         self._token = 0
         self._suspects: dict[str, tuple[str, float]] = {}  # node -> (lease token, first seen)
         self._waiting: dict[str, deque[Message]] = {}  # listener sends waiting for room
@@ -973,11 +979,14 @@ class RedisRegistry:
         for _ in range(3):
             node = self.node_id
             args = self._register_args(session, node)
+            known = session.id in self._written
+            self._written.add(session.id)  # before the reply: see _written
             result = int(await self._scripts["REGISTER"](keys=self._route, args=args))
             if result == 1:
                 session.node = node
-                self._written.add(session.id)
                 return
+            if not known:
+                self._written.discard(session.id)  # the script wrote nothing
             if result == -2:
                 raise ValueError(
                     f"connection id {session.id!r} is already in use on another worker"
@@ -1003,6 +1012,8 @@ class RedisRegistry:
         if not sessions:
             return
         node = self.node_id
+        known = {s.id for s in sessions if s.id in self._written}
+        self._written.update(s.id for s in sessions)  # before the reply: see _written
         async with self._bounded():
             results = await self._script_batch(
                 "REGISTER", [self._register_args(s, node) for s in sessions]
@@ -1011,8 +1022,9 @@ class RedisRegistry:
             try:
                 if int(result) == 1:
                     session.node = node
-                    self._written.add(session.id)
                     continue
+                if session.id not in known:
+                    self._written.discard(session.id)  # the script wrote nothing
                 async with self._bounded():
                     await self._register(session)
             except ValueError as exc:
