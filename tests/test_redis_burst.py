@@ -267,6 +267,38 @@ async def test_a_hung_redis_under_a_burst_holds_no_call_longer_than_command_time
         await wait_for(all_written_back, 15, "the 20 sessions to be written back")
 
 
+async def test_a_hung_redis_under_a_burst_of_resumes_holds_none_longer_than_command_timeout(
+    own_redis_server: RedisServer,
+) -> None:
+    """The same for resumes, parks and the other steps of the Redis journal, which queue
+    behind a gate of their own (a quarter of max_connections) before the registry's: when the
+    first step fails, those waiting there fail at once too, instead of each reaching Redis in
+    turn to time out there (8 resumes through a gate of 1 would take 8 x command_timeout)."""
+    prefix = f"burst-resume-hang-{secrets.token_hex(4)}"
+    registry = RedisRegistry(
+        own_redis_server.url, prefix=prefix, heartbeat=0.5, command_timeout=0.5, max_connections=4
+    )
+    manager = SessionManager(
+        registry=registry, drain_on_signal=False, resume_window=30, resume_secret="s" * 32
+    )
+    async with manager:
+        journal = registry.resume_store()
+        assert own_redis_server.proc is not None
+        own_redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = monotonic()
+            results = await asyncio.gather(
+                *(journal.claim(f"s{i}", f"token-{i}", 0, f"new-{i}") for i in range(8)),
+                return_exceptions=True,
+            )
+            took = monotonic() - started
+            assert registry.state is LinkState.OUTAGE
+        finally:
+            own_redis_server.proc.send_signal(signal.SIGCONT)
+        assert [type(r) for r in results] == [RegistryUnavailable] * 8
+        assert took < 1.5, took  # command_timeout (0.5) plus scheduling slack
+
+
 async def test_a_burst_on_a_cluster_is_load_not_an_outage(
     redis_cluster: RedisClusterServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -49,6 +49,7 @@ class Endings:
         runner.add_done_callback(self._runners.discard)
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         try:
             while self._queue:
                 ending = self._queue.popleft()
@@ -57,12 +58,18 @@ class Endings:
                     await ending()
                 except Exception:
                     log_error(None, "a session ending failed", exc=True)
+                except asyncio.CancelledError:
+                    if me is None or me.cancelling():
+                        raise  # this runner is cancelled (the loop is closing)
+                    # A hook's own (it awaited something cancelled): a failure like any
+                    # other, not a reason to leave the queue with no runner.
+                    log_error(None, "a session ending failed", exc=True)
                 finally:
                     self._running -= 1
         finally:
             # At once, not in the done callback (which runs later): an add() in between would
             # count this runner as live and leave its ending queued with no runner.
-            self._runners.discard(asyncio.current_task())
+            self._runners.discard(me)
 
     async def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the queued endings; then start every one still

@@ -22,13 +22,14 @@ import base64
 import contextlib
 import json
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from .._delivery import SendResult, deliver_numbered, offer_unnumbered
 from .._exceptions import RegistryUnavailable
 from .._log import log_warning
 from .._session import Session
+from .._shield import run_shielded
 from .._types import Message
 from ._base import Claim
 from ._redis_codec import encode_data, rebuild_session
@@ -83,25 +84,25 @@ class RedisJournal:
         self._registry = registry
         self._jobs: deque[_Job] = deque()
         self._flusher: asyncio.Task[None] | None = None
-        # Resumes, parks and endings come in bursts (every client of a dead worker at once):
-        # they take a quarter of the registry's connections at most, so the handshakes and
-        # sends of the same moment keep the rest. (Waiting here, as in the registry's
-        # CallGate, is untimed: a burst is load, not an outage.)
-        self._gate = asyncio.Semaphore(max(1, registry.max_connections // 4))
 
     @contextlib.asynccontextmanager
     async def _io(self) -> AsyncIterator[None]:
-        """One of this module's Redis steps: through the gate, then the registry's
-        ``_bounded`` (a connection slot, then ``command_timeout``). The heartbeat (the sweep)
-        and a task that holds a registry slot already (a kick inside ``close_user``) skip this
-        gate: the first must not queue behind a burst, the second would wait while holding a
-        slot that the holders of this gate wait for."""
+        """One of this module's Redis steps: through the journal's gate, then the registry's
+        ``_bounded`` (a connection slot, then ``command_timeout``). Resumes, parks and endings
+        come in bursts (every client of a dead worker at once): they take a quarter of the
+        registry's connections at most, so the handshakes and sends of the same moment keep
+        the rest. Waiting there is untimed, as in the registry's gate (a burst is load, not an
+        outage), and ends with the same outage (see ``RedisRegistry._journal_gate``): steps
+        waiting behind a hung Redis fail at once, not one ``command_timeout`` each in turn.
+        The heartbeat (the sweep) and a task that holds a registry slot already (a kick:
+        ``_close_detached``) skip this gate: the first must not queue behind a burst, the
+        second would wait while holding a slot that the holders of this gate wait for."""
         registry = self._registry
         if registry._priority() or registry._gate.held():
             async with registry._bounded():
                 yield
             return
-        async with self._gate, registry._bounded():
+        async with registry._journal_gate.slot(), registry._bounded():
             yield
 
     # -- settings ------------------------------------------------------------------------------
@@ -385,20 +386,28 @@ class RedisJournal:
         """A resumed session is this worker's again."""
         self._registry._adopt(session)
 
-    async def sweep(self) -> list[tuple[str, dict[str, str], list[str]]]:
+    async def sweep(self, take: Callable[[str, dict[str, str], list[str]], None]) -> None:
         """End detached sessions whose window ended a while ago and whose worker did not end
         them (it drained or died): each ended once in the cluster, by whichever worker's sweep
-        takes it (up to 100 per call). One Redis step: the heartbeat calls it. Returns each
-        one's id, stored fields and groups, for :meth:`finish_swept` (off the heartbeat)."""
+        takes it (up to 100 per call). One Redis step: the heartbeat calls it. Hands each one's
+        id, stored fields and groups to ``take`` (for :meth:`finish_swept`, off the heartbeat),
+        also when the caller is cancelled meanwhile (see :meth:`_swept`)."""
+        async with self._io():
+            await run_shielded(self._swept(take))
+
+    async def _swept(self, take: Callable[[str, dict[str, str], list[str]], None]) -> None:
+        """SWEEP, and its reply handed to ``take``, shielded (see :meth:`sweep`): Redis ends
+        the sessions as it runs the script, and the reply is the only record of which ones. A
+        cancellation between the two (the registry exiting) dropped it: those sessions ended
+        in Redis and their hooks ran nowhere."""
         registry = self._registry
         grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
-        async with self._io():
+        async with asyncio.timeout(registry.command_timeout):  # (shielded from the caller's)
             reply = await self._script("SWEEP")(
                 keys=registry._route, args=[registry._keys.prefix, grace, 100]
             )
-        return [
-            (str(sid), _fields(fields), [str(g) for g in groups]) for sid, fields, groups in reply
-        ]
+        for sid, fields, groups in reply:
+            take(str(sid), _fields(fields), [str(g) for g in groups])
 
     async def finish_swept(self, session_id: str, stored: dict[str, str]) -> None:
         """After :meth:`sweep`, off the heartbeat: tell the parking worker and drop the

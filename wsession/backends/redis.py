@@ -360,6 +360,10 @@ class RedisRegistry:
         # The registry's calls in flight, one connection each (the heartbeat's are not
         # counted: it has a connection of its own); see CallGate.
         self._gate = CallGate(self.max_connections)
+        # The journal's steps (resumes, parks, endings: bursts when a worker dies) queue here
+        # first, a quarter of the connections at most (see RedisJournal._io); refused with
+        # the one above in an outage.
+        self._journal_gate = CallGate(max(1, self.max_connections // 4))
         self._external_client = client
         self._client: Any = client
         self._scripts: dict[str, Any] = {}
@@ -376,7 +380,13 @@ class RedisRegistry:
         self._recovered_at = float("-inf")  # when this worker was last cut off (monotonic)
         self._unwritten: set[str] = set()  # local ids Redis may lack or hold stale
         self._pending_removals: set[str] = set()  # ids removed here, maybe not yet in Redis
-        self._written: set[str] = set()  # ids registered in Redis under the current node id
+        # Ids registered in Redis under the current node id: counted from the moment the
+        # registration is sent until a reply says the script wrote nothing. A call that timed
+        # out may have been written all the same, and if the cluster then declares this worker
+        # lost it ends that session too (hooks there): _declared_lost must close it here like
+        # the others, not write it back as a live session whose hooks already ran. (One that
+        # in fact failed is then closed needlessly: its hooks run once, here.)
+        self._written: set[str] = set()
         self._token = 0
         self._suspects: dict[str, tuple[str, float]] = {}  # node -> (lease token, first seen)
         self._waiting: dict[str, deque[Message]] = {}  # listener sends waiting for room
@@ -400,10 +410,11 @@ class RedisRegistry:
         if state not in _TRANSITIONS[old]:
             raise RuntimeError(f"RedisRegistry: illegal transition {old} -> {state}")
         self._state = state
-        if state is LinkState.OUTAGE:
-            self._gate.refuse_waiting(_no_connection)  # a call ahead will fail: don't wait
-        else:
-            self._gate.allow_waiting()
+        for gate in (self._gate, self._journal_gate):
+            if state is LinkState.OUTAGE:
+                gate.refuse_waiting(_no_connection)  # a call ahead will fail: don't wait
+            else:
+                gate.allow_waiting()
         if state is LinkState.RESYNCING and old is LinkState.OUTAGE:
             self._recovered_at = monotonic()
             self._unwritten.update(s.id for s in self._local.snapshot())
@@ -524,6 +535,9 @@ class RedisRegistry:
             await self._tick()
         except BaseException as exc:
             self._enter(LinkState.STOPPED)
+            # What the take-over (or a first sweep) took is this worker's to end, and the
+            # start-up fails: its hooks run now, as at exit, not cut off when the process ends.
+            await self._endings.close(self._drain_limit())
             await self._close_own_client()
             if isinstance(exc, _redis_errors()):
                 raise RegistryUnavailable(f"cannot reach Redis: {_describe(exc)}") from exc
@@ -612,7 +626,7 @@ class RedisRegistry:
             if task is not None:
                 await _stop(task)
         self._beater = self._listener = None
-        limit = self._manager.settings.drain_timeout if self._manager is not None else 10.0
+        limit = self._drain_limit()
         deadline = monotonic() + limit
         if self._healing:
             # Claiming a lost worker's sessions: what is claimed by then is queued for ending.
@@ -636,6 +650,10 @@ class RedisRegistry:
                 await client.srem(self._keys.nodes, self.node_id)
         self._enter(LinkState.STOPPED)
         await self._close_own_client()
+
+    def _drain_limit(self) -> float:
+        """How long closing waits for the endings under way (the manager's drain_timeout)."""
+        return self._manager.settings.drain_timeout if self._manager is not None else 10.0
 
     async def _presence_gone(self) -> None:
         """At shutdown: this worker's presence leaves everywhere at once (the sessions it
@@ -903,9 +921,12 @@ class RedisRegistry:
         when Redis is unreachable; then RegistryUnavailable tells that the others were not."""
         closed = await self._local.close_user(user_key, code, reason)
         async with self._cluster("close_user"):
-            ids = await self.redis.smembers(self._keys.user(user_key))
-            if self._journal is not None:
-                closed += await self._close_detached(list(ids), code, reason)
+            ids = list(await self.redis.smembers(self._keys.user(user_key)))
+        if self._journal is not None:
+            # Not inside the call above: detached sessions end here, disconnect hooks included,
+            # and a hook is neither a Redis call (no command_timeout) nor may it hold a slot.
+            closed += await self._close_detached(ids, code, reason)
+        async with self._cluster("close_user"):
             for owner, owned in (await self._remote_owners(ids)).items():
                 await self._publish(owner, "close", ids=owned, code=code, reason=reason)
                 closed += len(owned)
@@ -960,11 +981,14 @@ class RedisRegistry:
         for _ in range(3):
             node = self.node_id
             args = self._register_args(session, node)
+            known = session.id in self._written
+            self._written.add(session.id)  # before the reply: see _written
             result = int(await self._scripts["REGISTER"](keys=self._route, args=args))
             if result == 1:
                 session.node = node
-                self._written.add(session.id)
                 return
+            if not known:
+                self._written.discard(session.id)  # the script wrote nothing
             if result == -2:
                 raise ValueError(
                     f"connection id {session.id!r} is already in use on another worker"
@@ -990,6 +1014,8 @@ class RedisRegistry:
         if not sessions:
             return
         node = self.node_id
+        known = {s.id for s in sessions if s.id in self._written}
+        self._written.update(s.id for s in sessions)  # before the reply: see _written
         async with self._bounded():
             results = await self._script_batch(
                 "REGISTER", [self._register_args(s, node) for s in sessions]
@@ -998,8 +1024,9 @@ class RedisRegistry:
             try:
                 if int(result) == 1:
                     session.node = node
-                    self._written.add(session.id)
                     continue
+                if session.id not in known:
+                    self._written.discard(session.id)  # the script wrote nothing
                 async with self._bounded():
                     await self._register(session)
             except ValueError as exc:
@@ -1330,8 +1357,11 @@ class RedisRegistry:
         :class:`Endings`), so slow hooks never hold the heartbeat."""
         journal = self._journal
         assert journal is not None
-        for session_id, stored, groups in await journal.sweep():
+
+        def take(session_id: str, stored: dict[str, str], groups: list[str]) -> None:
             self._endings.add(functools.partial(self._end_swept, session_id, stored, groups))
+
+        await journal.sweep(take)
 
     async def _end_swept(self, session_id: str, stored: dict[str, str], groups: list[str]) -> None:
         """End a session the sweep took: tell its parking worker, then its disconnect hooks
@@ -1812,14 +1842,23 @@ class RedisRegistry:
             for start in range(0, len(ids), _CLAIM_BATCH):
                 batch = ids[start : start + _CLAIM_BATCH]
                 async with self._bounded():
-                    # One script per batch (redis-py's cluster pipelines refuse scripts).
-                    replies = await self._scripts["CLAIM"](
-                        keys=self._route, args=[self._keys.prefix, node, self._window_ms(), *batch]
-                    )
-                claimed += [
-                    (str(sid), [fields, groups, int(detached)])
-                    for sid, fields, groups, detached in replies
-                ]
+                    await run_shielded(self._claim_batch(node, batch, claimed))
+
+    async def _claim_batch(
+        self, node: str, batch: list[str], claimed: list[tuple[str, list[Any]]]
+    ) -> None:
+        """CLAIM ``batch``, the sessions it took appended to ``claimed``, shielded: Redis takes
+        them as it runs the script, and the reply is the only record of which ones. A
+        cancellation between the two (the registry exiting while it heals) dropped it: those
+        sessions left Redis and their node-lost hooks ran nowhere."""
+        async with asyncio.timeout(self.command_timeout):  # (shielded from the caller's)
+            # One script per batch (redis-py's cluster pipelines refuse scripts).
+            replies = await self._scripts["CLAIM"](
+                keys=self._route, args=[self._keys.prefix, node, self._window_ms(), *batch]
+            )
+        claimed += [
+            (str(sid), [fields, groups, int(detached)]) for sid, fields, groups, detached in replies
+        ]
 
     def _end_all_lost(self, claimed: list[tuple[str, list[Any]]]) -> None:
         """Queue the node-lost endings of ``claimed`` (each once: the list is emptied)."""
