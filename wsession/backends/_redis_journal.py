@@ -33,6 +33,7 @@ from .._shield import run_shielded
 from .._types import Message
 from ._base import Claim
 from ._redis_codec import encode_data, rebuild_session
+from ._redis_link import Deadline
 
 if TYPE_CHECKING:
     from .._presence import PresenceChange
@@ -402,7 +403,7 @@ class RedisJournal:
         in Redis and their hooks ran nowhere."""
         registry = self._registry
         grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
-        async with asyncio.timeout(registry.command_timeout):  # (shielded from the caller's)
+        async with Deadline(registry.command_timeout):  # (shielded from the caller's)
             reply = await self._script("SWEEP")(
                 keys=registry._route, args=[registry._keys.prefix, grace, 100]
             )

@@ -1851,7 +1851,7 @@ class RedisRegistry:
         them as it runs the script, and the reply is the only record of which ones. A
         cancellation between the two (the registry exiting while it heals) dropped it: those
         sessions left Redis and their node-lost hooks ran nowhere."""
-        async with asyncio.timeout(self.command_timeout):  # (shielded from the caller's)
+        async with Deadline(self.command_timeout):  # (shielded from the caller's)
             # One script per batch (redis-py's cluster pipelines refuse scripts).
             replies = await self._scripts["CLAIM"](
                 keys=self._route, args=[self._keys.prefix, node, self._window_ms(), *batch]
