@@ -232,8 +232,9 @@ def _session_ttl(environ: Mapping[str, str]) -> timedelta | None:
 
 def registry_from_env(environ: Mapping[str, str] = os.environ) -> SessionRegistry | None:
     """The Redis registry when ``WSESSION_REDIS_URL`` is set (``WSESSION_HEARTBEAT`` and
-    ``WSESSION_LEASE_TTL`` tune its lease, ``WSESSION_REDIS_PREFIX`` its keys); else None
-    (the in-memory default)."""
+    ``WSESSION_LEASE_TTL`` tune its lease, ``WSESSION_REDIS_PREFIX`` its keys,
+    ``WSESSION_REDIS_COMMAND_TIMEOUT`` its ``command_timeout`` in seconds); else None (the
+    in-memory default)."""
     url = environ.get("WSESSION_REDIS_URL")
     if not url:
         return None
@@ -241,11 +242,13 @@ def registry_from_env(environ: Mapping[str, str] = os.environ) -> SessionRegistr
 
     heartbeat = float(environ.get("WSESSION_HEARTBEAT", "1.0"))
     ttl = environ.get("WSESSION_LEASE_TTL")
+    command_timeout = float(environ.get("WSESSION_REDIS_COMMAND_TIMEOUT", "1.0"))
     return RedisRegistry(
         url,
         prefix=environ.get("WSESSION_REDIS_PREFIX", "wsession-example"),
         heartbeat=heartbeat,
         lease_ttl=float(ttl) if ttl else None,
+        command_timeout=command_timeout,
     )
 
 
