@@ -734,11 +734,11 @@ async def test_a_sender_cancelled_while_waiting_still_gets_its_frame_written_in_
         client.close()
 
 
-@BOTH
-async def test_a_manager_frame_is_never_written_in_another_senders_context() -> None:
-    who: contextvars.ContextVar[str | None] = contextvars.ContextVar("who", default=None)
-    seen: dict[str, str | None] = {}
-    manager = SessionManager()
+def context_watching_app(
+    manager: SessionManager, who: contextvars.ContextVar[str | None], seen: dict[str, str | None]
+) -> Any:
+    """``accept_and_wait`` under ``manager``, recording the value of ``who`` in the task that
+    writes each data frame (by the frame's text) into ``seen``."""
     inner = mount(accept_and_wait, manager)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -748,6 +748,16 @@ async def test_a_manager_frame_is_never_written_in_another_senders_context() -> 
             await send(message)
 
         await inner(scope, receive, watched_send)
+
+    return app
+
+
+@BOTH
+async def test_a_manager_frame_is_never_written_in_another_senders_context() -> None:
+    who: contextvars.ContextVar[str | None] = contextvars.ContextVar("who", default=None)
+    seen: dict[str, str | None] = {}
+    manager = SessionManager()
+    app = context_watching_app(manager, who, seen)
 
     async def sender(name: str, session: Session) -> None:
         who.set(name)
@@ -841,15 +851,7 @@ async def test_frames_queued_behind_an_app_write_are_not_written_in_the_apps_con
     who: contextvars.ContextVar[str | None] = contextvars.ContextVar("who", default=None)
     seen: dict[str, str | None] = {}
     manager = SessionManager()
-    inner = mount(accept_and_wait, manager)
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        async def watched_send(message: Any) -> None:
-            if message["type"] == "websocket.send":
-                seen[message["text"]] = who.get()
-            await send(message)
-
-        await inner(scope, receive, watched_send)
+    app = context_watching_app(manager, who, seen)
 
     async def app_task_send(session: Session) -> None:
         who.set("app")

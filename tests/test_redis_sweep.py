@@ -516,6 +516,31 @@ async def test_exit_while_the_sweep_is_in_flight_still_ends_what_it_took(
         await proxy.close()
 
 
+async def kill_and_hold_the_claims_reply(
+    registry: RedisRegistry, lost: RedisRegistry, proxy: Any, direct: Redis, owned: str
+) -> None:
+    """``lost`` dies as kill -9 would leave it (no heartbeat, no subscription, nothing
+    removed); ``registry`` (behind ``proxy``) then claims its sessions, and the claim's reply is
+    held in the proxy. Returns once Redis has run the claim (``owned``, the lost worker's
+    session set, is empty)."""
+    claim = registry._scripts["CLAIM"]
+    await direct.script_load(claim.script)  # else the held reply is NOSCRIPT: nothing ran
+
+    async def claim_and_hold_the_reply(**kwargs: Any) -> Any:
+        proxy.flowing.clear()
+        return await claim(**kwargs)
+
+    registry._scripts["CLAIM"] = claim_and_hold_the_reply
+    for task in (lost._beater, lost._listener):
+        assert task is not None
+        await redis_backend._stop(task)
+
+    async def redis_ran_the_claim() -> bool:
+        return not proxy.flowing.is_set() and await direct.scard(owned) == 0
+
+    await wait_for(redis_ran_the_claim, 10, "the claim to run in Redis")
+
+
 async def test_exit_while_a_claim_is_in_flight_still_ends_what_it_took(
     redis_server: RedisServer,
 ) -> None:
@@ -541,23 +566,8 @@ async def test_exit_while_a_claim_is_in_flight_still_ends_what_it_took(
             await lost.add(live_session(a, session_id))
         owned = f"{prefix}:n:{lost.node_id}:s"
         await b.__aenter__()
-        claim = registry._scripts["CLAIM"]
-        await direct.script_load(claim.script)  # else the held reply is NOSCRIPT: nothing ran
-
-        async def claim_and_hold_the_reply(**kwargs: Any) -> Any:
-            proxy.flowing.clear()
-            return await claim(**kwargs)
-
-        registry._scripts["CLAIM"] = claim_and_hold_the_reply
-        # A dies (as kill -9 would leave it: no heartbeat, no subscription, nothing removed).
-        for task in (lost._beater, lost._listener):
-            assert task is not None
-            await redis_backend._stop(task)
-
-        async def redis_ran_the_claim() -> bool:
-            return not proxy.flowing.is_set() and await direct.scard(owned) == 0
-
-        await wait_for(redis_ran_the_claim, 10, "B's claim to run in Redis")
+        # A dies (as kill -9 would leave it); B's claim runs in Redis, its reply held.
+        await kill_and_hold_the_claims_reply(registry, lost, proxy, direct, owned)
         healing = list(registry._healing.values())
         assert len(healing) == 1
         exiting = asyncio.create_task(b.__aexit__(None, None, None))
@@ -665,22 +675,7 @@ async def test_a_claim_whose_reply_comes_too_late_still_ends_what_it_took(
             await lost.add(live_session(a, session_id))
         owned = f"{prefix}:n:{lost.node_id}:s"
         async with b:
-            claim = registry._scripts["CLAIM"]
-            await direct.script_load(claim.script)
-
-            async def claim_and_hold_the_reply(**kwargs: Any) -> Any:
-                proxy.flowing.clear()
-                return await claim(**kwargs)
-
-            registry._scripts["CLAIM"] = claim_and_hold_the_reply
-            for task in (lost._beater, lost._listener):
-                assert task is not None
-                await redis_backend._stop(task)
-
-            async def redis_ran_the_claim() -> bool:
-                return not proxy.flowing.is_set() and await direct.scard(owned) == 0
-
-            await wait_for(redis_ran_the_claim, 10, "B's claim to run in Redis")
+            await kill_and_hold_the_claims_reply(registry, lost, proxy, direct, owned)
 
             async def claim_timed_out() -> bool:
                 return registry.state is LinkState.OUTAGE
