@@ -40,10 +40,13 @@ from .test_redis_healing import Recorder, live_session, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
 
-LATENCY = 0.04  # seconds each reply from Redis is late
-COMMAND_TIMEOUT = 0.3  # 7.5 times one call's latency: no single call comes close
+LATENCY = 0.02  # seconds each reply from Redis is late
+# 25 times one round trip: no single call comes close. The slowest call makes about six round
+# trips (one on a new connection: CLIENT SETINFO, NOSCRIPT, SCRIPT LOAD...): with 0.04 s of
+# latency and a 0.3 s deadline those took 0.25 s, and on a busy CI machine more.
+COMMAND_TIMEOUT = 0.5
 HEARTBEAT = 0.2  # lease_ttl 1.0
-BURST = 80  # registrations at once: about 80 / 2 * LATENCY = 1.6 s of queueing
+BURST = 160  # registrations at once: about 160 / 2 * LATENCY = 1.6 s of queueing
 QUERIES = 8  # cluster queries in the same burst
 
 
@@ -194,7 +197,7 @@ async def check_burst_is_load(
 async def test_a_burst_that_fills_the_pool_is_load_not_an_outage(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Worker A (behind a slow network, two connections) registers 80 sessions at once and
+    """Worker A (behind a slow network, two connections) registers 160 sessions at once and
     counts 8 times; worker B watches. A stays available, writes every session before ``add``
     returns, keeps renewing its lease, and B never declares it lost."""
     caplog.set_level(logging.WARNING, logger="wsession")
