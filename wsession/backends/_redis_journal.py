@@ -219,10 +219,12 @@ class RedisJournal:
             if len(args) == 1 or registry._mode.cluster:
                 raw = [await script(keys=registry._route, args=a) for a in args]
             else:
-                pipe = registry.redis.pipeline(transaction=False)
-                for a in args:
-                    await script(keys=registry._route, args=a, client=pipe)
-                raw = await pipe.execute()
+                # A with block gives the connection back if SCRIPT EXISTS fails (see
+                # RedisRegistry._script_batch).
+                async with registry.redis.pipeline(transaction=False) as pipe:
+                    for a in args:
+                        await script(keys=registry._route, args=a, client=pipe)
+                    raw = await pipe.execute()
         return [_numbers(reply) for reply in raw]
 
     async def record_for(

@@ -1039,10 +1039,12 @@ class RedisRegistry:
         script = self._scripts[name]
         if len(calls) == 1 or self._mode.cluster:
             return [await script(keys=self._route, args=args) for args in calls]
-        pipe = self.redis.pipeline(transaction=False)
-        for args in calls:
-            await script(keys=self._route, args=args, client=pipe)
-        return list(await pipe.execute())
+        # A with block: redis-py's pipeline takes its connection for SCRIPT EXISTS before its
+        # own cleanup starts, and kept it for good when that call failed or timed out.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                await script(keys=self._route, args=args, client=pipe)
+            return list(await pipe.execute())
 
     async def _mirror_membership(self, session_id: str, group: str, *, join: bool) -> None:
         """Write a local join or leave to Redis (or leave it to the next resync)."""
