@@ -105,8 +105,8 @@ class SlowProxy:
 
 
 @asynccontextmanager
-async def slow_proxy(server: RedisServer) -> AsyncIterator[SlowProxy]:
-    proxy = SlowProxy(server.port, LATENCY)
+async def slow_proxy(server: RedisServer, latency: float = LATENCY) -> AsyncIterator[SlowProxy]:
+    proxy = SlowProxy(server.port, latency)
     await proxy.start()
     try:
         yield proxy

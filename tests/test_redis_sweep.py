@@ -252,13 +252,15 @@ async def test_writing_sessions_back_after_an_outage_keeps_the_lease(
     prefix = f"resync-{secrets.token_hex(4)}"
     recorder = Recorder()
     direct = Redis.from_url(server.url, decode_responses=True)
-    async with slow_proxy(server) as proxy:
+    async with slow_proxy(server, latency=0.04) as proxy:
         registry = RedisRegistry(
             proxy.url,
             prefix=prefix,
             heartbeat=HEARTBEAT,
             lease_ttl=LEASE_TTL,
-            command_timeout=0.5,
+            # A call on a new connection makes about six round trips (0.24 s here), and the
+            # write-back opens new ones: 0.5 s was an outage on a busy machine.
+            command_timeout=0.8,
             max_connections=16,
         )
         a = SessionManager(registry=registry, drain_on_signal=False)
