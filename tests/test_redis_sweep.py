@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from example_app.procs import free_port, start_worker, stop, wait_for_port
 from wsession import EndReason, RegistryUnavailable, Session, SessionManager
@@ -34,7 +35,7 @@ from wsession.backends.redis import LinkState, RedisRegistry
 
 from .redis_support import RedisServer
 from .test_redis_burst import SlowProxy, slow_proxy
-from .test_redis_healing import Recorder, live_session, open_clients, wait_for
+from .test_redis_healing import Recorder, live_session, manager_on, open_clients, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -648,12 +649,6 @@ async def test_an_ending_whose_hook_raises_cancelled_error_does_not_stop_the_res
     await endings.close(timeout=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, not fixed: a CLAIM whose reply comes after command_timeout has taken the "
-    "sessions in Redis, and nothing records which ones (it needs claims that survive a lost "
-    "reply, e.g. kept in Redis until the claimer has queued their endings)",
-)
 async def test_a_claim_whose_reply_comes_too_late_still_ends_what_it_took(
     redis_server: RedisServer,
 ) -> None:
@@ -694,6 +689,107 @@ async def test_a_claim_whose_reply_comes_too_late_still_ends_what_it_took(
         await lost._close_own_client()
         await direct.aclose()
         await proxy.close()
+
+
+async def test_a_claimer_that_dies_before_reading_what_it_took_leaves_it_to_its_healer(
+    redis_server: RedisServer,
+) -> None:
+    """B claims lost worker A's sessions (Redis runs the CLAIM) and dies before it reads what
+    it took: the reply never comes, and its heartbeat and listener stop. C heals B and takes
+    over what B had taken: A's sessions' node-lost hooks run on C, once, and nowhere else."""
+    prefix = f"claim-chain-{secrets.token_hex(4)}"
+    ids = ["a1", "a2", "a3"]
+    lost = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT)
+    a = SessionManager(registry=lost, drain_on_signal=False)
+    proxy = HoldingProxy(redis_server.port)
+    await proxy.start()
+    claimer = RedisRegistry(proxy.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=5)
+    b = SessionManager(registry=claimer, drain_on_signal=False, drain_timeout=0.2)
+    recorder = Recorder()
+    recorder.install(b, "b")
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    await lost.__aenter__()
+    try:
+        for session_id in ids:
+            await lost.add(live_session(a, session_id))
+        owned = f"{prefix}:n:{lost.node_id}:s"
+        async with b:
+            await kill_and_hold_the_claims_reply(claimer, lost, proxy, direct, owned)
+            assert sorted(await direct.hkeys(f"{prefix}:taken:{claimer.node_id}")) == ids
+            for task in (claimer._beater, claimer._listener):  # B dies as kill -9 leaves it
+                assert task is not None
+                await redis_backend._stop(task)
+            await proxy.close()  # and its connections with it: the reply never comes
+            c = manager_on(redis_server.url, prefix)
+            recorder.install(c, "c")
+            async with c:
+
+                async def c_ended_them() -> bool:
+                    return sorted(recorder.node_lost()) == ids
+
+                await wait_for(c_ended_them, 10, "C to heal B and end A's sessions")
+                assert {worker for worker, _, _ in recorder.ended} == {"c"}
+                assert await direct.exists(f"{prefix}:taken:{claimer.node_id}") == 0
+                assert await direct.exists(f"{prefix}:taken:{c.registry.node_id}") == 0  # type: ignore[attr-defined]
+        assert sorted(recorder.node_lost()) == ids  # B's exit ran none of them
+    finally:
+        await lost._close_own_client()
+        await direct.aclose()
+        await proxy.close()
+
+
+async def test_a_claimer_whose_delete_of_what_it_read_fails_queues_nothing_twice(
+    redis_server: RedisServer,
+) -> None:
+    """B claims lost worker A's sessions and reads what it took; the delete that follows fails
+    (Redis unreachable for that call), so the entries are still there when B reads again after
+    its outage. Their hooks run once, and the entries are then deleted."""
+    prefix = f"claim-undeleted-{secrets.token_hex(4)}"
+    ids = ["a1", "a2", "a3"]
+    a = manager_on(redis_server.url, prefix)
+    lost = a.registry
+    assert isinstance(lost, RedisRegistry)
+    b = manager_on(redis_server.url, prefix)
+    registry = b.registry
+    assert isinstance(registry, RedisRegistry)
+    recorder = Recorder()
+    recorder.install(b, "b")
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    await lost.__aenter__()
+    try:
+        for session_id in ids:
+            await lost.add(live_session(a, session_id))
+        async with b:
+            client = registry.redis
+            real_hdel = client.hdel
+            failed: list[tuple[Any, ...]] = []
+
+            async def hdel_fails_once(*args: Any) -> Any:
+                if not failed and str(args[0]).startswith(f"{prefix}:taken:"):
+                    failed.append(args)
+                    raise RedisConnectionError("lost on the way (a test)")
+                return await real_hdel(*args)
+
+            client.hdel = hdel_fails_once
+            for task in (lost._beater, lost._listener):  # A dies as kill -9 leaves it
+                assert task is not None
+                await redis_backend._stop(task)
+            taken = f"{prefix}:taken:{registry.node_id}"
+
+            async def read_again_and_deleted() -> bool:
+                return bool(failed) and not await direct.exists(taken)
+
+            await wait_for(read_again_and_deleted, 10, "B to read what it took again")
+
+            async def all_ended() -> bool:
+                return len(recorder.ended) >= len(ids)
+
+            await wait_for(all_ended, 5, "the claimed sessions' hooks")
+            assert sorted(recorder.node_lost()) == ids
+    finally:
+        await lost._close_own_client()
+        await direct.aclose()
+    assert sorted(recorder.node_lost()) == ids  # none ran twice, B's exit included
 
 
 async def test_a_registration_whose_reply_was_lost_is_closed_when_its_worker_is_declared_lost(

@@ -71,9 +71,10 @@ class Keys:
         """A revocation denylist entry (expires after ``revocation_ttl``)."""
         return f"{self.plain_prefix}:deny:{key}"
 
-    def claimed(self, node: str) -> str:
-        """Set of a node's sessions the cluster ended as node lost (read if it comes back)."""
-        return f"{self.prefix}:claimed:{node}"
+    def taken(self, node: str) -> str:
+        """Hash of the sessions a worker took from Redis to end (CLAIM), each id to what their
+        hooks need, until that worker has read it (see ``RedisRegistry._collect_taken``)."""
+        return f"{self.prefix}:taken:{node}"
 
     def channel(self, node: str) -> str:
         """The pub/sub channel a node listens on for its own sessions."""

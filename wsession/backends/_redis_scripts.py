@@ -109,17 +109,19 @@ return 1
 
 CLAIM = (
     """
--- ARGV: prefix, lost node, resume window (ms; 0 without resumption), id_1..id_n. Claims those of
--- the ids the lost node still owns. Only the caller whose SREM succeeds gets a session back (its
--- fields and groups), so the node-lost disconnect hooks run once in the cluster. A resumable
--- session (one with a resume token) is not ended: it becomes detached, owned by no worker, for
--- the window (its client may resume it on any worker). Returns {id, fields, groups, detached}
--- per claimed session.
+-- ARGV: prefix, lost node, resume window (ms; 0 without resumption), claimer, taken ttl (s),
+-- id_1..id_n. Claims those of the ids the lost node still owns. Only the caller whose SREM
+-- succeeds gets a session (its fields and groups), so the node-lost disconnect hooks run once in
+-- the cluster. A resumable session (one with a resume token) is not ended: it becomes detached,
+-- owned by no worker, for the window (its client may resume it on any worker). What the hooks
+-- need goes to the claimer's taken hash ({fields, groups, detached} as JSON), not in the reply:
+-- a reply can be lost, and the claimer reads the hash until it got it. Returns how many it took.
 local p, node, window = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local taken = p .. ':taken:' .. ARGV[4]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local claimed = {}
-for i = 4, #ARGV do
+local claimed = 0
+for i = 6, #ARGV do
   local sid = ARGV[i]
   if redis.call('SREM', p .. ':n:' .. node .. ':s', sid) == 1
     and redis.call('HGET', p .. ':s:' .. sid, 'node') == node then
@@ -128,19 +130,38 @@ for i = 4, #ARGV do
     if window > 0 and redis.call('HEXISTS', p .. ':s:' .. sid, 'rt') == 1 then
       redis.call('HSET', p .. ':s:' .. sid, 'st', 'detached', 'node', '', 'rdl', now + window)
       redis.call('ZADD', p .. ':detached', now + window, sid)
-      claimed[#claimed + 1] = {sid, fields, groups, 1}
+      redis.call('HSET', taken, sid, cjson.encode({fields, groups, 1}))
+      claimed = claimed + 1
     else
 """
     + _CLEANUP
     + """
       redis.call('DEL', p .. ':j:' .. sid)
-      claimed[#claimed + 1] = {sid, fields, groups, 0}
+      redis.call('HSET', taken, sid, cjson.encode({fields, groups, 0}))
+      claimed = claimed + 1
     end
   end
 end
+if claimed > 0 then redis.call('EXPIRE', taken, ARGV[5]) end
 return claimed
 """
 )
+
+ADOPT_TAKEN = """
+-- ARGV: prefix, lost node, claimer, taken ttl (s). Moves what a lost worker took to end and had
+-- not read yet (see CLAIM) to the claimer's taken hash: those hooks run there. Returns how many.
+local p = ARGV[1]
+local from, to = p .. ':taken:' .. ARGV[2], p .. ':taken:' .. ARGV[3]
+local entries = redis.call('HGETALL', from)
+for i = 1, #entries, 2 do
+  redis.call('HSET', to, entries[i], entries[i + 1])
+end
+if #entries > 0 then
+  redis.call('EXPIRE', to, ARGV[4])
+  redis.call('DEL', from)
+end
+return #entries / 2
+"""
 
 HEARTBEAT = (
     """

@@ -375,6 +375,12 @@ class RedisRegistry:
         self._healing: dict[str, asyncio.Task[None]] = {}
         # Hooks of sessions ended here without a connection (swept, claimed): off the heartbeat.
         self._endings = Endings(_ENDING_TASKS)
+        # Sessions CLAIM took for this worker wait in Redis (Keys.taken) until read here, so a
+        # lost reply loses no hooks. Unread: a claim may have written there since the last
+        # read (also at start: a crashed earlier start under this node id may have left some).
+        self._taken_unread = True
+        self._taken_lock = asyncio.Lock()  # one read at a time: each ending is queued once
+        self._taken_queued: set[str] = set()  # queued here, not yet known to be deleted there
         self._renewed_at = float("-inf")  # when the last lease renewal was sent (monotonic)
         self._state = LinkState.STOPPED
         self._recovered_at = float("-inf")  # when this worker was last cut off (monotonic)
@@ -517,6 +523,7 @@ class RedisRegistry:
                 "REGISTER",
                 "REMOVE",
                 "CLAIM",
+                "ADOPT_TAKEN",
                 "HEARTBEAT",
                 "DECLARE_LOST",
                 "SEND",
@@ -633,6 +640,8 @@ class RedisRegistry:
             _, late = await asyncio.wait(list(self._healing.values()), timeout=limit)
             for task in late:
                 await _stop(task)
+        if self._taken_unread and self._client is not None and self._state is not LinkState.OUTAGE:
+            await self._collect_taken()  # a claim whose reply was late: its hooks run here
         # Hooks of sessions ended here without a connection: each runs once (see Endings).
         await self._endings.close(max(0.0, deadline - monotonic()))
         client = self._client
@@ -1581,6 +1590,8 @@ class RedisRegistry:
             await self._resync()
         if self._state is not LinkState.AVAILABLE:
             return
+        if self._taken_unread:
+            await self._collect_taken()
         await self._check_nodes()
         if self._journal is not None and len(self._endings) < _SWEEP_BACKLOG:
             # (With a backlog of endings, the sessions wait in Redis: another worker's sweep, or
@@ -1754,11 +1765,10 @@ class RedisRegistry:
                 node,
                 left,
             )
-            claimed: list[tuple[str, list[Any]]] = []
             try:
-                await self._claim_sessions(node, claimed)
+                await self._claim_sessions(node)
             finally:
-                self._end_all_lost(claimed)
+                await run_shielded(self._collect_taken())
 
     async def _check_nodes(self) -> None:
         """Start healing each worker that is lost: lease expired, or (faster) no pub/sub
@@ -1804,7 +1814,6 @@ class RedisRegistry:
         """Declare ``node`` lost and claim its sessions (in this task: the heartbeat goes on
         meanwhile), then queue their node-lost endings (see :class:`Endings`), even when
         cancelled or failing part-way: every session claimed gets its hooks once."""
-        claimed: list[tuple[str, list[Any]]] = []
         try:
             async with self._bounded():
                 declared = await self._scripts["DECLARE_LOST"](
@@ -1820,7 +1829,14 @@ class RedisRegistry:
             if not int(declared):
                 return  # it renewed its lease meanwhile: alive
             log_warning(None, "worker %s is lost: ending its sessions as node lost", node)
-            await self._claim_sessions(node, claimed)
+            self._taken_unread = True
+            async with self._bounded():
+                # What it took from another lost worker and had not read yet ends here too.
+                await self._scripts["ADOPT_TAKEN"](
+                    keys=self._route,
+                    args=[self._keys.prefix, node, self.node_id, scripts.TOMBSTONE_SECONDS],
+                )
+            await self._claim_sessions(node)
             async with self._bounded():
                 await self._scripts["FORGET_NODE"](keys=self._route, args=[self._keys.prefix, node])
             await self._presence_lost(node)
@@ -1829,13 +1845,15 @@ class RedisRegistry:
         except Exception:
             log_error(None, "healing lost worker %s failed", node, exc=True)
         finally:
-            self._end_all_lost(claimed)
-            self._healing.pop(node, None)
+            try:
+                if self._state is not LinkState.OUTAGE:  # (else the heartbeat reads it later)
+                    await run_shielded(self._collect_taken())
+            finally:
+                self._healing.pop(node, None)
 
-    async def _claim_sessions(self, node: str, claimed: list[tuple[str, list[Any]]]) -> None:
+    async def _claim_sessions(self, node: str) -> None:
         """Claim every session ``node`` still owns (each claim atomic: a session is claimed by
-        one worker only), appending them to ``claimed`` as they come, so the claims made before
-        a failure or a cancellation are kept."""
+        one worker only) into this worker's taken hash (see :meth:`_collect_taken`)."""
         for _ in range(1000):  # bounded: each round empties what it saw
             async with self._bounded():
                 ids = list(await self.redis.smembers(self._keys.node_sessions(node)))
@@ -1843,34 +1861,67 @@ class RedisRegistry:
                 break
             for start in range(0, len(ids), _CLAIM_BATCH):
                 batch = ids[start : start + _CLAIM_BATCH]
+                self._taken_unread = True
                 async with self._bounded():
-                    await run_shielded(self._claim_batch(node, batch, claimed))
+                    await run_shielded(self._claim_batch(node, batch))
 
-    async def _claim_batch(
-        self, node: str, batch: list[str], claimed: list[tuple[str, list[Any]]]
-    ) -> None:
-        """CLAIM ``batch``, the sessions it took appended to ``claimed``, shielded: Redis takes
-        them as it runs the script, and the reply is the only record of which ones. A
-        cancellation between the two (the registry exiting while it heals) dropped it: those
-        sessions left Redis and their node-lost hooks ran nowhere."""
+    async def _claim_batch(self, node: str, batch: list[str]) -> None:
+        """CLAIM ``batch``, shielded: a claim cancelled once sent may still run in Redis, and
+        the read of the taken hash that follows (:meth:`_collect_taken`) must come after it."""
         async with Deadline(self.command_timeout):  # (shielded from the caller's)
             # One script per batch (redis-py's cluster pipelines refuse scripts).
-            replies = await self._scripts["CLAIM"](
-                keys=self._route, args=[self._keys.prefix, node, self._window_ms(), *batch]
+            await self._scripts["CLAIM"](
+                keys=self._route,
+                args=[
+                    self._keys.prefix,
+                    node,
+                    self._window_ms(),
+                    self.node_id,
+                    scripts.TOMBSTONE_SECONDS,
+                    *batch,
+                ],
             )
-        claimed += [
-            (str(sid), [fields, groups, int(detached)]) for sid, fields, groups, detached in replies
-        ]
 
-    def _end_all_lost(self, claimed: list[tuple[str, list[Any]]]) -> None:
-        """Queue the node-lost endings of ``claimed`` (each once: the list is emptied)."""
-        for session_id, reply in claimed:
-            self._endings.add(functools.partial(self._end_lost, session_id, reply))
-        claimed.clear()
+    async def _collect_taken(self) -> None:
+        """Queue the node-lost endings of the sessions claimed for this worker (see CLAIM):
+        read the taken hash, delete what was read, queue each ending once.
 
-    async def _end_lost(self, session_id: str, claimed: list[Any]) -> None:
+        Why the claims wait in Redis (issue 17): CLAIM takes the sessions as it runs, and its
+        reply was the only record of which ones; a reply that came after ``command_timeout``
+        (or never) left their hooks unrun anywhere. Here a failed read is read again (by the
+        heartbeat, once Redis answers). Deleted before their hooks run, and remembered here
+        until a delete is known to have happened: a lost delete reply queues nothing twice,
+        and no other worker (adopting this one's hash when it dies) runs them again."""
+        async with self._taken_lock:
+            key = self._keys.taken(self.node_id)
+            self._taken_unread = False
+            try:
+                async with self._bounded():
+                    entries: dict[str, str] = await self.redis.hgetall(key)
+                if not entries:
+                    return
+                fresh = {k: v for k, v in entries.items() if k not in self._taken_queued}
+                self._taken_queued.update(fresh)
+                try:
+                    async with self._bounded():
+                        await self.redis.hdel(key, *entries)
+                    self._taken_queued.difference_update(entries)
+                finally:
+                    for session_id, raw in fresh.items():
+                        self._endings.add(functools.partial(self._end_lost, session_id, raw))
+            except _redis_errors() as exc:
+                self._taken_unread = True
+                self._fail(exc)
+            except BaseException:
+                self._taken_unread = True
+                raise
+
+    async def _end_lost(self, session_id: str, raw: str) -> None:
+        """End (or detach, when resumable) a session claimed from a lost worker."""
         try:
-            flat, groups, detached = claimed
+            flat, groups, detached = json.loads(raw)
+            if not isinstance(groups, list):  # (Lua's JSON writes an empty table as {})
+                groups = []
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
             manager = self._bound()
             session = rebuild_session(manager, session_id, fields, set(groups))
