@@ -519,6 +519,64 @@ async def test_exit_while_the_sweep_is_in_flight_still_ends_what_it_took(
         await proxy.close()
 
 
+async def test_a_sweep_whose_reply_comes_too_late_still_ends_what_it_took(
+    redis_server: RedisServer,
+) -> None:
+    """The heartbeat's SWEEP ends orphaned detached sessions in Redis, but its reply comes after
+    command_timeout (a Redis that stalled after running it). Their hooks must still run, once,
+    once Redis answers again."""
+    prefix = f"sweep-late-{secrets.token_hex(4)}"
+    orphans = ["o1", "o2", "o3"]
+    await park_and_leave(redis_server.url, prefix, orphans)
+    proxy = HoldingProxy(redis_server.port)
+    await proxy.start()
+    registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=0.5)
+    a = SessionManager(
+        registry=registry, resume_window=WINDOW, resume_secret=SECRET, drain_on_signal=False
+    )
+    ended: list[tuple[str, EndReason | None]] = []
+
+    @a.on_disconnect
+    def record(session: Session) -> None:
+        ended.append((session.id, session.end_reason))
+
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
+    try:
+        async with a:
+            sweep = registry._scripts["SWEEP"]
+            await direct.script_load(sweep.script)  # else the held reply is NOSCRIPT
+
+            async def sweep_when_all_are_due(**kwargs: Any) -> Any:
+                # Sweeps nothing until every orphan is due; then holds back the reply.
+                seconds, micros = await direct.time()
+                due_before = int(seconds) * 1000 + int(micros) // 1000 - grace
+                if await direct.zcount(f"{prefix}:detached", "-inf", due_before) < len(orphans):
+                    return []
+                proxy.flowing.clear()
+                return await sweep(**kwargs)
+
+            registry._scripts["SWEEP"] = sweep_when_all_are_due
+
+            async def timed_out() -> bool:
+                return registry.state is LinkState.OUTAGE
+
+            await wait_for(timed_out, 10, "the sweep's reply to time out")
+            assert await direct.zcard(f"{prefix}:detached") == 0  # Redis ended them
+            registry._scripts["SWEEP"] = sweep
+            proxy.flowing.set()
+
+            async def all_ended() -> bool:
+                return len(ended) >= len(orphans)
+
+            await wait_for(all_ended, 5, "the swept sessions' hooks")
+        assert sorted(ended) == [(i, EndReason.RESUME_EXPIRED) for i in orphans]
+    finally:
+        proxy.flowing.set()
+        await direct.aclose()
+        await proxy.close()
+
+
 async def kill_and_hold_the_claims_reply(
     registry: RedisRegistry, lost: RedisRegistry, proxy: Any, direct: Redis, owned: str
 ) -> None:

@@ -22,7 +22,7 @@ import base64
 import contextlib
 import json
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from .._delivery import SendResult, deliver_numbered, offer_unnumbered
@@ -389,28 +389,24 @@ class RedisJournal:
         """A resumed session is this worker's again."""
         self._registry._adopt(session)
 
-    async def sweep(self, take: Callable[[str, dict[str, str], list[str]], None]) -> None:
+    async def sweep(self, taken_ttl: int) -> None:
         """End detached sessions whose window ended a while ago and whose worker did not end
         them (it drained or died): each ended once in the cluster, by whichever worker's sweep
-        takes it (up to 100 per call). One Redis step: the heartbeat calls it. Hands each one's
-        id, stored fields and groups to ``take`` (for :meth:`finish_swept`, off the heartbeat),
-        also when the caller is cancelled meanwhile (see :meth:`_swept`)."""
+        takes it (up to 100 per call), into that worker's taken hash (see
+        ``RedisRegistry._collect_taken``: their hooks run from there, off the heartbeat). One
+        Redis step, shielded: the heartbeat calls it, and the read that follows must come
+        after it."""
         async with self._io():
-            await run_shielded(self._swept(take))
+            await run_shielded(self._swept(taken_ttl))
 
-    async def _swept(self, take: Callable[[str, dict[str, str], list[str]], None]) -> None:
-        """SWEEP, and its reply handed to ``take``, shielded (see :meth:`sweep`): Redis ends
-        the sessions as it runs the script, and the reply is the only record of which ones. A
-        cancellation between the two (the registry exiting) dropped it: those sessions ended
-        in Redis and their hooks ran nowhere."""
+    async def _swept(self, taken_ttl: int) -> None:
         registry = self._registry
         grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
         async with Deadline(registry.command_timeout):  # (shielded from the caller's)
-            reply = await self._script("SWEEP")(
-                keys=registry._route, args=[registry._keys.prefix, grace, 100]
+            await self._script("SWEEP")(
+                keys=registry._route,
+                args=[registry._keys.prefix, grace, 100, registry.node_id, taken_ttl],
             )
-        for sid, fields, groups in reply:
-            take(str(sid), _fields(fields), [str(g) for g in groups])
 
     async def finish_swept(self, session_id: str, stored: dict[str, str]) -> None:
         """After :meth:`sweep`, off the heartbeat: tell the parking worker and drop the

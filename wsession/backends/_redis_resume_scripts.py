@@ -172,20 +172,23 @@ return {fields, groups}
 SWEEP = (
     _FORGET
     + """
--- ARGV: prefix, grace (ms), limit. Ends detached sessions whose window ended more than ``grace``
--- ago (the worker that parked them is gone, or a worker crashed with them): returns
--- {id, fields, groups} per session, each ended once in the cluster.
+-- ARGV: prefix, grace (ms), limit, sweeper, taken ttl (s). Ends detached sessions whose window
+-- ended more than ``grace`` ago (the worker that parked them is gone, or a worker crashed with
+-- them), each once in the cluster. What their hooks need goes to the sweeper's taken hash
+-- ({fields, groups, 2} as JSON; see CLAIM), not in the reply, which can be lost. Returns how
+-- many it ended.
 local p, grace, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local taken = p .. ':taken:' .. ARGV[4]
 local due = redis.call('ZRANGEBYSCORE', p .. ':detached', '-inf', now_ms() - grace,
   'LIMIT', 0, limit)
-local ended = {}
 for _, sid in ipairs(due) do
   local fields = redis.call('HGETALL', p .. ':s:' .. sid)
   local groups = redis.call('SMEMBERS', p .. ':sg:' .. sid)
   forget(p, sid)
-  ended[#ended + 1] = {sid, fields, groups}
+  redis.call('HSET', taken, sid, cjson.encode({fields, groups, 2}))
 end
-return ended
+if #due > 0 then redis.call('EXPIRE', taken, ARGV[5]) end
+return #due
 """
 )
 

@@ -90,6 +90,7 @@ _LOST_CLOSE_CODE = 1012  # "service restart": the client may reconnect at once
 _CLAIM_BATCH = 200
 _RESYNC_BATCH = 100  # sessions written back (or removals replayed) per pipeline
 _ENDING_TASKS = 8  # endings of swept or claimed sessions run at once (their hooks)
+_SWEPT = 2  # the kind of a taken entry the sweep wrote (CLAIM writes 0 or 1: detached)
 _SWEEP_BACKLOG = 100  # the heartbeat sweeps only while fewer endings than this are pending
 _OWN_CONNECTIONS = 2  # beyond max_connections: the heartbeat's and the pub/sub listener's
 _NO_SPACE = r"^\S+$"
@@ -1368,11 +1369,9 @@ class RedisRegistry:
         :class:`Endings`), so slow hooks never hold the heartbeat."""
         journal = self._journal
         assert journal is not None
-
-        def take(session_id: str, stored: dict[str, str], groups: list[str]) -> None:
-            self._endings.add(functools.partial(self._end_swept, session_id, stored, groups))
-
-        await journal.sweep(take)
+        self._taken_unread = True
+        await journal.sweep(scripts.TOMBSTONE_SECONDS)
+        await self._collect_taken()
 
     async def _end_swept(self, session_id: str, stored: dict[str, str], groups: list[str]) -> None:
         """End a session the sweep took: tell its parking worker, then its disconnect hooks
@@ -1908,7 +1907,7 @@ class RedisRegistry:
                     self._taken_queued.difference_update(entries)
                 finally:
                     for session_id, raw in fresh.items():
-                        self._endings.add(functools.partial(self._end_lost, session_id, raw))
+                        self._endings.add(functools.partial(self._end_taken, session_id, raw))
             except _redis_errors() as exc:
                 self._taken_unread = True
                 self._fail(exc)
@@ -1916,13 +1915,27 @@ class RedisRegistry:
                 self._taken_unread = True
                 raise
 
-    async def _end_lost(self, session_id: str, raw: str) -> None:
-        """End (or detach, when resumable) a session claimed from a lost worker."""
+    async def _end_taken(self, session_id: str, raw: str) -> None:
+        """End a session this worker took in Redis (see :meth:`_collect_taken`): swept (kind
+        2), or claimed from a lost worker (1: resumable, detached instead; 0: ended)."""
         try:
-            flat, groups, detached = json.loads(raw)
+            flat, groups, kind = json.loads(raw)
             if not isinstance(groups, list):  # (Lua's JSON writes an empty table as {})
                 groups = []
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        except (ValueError, TypeError):
+            log_error(session_id, "cannot end %s: unreadable entry %r", session_id, raw)
+            return
+        if kind == _SWEPT:
+            await self._end_swept(session_id, fields, [str(g) for g in groups])
+        else:
+            await self._end_lost(session_id, fields, groups, detached=bool(kind))
+
+    async def _end_lost(
+        self, session_id: str, fields: dict[str, str], groups: list[str], *, detached: bool
+    ) -> None:
+        """End (or detach, when resumable) a session claimed from a lost worker."""
+        try:
             manager = self._bound()
             session = rebuild_session(manager, session_id, fields, set(groups))
             if detached:
