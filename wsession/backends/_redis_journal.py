@@ -389,24 +389,27 @@ class RedisJournal:
         """A resumed session is this worker's again."""
         self._registry._adopt(session)
 
-    async def sweep(self, taken_ttl: int) -> None:
+    async def sweep(self, taken_ttl: int) -> int:
         """End detached sessions whose window ended a while ago and whose worker did not end
         them (it drained or died): each ended once in the cluster, by whichever worker's sweep
         takes it (up to 100 per call), into that worker's taken hash (see
         ``RedisRegistry._collect_taken``: their hooks run from there, off the heartbeat). One
         Redis step, shielded: the heartbeat calls it, and the read that follows must come
-        after it."""
+        after it. Returns how many it ended."""
+        swept: list[int] = []
         async with self._io():
-            await run_shielded(self._swept(taken_ttl))
+            await run_shielded(self._swept(taken_ttl, swept))
+        return sum(swept)
 
-    async def _swept(self, taken_ttl: int) -> None:
+    async def _swept(self, taken_ttl: int, swept: list[int]) -> None:
         registry = self._registry
         grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
         async with Deadline(registry.command_timeout):  # (shielded from the caller's)
-            await self._script("SWEEP")(
+            ended = await self._script("SWEEP")(
                 keys=registry._route,
                 args=[registry._keys.prefix, grace, 100, registry.node_id, taken_ttl],
             )
+        swept.append(int(ended))
 
     async def finish_swept(self, session_id: str, stored: dict[str, str]) -> None:
         """After :meth:`sweep`, off the heartbeat: tell the parking worker and drop the

@@ -1369,9 +1369,13 @@ class RedisRegistry:
         :class:`Endings`), so slow hooks never hold the heartbeat."""
         journal = self._journal
         assert journal is not None
-        self._taken_unread = True
-        await journal.sweep(scripts.TOMBSTONE_SECONDS)
-        await self._collect_taken()
+        try:
+            swept = await journal.sweep(scripts.TOMBSTONE_SECONDS)
+        except BaseException:
+            self._taken_unread = True  # it may have ended some (a lost reply): read later
+            raise
+        if swept:
+            await self._collect_taken()
 
     async def _end_swept(self, session_id: str, stored: dict[str, str], groups: list[str]) -> None:
         """End a session the sweep took: tell its parking worker, then its disconnect hooks
