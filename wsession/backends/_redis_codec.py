@@ -72,8 +72,8 @@ class Keys:
         return f"{self.plain_prefix}:deny:{key}"
 
     def taken(self, node: str) -> str:
-        """Hash of the sessions a worker took from Redis to end (CLAIM), each id to what their
-        hooks need, until that worker has read it (see ``RedisRegistry._collect_taken``)."""
+        """Hash of the sessions a worker took from Redis to end (CLAIM, SWEEP), each id to what
+        their hooks need, until that worker has read it (``RedisRegistry._collect_taken``)."""
         return f"{self.prefix}:taken:{node}"
 
     def channel(self, node: str) -> str:

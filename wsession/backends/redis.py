@@ -376,9 +376,9 @@ class RedisRegistry:
         self._healing: dict[str, asyncio.Task[None]] = {}
         # Hooks of sessions ended here without a connection (swept, claimed): off the heartbeat.
         self._endings = Endings(_ENDING_TASKS)
-        # Sessions CLAIM took for this worker wait in Redis (Keys.taken) until read here, so a
-        # lost reply loses no hooks. Unread: a claim may have written there since the last
-        # read (also at start: a crashed earlier start under this node id may have left some).
+        # Sessions CLAIM or SWEEP took for this worker wait in Redis (Keys.taken) until read
+        # here, so a lost reply loses no hooks. Unread: a script may have written there since
+        # the last read (also at start: a crashed start under this node id may have left some).
         self._taken_unread = True
         self._taken_lock = asyncio.Lock()  # one read at a time: each ending is queued once
         self._taken_queued: set[str] = set()  # queued here, not yet known to be deleted there
@@ -642,7 +642,7 @@ class RedisRegistry:
             for task in late:
                 await _stop(task)
         if self._taken_unread and self._client is not None and self._state is not LinkState.OUTAGE:
-            await self._collect_taken()  # a claim whose reply was late: its hooks run here
+            await self._collect_taken()  # a claim or sweep whose reply was late: hooks here
         # Hooks of sessions ended here without a connection: each runs once (see Endings).
         await self._endings.close(max(0.0, deadline - monotonic()))
         client = self._client
@@ -1595,6 +1595,8 @@ class RedisRegistry:
             return
         if self._taken_unread:
             await self._collect_taken()
+            if self._state is not LinkState.AVAILABLE:
+                return
         await self._check_nodes()
         if self._journal is not None and len(self._endings) < _SWEEP_BACKLOG:
             # (With a backlog of endings, the sessions wait in Redis: another worker's sweep, or
@@ -1886,10 +1888,10 @@ class RedisRegistry:
             )
 
     async def _collect_taken(self) -> None:
-        """Queue the node-lost endings of the sessions claimed for this worker (see CLAIM):
-        read the taken hash, delete what was read, queue each ending once.
+        """Queue the endings of the sessions CLAIM or SWEEP took for this worker: read the
+        taken hash, delete what was read, queue each ending once (see :meth:`_end_taken`).
 
-        Why the claims wait in Redis (issue 17): CLAIM takes the sessions as it runs, and its
+        Why they wait in Redis (issue 17): the script takes the sessions as it runs, and its
         reply was the only record of which ones; a reply that came after ``command_timeout``
         (or never) left their hooks unrun anywhere. Here a failed read is read again (by the
         heartbeat, once Redis answers). Deleted before their hooks run, and remembered here
