@@ -796,6 +796,39 @@ async def test_a_claimer_that_dies_before_reading_what_it_took_leaves_it_to_its_
         await proxy.close()
 
 
+async def test_a_lost_worker_with_many_sessions_is_read_in_pages_each_ended_once(
+    redis_server: RedisServer,
+) -> None:
+    """600 sessions of a lost worker: three CLAIM batches, a taken hash read in pages (HSCAN;
+    a hash of over 128 entries is a real hash table there). Each node-lost hook runs once."""
+    prefix = f"claim-many-{secrets.token_hex(4)}"
+    ids = [f"m{i:03}" for i in range(600)]
+    a = manager_on(redis_server.url, prefix)
+    lost = a.registry
+    assert isinstance(lost, RedisRegistry)
+    b = manager_on(redis_server.url, prefix)
+    registry = b.registry
+    assert isinstance(registry, RedisRegistry)
+    recorder = Recorder()
+    recorder.install(b, "b")
+    await lost.__aenter__()
+    try:
+        await asyncio.gather(*(lost.add(live_session(a, i)) for i in ids))
+        async with b:
+            for task in (lost._beater, lost._listener):  # A dies as kill -9 leaves it
+                assert task is not None
+                await redis_backend._stop(task)
+
+            async def all_ended() -> bool:
+                return len(recorder.ended) >= len(ids)
+
+            await wait_for(all_ended, 20, "the lost worker's 600 hooks")
+            assert await registry.redis.exists(registry._keys.taken(registry.node_id)) == 0
+    finally:
+        await lost._close_own_client()
+    assert sorted(recorder.node_lost()) == ids  # once each, B's exit included
+
+
 async def test_a_claimer_whose_delete_of_what_it_read_fails_queues_nothing_twice(
     redis_server: RedisServer,
 ) -> None:

@@ -1901,25 +1901,35 @@ class RedisRegistry:
             key = self._keys.taken(self.node_id)
             self._taken_unread = False
             try:
-                async with self._bounded():
-                    entries: dict[str, str] = await self.redis.hgetall(key)
-                if not entries:
-                    return
-                fresh = {k: v for k, v in entries.items() if k not in self._taken_queued}
-                self._taken_queued.update(fresh)
-                try:
+                # In pages (a lost worker's 50k sessions are one hash): one pass of HSCAN, each
+                # page deleted as it is read, so none comes back in the same pass.
+                cursor = 0
+                for _ in range(1_000_000):  # bounded: one pass over the hash
                     async with self._bounded():
-                        await self.redis.hdel(key, *entries)
-                    self._taken_queued.difference_update(entries)
-                finally:
-                    for session_id, raw in fresh.items():
-                        self._endings.add(functools.partial(self._end_taken, session_id, raw))
+                        cursor, page = await self.redis.hscan(key, cursor, count=_CLAIM_BATCH)
+                    if page:
+                        await self._queue_taken(key, page)
+                    if not cursor:
+                        break
             except _redis_errors() as exc:
                 self._taken_unread = True
                 self._fail(exc)
             except BaseException:
                 self._taken_unread = True
                 raise
+
+    async def _queue_taken(self, key: str, page: dict[str, str]) -> None:
+        """Delete ``page`` (read from the taken hash ``key``), then queue the endings in it not
+        queued before (see :meth:`_collect_taken`)."""
+        fresh = {k: v for k, v in page.items() if k not in self._taken_queued}
+        self._taken_queued.update(fresh)
+        try:
+            async with self._bounded():
+                await self.redis.hdel(key, *page)
+            self._taken_queued.difference_update(page)
+        finally:
+            for session_id, raw in fresh.items():
+                self._endings.add(functools.partial(self._end_taken, session_id, raw))
 
     async def _end_taken(self, session_id: str, raw: str) -> None:
         """End a session this worker took in Redis (see :meth:`_collect_taken`): swept (kind
