@@ -448,6 +448,13 @@ async def test_a_detached_session_is_kicked_or_revoked_from_any_worker_once(
         await detached(a, k_welcome["id"])
         await detached(b, r_welcome["id"])
         assert await b.close(k_welcome["id"], 4000, "kicked") is True  # parked on A
+        # Answered: B ends it, and what Redis kept for B in case of a lost answer is gone at
+        # once (a worker healing B would end it a second time).
+        from wsession.backends.redis import RedisRegistry
+
+        registry_b = b.registry
+        assert isinstance(registry_b, RedisRegistry)
+        assert await registry_b.redis.exists(registry_b._keys.taken(registry_b.node_id)) == 0
         assert await b.revoke_user("rey") == 1  # parked on B itself
         async with asyncio.timeout(10):
             while len(recorder_a.ended + recorder_b.ended) < 2:  # noqa: ASYNC110 - bounded
@@ -538,13 +545,6 @@ async def test_a_refused_resume_on_another_worker_leaves_the_session_waiting_in_
     assert recorder_b.ended == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, not fixed: an END_DETACHED whose reply comes after command_timeout has ended "
-    "the session in Redis, and the parking worker, which got no answer, runs no hooks (the "
-    "sweep cannot find it any more); it needs END_DETACHED to leave what it ended in the "
-    "caller's taken hash, as CLAIM and SWEEP do",
-)
 async def test_a_window_whose_end_in_redis_answers_too_late_still_ends_the_session(
     redis_server: RedisServer,
 ) -> None:
@@ -597,6 +597,70 @@ async def test_a_window_whose_end_in_redis_answers_too_late_still_ends_the_sessi
                 while not recorder.ended:  # noqa: ASYNC110 - bounded
                     await asyncio.sleep(0.02)
             assert [e[:2] for e in recorder.ended] == [(welcome["id"], EndReason.RESUME_EXPIRED)]
+    finally:
+        proxy.flowing.set()
+        await proxy.close()
+
+
+async def test_a_kick_of_a_detached_session_whose_answer_is_lost_still_ends_it_once(
+    redis_server: RedisServer,
+) -> None:
+    """B closes a session parked on A (a kick); Redis ends it, but B's reply comes after
+    command_timeout, so the kick fails there. The session's hooks still run, once, with the
+    kick's code and reason, and A's copy ends quietly."""
+    from redis.asyncio import Redis
+
+    from wsession import RegistryUnavailable
+    from wsession.backends.redis import RedisRegistry
+
+    from .test_redis_sweep import HoldingProxy
+
+    prefix = f"resume-late-kick-{secrets.token_hex(4)}"
+    a, recorder_a = worker(redis_server.url, prefix, 30)
+    proxy = HoldingProxy(redis_server.port)
+    await proxy.start()
+    registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=0.5, command_timeout=0.5)
+    b = SessionManager(
+        registry=registry,
+        resume_window=30,
+        resume_seq_field="seq",
+        resume_secret="s" * 32,
+        drain_on_signal=False,
+    )
+    recorder_b = HookRecorder()
+    recorder_b.install(b)
+    try:
+        async with serving(a, b) as (server_a, _):
+            ws, welcome = await hello(server_a.ws)
+            reset_connection(ws)
+            await detached(a, welcome["id"])
+            end_detached = registry._scripts["END_DETACHED"]
+            direct = Redis.from_url(redis_server.url)
+            try:
+                await direct.script_load(end_detached.script)  # else the held reply is NOSCRIPT
+            finally:
+                await direct.aclose()
+
+            async def end_and_hold_the_reply(**kwargs: Any) -> Any:
+                proxy.flowing.clear()
+                return await end_detached(**kwargs)
+
+            registry._scripts["END_DETACHED"] = end_and_hold_the_reply
+            # Connections open (a new one's handshake would wait for its held reply instead).
+            await asyncio.gather(*(registry.redis.ping() for _ in range(4)))
+            with pytest.raises(RegistryUnavailable):
+                await b.close(welcome["id"], 4000, "kicked")
+            registry._scripts["END_DETACHED"] = end_detached
+            proxy.flowing.set()
+            async with asyncio.timeout(5):
+                while not recorder_a.ended + recorder_b.ended:  # noqa: ASYNC110 - bounded
+                    await asyncio.sleep(0.02)
+            assert recorder_b.ended == [(welcome["id"], EndReason.SERVER_CLOSED, 4000, "kicked")]
+            async with asyncio.timeout(5):
+                while welcome["id"] in a.detached:  # noqa: ASYNC110 - bounded; A is told
+                    await asyncio.sleep(0.02)
+        assert recorder_a.ended == []
+        assert len(recorder_b.ended) == 1
     finally:
         proxy.flowing.set()
         await proxy.close()

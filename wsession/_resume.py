@@ -213,6 +213,9 @@ class Resumption:
         self._manager = manager
         self._secret = secret
         self._detached: dict[str, Session] = {}
+        # Parked here, their end asked of the durable store without an answer: the store may
+        # have ended them, and then hands them back (end_unanswered) for their hooks.
+        self._unanswered: dict[str, Session] = {}
         self.closed = False  # the manager is shutting down: nothing detaches any more
         self.check_mac = True
         """Whether a token's MAC is checked before anything else (off only with a durable store
@@ -558,10 +561,13 @@ class Resumption:
         journal = session._resume
         assert journal is not None and journal.durable is not None
         try:
-            won = await journal.durable.end_detached(session.id)
+            won = await journal.durable.end_detached(session.id, reason, code, close_reason)
         except Exception:
             log_error(session.id, "could not end detached %s in the store", session.id, exc=True)
-            return  # the store's sweep ends it (hooks once, on whichever worker wins it)
+            # No answer: the store may have ended it (then it hands it back, end_unanswered),
+            # or not (then its sweep ends it, hooks once, on whichever worker wins it).
+            self._unanswered[session.id] = session
+            return
         if won is None:
             session._resume = None
             return
@@ -627,9 +633,23 @@ class Resumption:
         spawn(self._end, session)
         return True
 
+    def end_unanswered(
+        self, session_id: str, reason: EndReason, code: int | None, close_reason: str | None
+    ) -> bool:
+        """The durable store ended a session this worker parked and asked it to end without
+        getting an answer: end this worker's copy now (its hooks, with its live data). False
+        when there is no such copy here."""
+        session = self._unanswered.pop(session_id, None)
+        if session is None:
+            return False
+        session._end_detached(reason, code, close_reason)
+        spawn(self._end, session)
+        return True
+
     def drop(self, session_id: str) -> None:
         """A session this worker parked was resumed on another worker: forget this copy (no
         hooks: the session lives on there)."""
+        self._unanswered.pop(session_id, None)
         session = self._detached.get(session_id)
         if session is not None:
             self._take_timer(session)

@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from .._delivery import SendResult
-from .._session import Session
+from .._session import EndReason, Session
 from .._types import Message
 
 if TYPE_CHECKING:
@@ -167,9 +167,13 @@ class ResumeStore(Protocol):
         """Tell worker ``parker``, which parked the session, that it was resumed elsewhere (it
         drops its copy: ``Resumption.drop``)."""
 
-    async def end_detached(self, session_id: str) -> Session | None:
-        """End a detached session in the store (its window ran out, or it was closed): the
-        session (rebuilt from the store) when this caller won, else ``None``."""
+    async def end_detached(
+        self, session_id: str, reason: EndReason, code: int | None, close_reason: str | None
+    ) -> Session | None:
+        """End a detached session in the store (its window ran out, or it was closed, with
+        ``reason``, ``code`` and ``close_reason``): the session (rebuilt from the store) when
+        this caller won, else ``None``. When the caller gets no answer, the store ends the
+        session's hooks later if it did end it (``Resumption.end_unanswered`` first)."""
 
     async def missed(self, session_id: str, first: int, last: int) -> list[tuple[int, Message]]:
         """The recorded messages numbered ``first`` to ``last`` (fewer when some were trimmed)."""

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 from .._delivery import SendResult, deliver_numbered, offer_unnumbered
 from .._exceptions import RegistryUnavailable
 from .._log import log_warning
-from .._session import Session
+from .._session import EndReason, Session
 from .._shield import run_shielded
 from .._types import Message
 from ._base import Claim
 from ._redis_codec import encode_data, rebuild_session
 from ._redis_link import Deadline
+from ._redis_scripts import TOMBSTONE_SECONDS
 
 if TYPE_CHECKING:
     from .._presence import PresenceChange
@@ -352,17 +353,36 @@ class RedisJournal:
             async with self._io():
                 await registry._publish(parker, "moved", ids=[session_id], to=registry.node_id)
 
-    async def end_detached(self, session_id: str) -> Session | None:
-        """End a detached session if it still is (see ``END_DETACHED``)."""
+    async def end_detached(
+        self, session_id: str, reason: EndReason, code: int | None, close_reason: str | None
+    ) -> Session | None:
+        """End a detached session if it still is (see ``END_DETACHED``). Without an answer
+        (or when what follows fails), the registry ends it from its taken hash if Redis did
+        (``RedisRegistry._collect_taken``); with one, that entry is deleted at once."""
         registry = self._registry
-        async with self._io():
-            reply = await self._script("END_DETACHED")(
-                keys=registry._route, args=[registry._keys.prefix, session_id]
-            )
-            if reply:
-                await self._ended_here(session_id, _fields(reply[0]))
+        how = json.dumps([reason.value, code, close_reason])
+        registry._taken_asking(session_id)
+        won = False
+        try:
+            async with self._io():
+                reply = await self._script("END_DETACHED")(
+                    keys=registry._route,
+                    args=[
+                        registry._keys.prefix,
+                        session_id,
+                        registry.node_id,
+                        TOMBSTONE_SECONDS,
+                        how,
+                    ],
+                )
+                if reply:
+                    await self._ended_here(session_id, _fields(reply[0]))
+            won = bool(reply)
+        finally:
+            registry._taken_answered(session_id, won=won)
         if not reply:
             return None
+        await registry._forget_taken(session_id)
         return self._rebuild(session_id, _fields(reply[0]), reply[1], live=False)
 
     async def missed(self, session_id: str, first: int, last: int) -> list[tuple[int, Message]]:

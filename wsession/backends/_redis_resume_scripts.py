@@ -158,13 +158,18 @@ return reply
 END_DETACHED = (
     _FORGET
     + """
--- ARGV: prefix, id. Ends a detached session (its window ran out, or it was closed) if it is still
--- detached: exactly one caller wins. Returns {fields, groups}, or false.
+-- ARGV: prefix, id, caller, taken ttl (s), how it ends (JSON: reason, code, close reason). Ends a
+-- detached session (its window ran out, or it was closed) if it is still detached: exactly one
+-- caller wins. The caller's taken hash gets it too ({fields, groups, 3, how}; see CLAIM): if the
+-- reply is lost, the caller ends it from there. Returns {fields, groups}, or false.
 local p, sid = ARGV[1], ARGV[2]
 if redis.call('ZREM', p .. ':detached', sid) == 0 then return false end
 local fields = redis.call('HGETALL', p .. ':s:' .. sid)
 local groups = redis.call('SMEMBERS', p .. ':sg:' .. sid)
 forget(p, sid)
+local taken = p .. ':taken:' .. ARGV[3]
+redis.call('HSET', taken, sid, cjson.encode({fields, groups, 3, ARGV[5]}))
+redis.call('EXPIRE', taken, ARGV[4])
 return {fields, groups}
 """
 )

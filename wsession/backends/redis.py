@@ -91,6 +91,7 @@ _CLAIM_BATCH = 200
 _RESYNC_BATCH = 100  # sessions written back (or removals replayed) per pipeline
 _ENDING_TASKS = 8  # endings of swept or claimed sessions run at once (their hooks)
 _SWEPT = 2  # the kind of a taken entry the sweep wrote (CLAIM writes 0 or 1: detached)
+_CLOSED = 3  # END_DETACHED's (with how it ended: reason, code, close reason)
 _SWEEP_BACKLOG = 100  # the heartbeat sweeps only while fewer endings than this are pending
 _OWN_CONNECTIONS = 2  # beyond max_connections: the heartbeat's and the pub/sub listener's
 _NO_SPACE = r"^\S+$"
@@ -382,6 +383,7 @@ class RedisRegistry:
         self._taken_unread = True
         self._taken_lock = asyncio.Lock()  # one read at a time: each ending is queued once
         self._taken_queued: set[str] = set()  # queued here, not yet known to be deleted there
+        self._taken_asked: set[str] = set()  # END_DETACHED in flight: its caller ends them
         self._renewed_at = float("-inf")  # when the last lease renewal was sent (monotonic)
         self._state = LinkState.STOPPED
         self._recovered_at = float("-inf")  # when this worker was last cut off (monotonic)
@@ -1345,7 +1347,9 @@ class RedisRegistry:
                 ended += resumption.close(parked, code, reason)
                 continue
             async with self._cluster("close"):
-                session = await journal.end_detached(session_id)
+                session = await journal.end_detached(
+                    session_id, EndReason.SERVER_CLOSED, code, reason
+                )
             if session is not None:
                 await end_without_connection(
                     manager, session, EndReason.SERVER_CLOSED, code, reason
@@ -1377,9 +1381,18 @@ class RedisRegistry:
         if swept:
             await self._collect_taken()
 
-    async def _end_swept(self, session_id: str, stored: dict[str, str], groups: list[str]) -> None:
-        """End a session the sweep took: tell its parking worker, then its disconnect hooks
-        (once: Redis has ended it already, whatever happens here)."""
+    async def _end_swept(
+        self,
+        session_id: str,
+        stored: dict[str, str],
+        groups: list[str],
+        reason: EndReason = EndReason.RESUME_EXPIRED,
+        code: int | None = None,
+        close_reason: str | None = None,
+    ) -> None:
+        """End a detached session this worker took (swept, or closed without an answer): tell
+        its parking worker, then its disconnect hooks (once: Redis has ended it already,
+        whatever happens here)."""
         journal = self._journal
         assert journal is not None
         try:
@@ -1390,7 +1403,7 @@ class RedisRegistry:
             log_error(session_id, "announcing the end of detached %s failed", session_id, exc=True)
         try:
             session = journal.rebuild_swept(session_id, stored, groups)
-            await end_without_connection(self._bound(), session, EndReason.RESUME_EXPIRED)
+            await end_without_connection(self._bound(), session, reason, code, close_reason)
         except Exception:
             log_error(session_id, "ending detached %s failed", session_id, exc=True)
 
@@ -1920,7 +1933,11 @@ class RedisRegistry:
 
     async def _queue_taken(self, key: str, page: dict[str, str]) -> None:
         """Delete ``page`` (read from the taken hash ``key``), then queue the endings in it not
-        queued before (see :meth:`_collect_taken`)."""
+        queued before (see :meth:`_collect_taken`). Entries whose END_DETACHED is still in
+        flight are left alone: its caller ends them, or they are read again."""
+        page = {k: v for k, v in page.items() if k not in self._taken_asked}
+        if not page:
+            return
         fresh = {k: v for k, v in page.items() if k not in self._taken_queued}
         self._taken_queued.update(fresh)
         try:
@@ -1931,19 +1948,64 @@ class RedisRegistry:
             for session_id, raw in fresh.items():
                 self._endings.add(functools.partial(self._end_taken, session_id, raw))
 
+    def _taken_asking(self, session_id: str) -> None:
+        """END_DETACHED of ``session_id`` is about to be sent (see RedisJournal.end_detached)."""
+        self._taken_asked.add(session_id)
+
+    def _taken_answered(self, session_id: str, *, won: bool) -> None:
+        """END_DETACHED of ``session_id`` ended. ``won``: answered, and its caller ends the
+        session, so the taken entry is only deleted (:meth:`_forget_taken`); else (no answer,
+        or what followed it failed) Redis may have ended it: the next read of the taken hash
+        ends it."""
+        self._taken_asked.discard(session_id)
+        if won:
+            self._taken_queued.add(session_id)
+        else:
+            self._taken_unread = True
+
+    async def _forget_taken(self, session_id: str) -> None:
+        """Delete the taken entry of a session whose END_DETACHED this worker won, at once:
+        while it is there, a worker that heals this one would end it again. If the delete
+        fails, the next read of the taken hash deletes it without ending it."""
+        deleted = False
+        try:
+            async with self._bounded():
+                await self.redis.hdel(self._keys.taken(self.node_id), session_id)
+            deleted = True
+            self._taken_queued.discard(session_id)
+        except Exception as exc:
+            if isinstance(exc, _redis_errors()):
+                self._fail(exc)
+            else:
+                log_error(session_id, "forgetting the end of %s failed", session_id, exc=True)
+        finally:
+            if not deleted:
+                self._taken_unread = True
+
     async def _end_taken(self, session_id: str, raw: str) -> None:
         """End a session this worker took in Redis (see :meth:`_collect_taken`): swept (kind
         2), or claimed from a lost worker (1: resumable, detached instead; 0: ended)."""
         try:
-            flat, groups, kind = json.loads(raw)
+            flat, groups, kind, *how = json.loads(raw)
             if not isinstance(groups, list):  # (Lua's JSON writes an empty table as {})
                 groups = []
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        except (ValueError, TypeError):
+            reason, code, close_reason = EndReason.RESUME_EXPIRED, None, None
+            if kind == _CLOSED:
+                name, code, close_reason = json.loads(how[0])
+                reason = EndReason(name)
+        except (ValueError, TypeError, IndexError):
             log_error(session_id, "cannot end %s: unreadable entry %r", session_id, raw)
             return
-        if kind == _SWEPT:
-            await self._end_swept(session_id, fields, [str(g) for g in groups])
+        if kind in (_SWEPT, _CLOSED):
+            resumption = self._bound().resumption
+            if resumption is not None and resumption.end_unanswered(
+                session_id, reason, code, close_reason
+            ):
+                return  # parked here: this worker's own copy ends
+            await self._end_swept(
+                session_id, fields, [str(g) for g in groups], reason, code, close_reason
+            )
         else:
             await self._end_lost(session_id, fields, groups, detached=bool(kind))
 
