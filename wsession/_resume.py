@@ -646,14 +646,14 @@ class Resumption:
         spawn(self._end, session)
         return True
 
-    def drop(self, session_id: str) -> None:
-        """A session this worker parked was resumed on another worker: forget this copy (no
-        hooks: the session lives on there)."""
-        self._unanswered.pop(session_id, None)
-        session = self._detached.get(session_id)
+    def drop(self, session_id: str) -> Session | None:
+        """A session this worker parked was resumed or ended on another worker: forget this
+        copy (no hooks: the session lives on there, or ended there). Returns the copy."""
+        session = self._detached.get(session_id) or self._unanswered.pop(session_id, None)
         if session is not None:
             self._take_timer(session)
             session._resume = None
+        return session
 
     def _take_timer(self, session: Session) -> None:
         self._detached.pop(session.id, None)

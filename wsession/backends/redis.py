@@ -1495,8 +1495,7 @@ class RedisRegistry:
         if manager.resumption is None:
             return
         for session_id in ids:
-            copy = manager.resumption.detached.get(session_id)
-            manager.resumption.drop(session_id)
+            copy = manager.resumption.drop(session_id)
             if copy is not None:
                 manager._end_presence(copy)
 
