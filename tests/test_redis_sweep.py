@@ -21,6 +21,9 @@ import contextlib
 import os
 import secrets
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -451,6 +454,28 @@ class HoldingProxy(SlowProxy):
         writer.transport.abort()
 
 
+async def hold_the_sweep_when_all_are_due(
+    registry: RedisRegistry, proxy: Any, direct: Redis, prefix: str, orphans: list[str]
+) -> Any:
+    """``registry``'s SWEEP sweeps nothing until every orphan is due, then runs with its reply
+    held in ``proxy`` (the script is loaded first: else the held reply is NOSCRIPT and nothing
+    ran). Returns the real SWEEP."""
+    sweep = registry._scripts["SWEEP"]
+    await direct.script_load(sweep.script)
+    grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
+
+    async def sweep_when_all_are_due(**kwargs: Any) -> Any:
+        seconds, micros = await direct.time()
+        due_before = int(seconds) * 1000 + int(micros) // 1000 - grace
+        if await direct.zcount(f"{prefix}:detached", "-inf", due_before) < len(orphans):
+            return 0  # (what SWEEP answers when nothing is due)
+        proxy.flowing.clear()
+        return await sweep(**kwargs)
+
+    registry._scripts["SWEEP"] = sweep_when_all_are_due
+    return sweep
+
+
 async def test_exit_while_the_sweep_is_in_flight_still_ends_what_it_took(
     redis_server: RedisServer,
 ) -> None:
@@ -479,23 +504,10 @@ async def test_exit_while_the_sweep_is_in_flight_still_ends_what_it_took(
         ended.append((session.id, session.end_reason))
 
     direct = Redis.from_url(redis_server.url, decode_responses=True)
-    grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
     await a.__aenter__()
     exiting: asyncio.Task[None] | None = None
     try:
-        sweep = registry._scripts["SWEEP"]
-        await direct.script_load(sweep.script)  # else the held reply is NOSCRIPT: nothing ran
-
-        async def sweep_when_all_are_due(**kwargs: Any) -> Any:
-            # Sweeps nothing until every orphan is due; then holds back the reply.
-            seconds, micros = await direct.time()
-            due_before = int(seconds) * 1000 + int(micros) // 1000 - grace
-            if await direct.zcount(f"{prefix}:detached", "-inf", due_before) < len(orphans):
-                return []
-            proxy.flowing.clear()
-            return await sweep(**kwargs)
-
-        registry._scripts["SWEEP"] = sweep_when_all_are_due
+        await hold_the_sweep_when_all_are_due(registry, proxy, direct, prefix, orphans)
 
         async def redis_took_them() -> bool:
             return not proxy.flowing.is_set() and await direct.zcard(f"{prefix}:detached") == 0
@@ -541,22 +553,9 @@ async def test_a_sweep_whose_reply_comes_too_late_still_ends_what_it_took(
         ended.append((session.id, session.end_reason))
 
     direct = Redis.from_url(redis_server.url, decode_responses=True)
-    grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
     try:
         async with a:
-            sweep = registry._scripts["SWEEP"]
-            await direct.script_load(sweep.script)  # else the held reply is NOSCRIPT
-
-            async def sweep_when_all_are_due(**kwargs: Any) -> Any:
-                # Sweeps nothing until every orphan is due; then holds back the reply.
-                seconds, micros = await direct.time()
-                due_before = int(seconds) * 1000 + int(micros) // 1000 - grace
-                if await direct.zcount(f"{prefix}:detached", "-inf", due_before) < len(orphans):
-                    return []
-                proxy.flowing.clear()
-                return await sweep(**kwargs)
-
-            registry._scripts["SWEEP"] = sweep_when_all_are_due
+            sweep = await hold_the_sweep_when_all_are_due(registry, proxy, direct, prefix, orphans)
 
             async def timed_out() -> bool:
                 return registry.state is LinkState.OUTAGE
@@ -602,6 +601,53 @@ async def kill_and_hold_the_claims_reply(
     await wait_for(redis_ran_the_claim, 10, "the claim to run in Redis")
 
 
+@dataclass
+class ClaimScene:
+    """Lost worker A (``lost``, holding ``ids``) and healer B (``b``, its ``registry`` behind
+    ``proxy``), B's hooks in ``recorder``; ``owned`` is A's session set in Redis."""
+
+    lost: RedisRegistry
+    b: SessionManager
+    registry: RedisRegistry
+    proxy: HoldingProxy
+    recorder: Recorder
+    direct: Redis
+    owned: str
+
+
+@asynccontextmanager
+async def claim_scene(
+    redis_server: RedisServer, prefix: str, ids: list[str], **b_settings: Any
+) -> AsyncIterator[ClaimScene]:
+    """A (entered, its sessions registered, still alive) and B (not entered): see ClaimScene.
+    ``b_settings``: ``command_timeout`` for B's registry, the rest for its manager."""
+    lost = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT)
+    a = SessionManager(registry=lost, drain_on_signal=False)
+    proxy = HoldingProxy(redis_server.port)
+    await proxy.start()
+    registry = RedisRegistry(
+        proxy.url,
+        prefix=prefix,
+        heartbeat=HEARTBEAT,
+        command_timeout=b_settings.pop("command_timeout"),
+    )
+    b = SessionManager(registry=registry, drain_on_signal=False, **b_settings)
+    recorder = Recorder()
+    recorder.install(b, "b")
+    direct = Redis.from_url(redis_server.url, decode_responses=True)
+    await lost.__aenter__()
+    try:
+        for session_id in ids:
+            await lost.add(live_session(a, session_id))
+        owned = f"{prefix}:n:{lost.node_id}:s"
+        yield ClaimScene(lost, b, registry, proxy, recorder, direct, owned)
+    finally:
+        proxy.flowing.set()
+        await lost._close_own_client()
+        await direct.aclose()
+        await proxy.close()
+
+
 async def test_exit_while_a_claim_is_in_flight_still_ends_what_it_took(
     redis_server: RedisServer,
 ) -> None:
@@ -611,41 +657,28 @@ async def test_exit_while_a_claim_is_in_flight_still_ends_what_it_took(
     them. The reply is held back by a proxy until the exit has cancelled the healing task."""
     prefix = f"claim-cut-{secrets.token_hex(4)}"
     ids = ["a1", "a2", "a3"]
-    lost = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT)
-    a = SessionManager(registry=lost, drain_on_signal=False)
-    proxy = HoldingProxy(redis_server.port)
-    await proxy.start()
-    registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=5)
-    b = SessionManager(registry=registry, drain_on_signal=False, drain_timeout=0.2)
-    recorder = Recorder()
-    recorder.install(b, "b")
-    direct = Redis.from_url(redis_server.url, decode_responses=True)
-    exiting: asyncio.Task[None] | None = None
-    await lost.__aenter__()
-    try:
-        for session_id in ids:
-            await lost.add(live_session(a, session_id))
-        owned = f"{prefix}:n:{lost.node_id}:s"
-        await b.__aenter__()
-        # A dies (as kill -9 would leave it); B's claim runs in Redis, its reply held.
-        await kill_and_hold_the_claims_reply(registry, lost, proxy, direct, owned)
-        healing = list(registry._healing.values())
-        assert len(healing) == 1
-        exiting = asyncio.create_task(b.__aexit__(None, None, None))
-        async with asyncio.timeout(5):
-            while not healing[0].cancelling():  # noqa: ASYNC110 - bounded; after drain_timeout
-                await asyncio.sleep(0.01)
-        proxy.flowing.set()  # the reply arrives after the cancellation
-        async with asyncio.timeout(20):
-            await exiting
-        assert sorted(recorder.node_lost()) == ids
-    finally:
-        proxy.flowing.set()
-        if exiting is None:
-            await b.__aexit__(None, None, None)
-        await lost._close_own_client()
-        await direct.aclose()
-        await proxy.close()
+    async with claim_scene(redis_server, prefix, ids, command_timeout=5, drain_timeout=0.2) as sc:
+        exiting: asyncio.Task[None] | None = None
+        await sc.b.__aenter__()
+        try:
+            # A dies (as kill -9 would leave it); B's claim runs in Redis, its reply held.
+            await kill_and_hold_the_claims_reply(
+                sc.registry, sc.lost, sc.proxy, sc.direct, sc.owned
+            )
+            healing = list(sc.registry._healing.values())
+            assert len(healing) == 1
+            exiting = asyncio.create_task(sc.b.__aexit__(None, None, None))
+            async with asyncio.timeout(5):
+                while not healing[0].cancelling():  # noqa: ASYNC110 - bounded; after drain_timeout
+                    await asyncio.sleep(0.01)
+            sc.proxy.flowing.set()  # the reply arrives after the cancellation
+            async with asyncio.timeout(20):
+                await exiting
+            assert sorted(sc.recorder.node_lost()) == ids
+        finally:
+            sc.proxy.flowing.set()
+            if exiting is None:
+                await sc.b.__aexit__(None, None, None)
 
 
 async def test_a_start_that_fails_after_taking_over_still_ends_what_it_claimed(
@@ -713,40 +746,21 @@ async def test_a_claim_whose_reply_comes_too_late_still_ends_what_it_took(
     """B heals lost worker A; Redis runs B's CLAIM but the reply comes after command_timeout
     (a slow link, a Redis that stalled after running it). A's sessions are gone from Redis,
     and their node-lost hooks must still run somewhere."""
-    prefix = f"claim-late-{secrets.token_hex(4)}"
     ids = ["a1", "a2", "a3"]
-    lost = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT)
-    a = SessionManager(registry=lost, drain_on_signal=False)
-    proxy = HoldingProxy(redis_server.port)
-    await proxy.start()
-    registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=0.5)
-    b = SessionManager(registry=registry, drain_on_signal=False)
-    recorder = Recorder()
-    recorder.install(b, "b")
-    direct = Redis.from_url(redis_server.url, decode_responses=True)
-    await lost.__aenter__()
-    try:
-        for session_id in ids:
-            await lost.add(live_session(a, session_id))
-        owned = f"{prefix}:n:{lost.node_id}:s"
-        async with b:
-            await kill_and_hold_the_claims_reply(registry, lost, proxy, direct, owned)
+    prefix = f"claim-late-{secrets.token_hex(4)}"
+    async with claim_scene(redis_server, prefix, ids, command_timeout=0.5) as sc, sc.b:
+        await kill_and_hold_the_claims_reply(sc.registry, sc.lost, sc.proxy, sc.direct, sc.owned)
 
-            async def claim_timed_out() -> bool:
-                return registry.state is LinkState.OUTAGE
+        async def claim_timed_out() -> bool:
+            return sc.registry.state is LinkState.OUTAGE
 
-            await wait_for(claim_timed_out, 5, "B's claim to time out")
-            proxy.flowing.set()
+        await wait_for(claim_timed_out, 5, "B's claim to time out")
+        sc.proxy.flowing.set()
 
-            async def all_ended() -> bool:
-                return sorted(recorder.node_lost()) == ids
+        async def all_ended() -> bool:
+            return sorted(sc.recorder.node_lost()) == ids
 
-            await wait_for(all_ended, 3, "the claimed sessions' hooks")
-    finally:
-        proxy.flowing.set()
-        await lost._close_own_client()
-        await direct.aclose()
-        await proxy.close()
+        await wait_for(all_ended, 3, "the claimed sessions' hooks")
 
 
 async def test_a_claimer_that_dies_before_reading_what_it_took_leaves_it_to_its_healer(
@@ -757,27 +771,15 @@ async def test_a_claimer_that_dies_before_reading_what_it_took_leaves_it_to_its_
     over what B had taken: A's sessions' node-lost hooks run on C, once, and nowhere else."""
     prefix = f"claim-chain-{secrets.token_hex(4)}"
     ids = ["a1", "a2", "a3"]
-    lost = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT)
-    a = SessionManager(registry=lost, drain_on_signal=False)
-    proxy = HoldingProxy(redis_server.port)
-    await proxy.start()
-    claimer = RedisRegistry(proxy.url, prefix=prefix, heartbeat=HEARTBEAT, command_timeout=5)
-    b = SessionManager(registry=claimer, drain_on_signal=False, drain_timeout=0.2)
-    recorder = Recorder()
-    recorder.install(b, "b")
-    direct = Redis.from_url(redis_server.url, decode_responses=True)
-    await lost.__aenter__()
-    try:
-        for session_id in ids:
-            await lost.add(live_session(a, session_id))
-        owned = f"{prefix}:n:{lost.node_id}:s"
-        async with b:
-            await kill_and_hold_the_claims_reply(claimer, lost, proxy, direct, owned)
+    async with claim_scene(redis_server, prefix, ids, command_timeout=5, drain_timeout=0.2) as sc:
+        claimer, recorder, direct = sc.registry, sc.recorder, sc.direct
+        async with sc.b:
+            await kill_and_hold_the_claims_reply(claimer, sc.lost, sc.proxy, direct, sc.owned)
             assert sorted(await direct.hkeys(f"{prefix}:taken:{claimer.node_id}")) == ids
             for task in (claimer._beater, claimer._listener):  # B dies as kill -9 leaves it
                 assert task is not None
                 await redis_backend._stop(task)
-            await proxy.close()  # and its connections with it: the reply never comes
+            await sc.proxy.close()  # and its connections with it: the reply never comes
             c = manager_on(redis_server.url, prefix)
             recorder.install(c, "c")
             async with c:
@@ -788,12 +790,10 @@ async def test_a_claimer_that_dies_before_reading_what_it_took_leaves_it_to_its_
                 await wait_for(c_ended_them, 10, "C to heal B and end A's sessions")
                 assert {worker for worker, _, _ in recorder.ended} == {"c"}
                 assert await direct.exists(f"{prefix}:taken:{claimer.node_id}") == 0
-                assert await direct.exists(f"{prefix}:taken:{c.registry.node_id}") == 0  # type: ignore[attr-defined]
+                healer = c.registry
+                assert isinstance(healer, RedisRegistry)
+                assert await direct.exists(f"{prefix}:taken:{healer.node_id}") == 0
         assert sorted(recorder.node_lost()) == ids  # B's exit ran none of them
-    finally:
-        await lost._close_own_client()
-        await direct.aclose()
-        await proxy.close()
 
 
 async def test_a_lost_worker_with_many_sessions_is_read_in_pages_each_ended_once(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -545,61 +545,92 @@ async def test_a_refused_resume_on_another_worker_leaves_the_session_waiting_in_
     assert recorder_b.ended == []
 
 
-async def test_a_window_whose_end_in_redis_answers_too_late_still_ends_the_session(
-    redis_server: RedisServer,
-) -> None:
-    """A's detached session's window runs out; A ends it in Redis (END_DETACHED), but the reply
-    comes after command_timeout (a Redis that stalled after running it). Its disconnect hooks
-    must still run, once."""
-    from redis.asyncio import Redis
-
+@asynccontextmanager
+async def behind_a_holding_proxy(
+    redis_server: RedisServer, prefix: str, window: float
+) -> AsyncIterator[tuple[SessionManager, HookRecorder, Any]]:
+    """A resumable worker whose Redis traffic passes a ``HoldingProxy`` (command_timeout 0.5 s),
+    its hooks recorded; yields it, its recorder and the proxy."""
     from wsession.backends.redis import RedisRegistry
 
     from .test_redis_sweep import HoldingProxy
 
-    prefix = f"resume-late-end-{secrets.token_hex(4)}"
     proxy = HoldingProxy(redis_server.port)
     await proxy.start()
     registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=0.5, command_timeout=0.5)
-    a = SessionManager(
+    manager = SessionManager(
         registry=registry,
-        resume_window=1.0,
+        resume_window=window,
         resume_seq_field="seq",
         resume_secret="s" * 32,
         drain_on_signal=False,
     )
     recorder = HookRecorder()
-    recorder.install(a)
+    recorder.install(manager)
     try:
+        yield manager, recorder, proxy
+    finally:
+        proxy.flowing.set()
+        await proxy.close()
+
+
+async def hold_end_detached_replies(
+    redis_server: RedisServer, manager: SessionManager, proxy: Any
+) -> Callable[[], None]:
+    """From now on the replies to ``manager``'s END_DETACHED wait in ``proxy`` (Redis runs it:
+    the script is loaded, and connections are open, else the held reply would be NOSCRIPT or
+    a new connection's handshake). Returns what stops it (the proxy still holds)."""
+    from redis.asyncio import Redis
+
+    from wsession.backends.redis import RedisRegistry
+
+    registry = manager.registry
+    assert isinstance(registry, RedisRegistry)
+    end_detached = registry._scripts["END_DETACHED"]
+    direct = Redis.from_url(redis_server.url)
+    try:
+        await direct.script_load(end_detached.script)
+    finally:
+        await direct.aclose()
+
+    async def end_and_hold_the_reply(**kwargs: Any) -> Any:
+        proxy.flowing.clear()
+        return await end_detached(**kwargs)
+
+    registry._scripts["END_DETACHED"] = end_and_hold_the_reply
+    await asyncio.gather(*(registry.redis.ping() for _ in range(4)))
+
+    def stop() -> None:
+        registry._scripts["END_DETACHED"] = end_detached
+
+    return stop
+
+
+async def test_a_window_whose_end_in_redis_answers_too_late_still_ends_the_session(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A's detached session's window runs out; A ends it in Redis (END_DETACHED), but the reply
+    comes after command_timeout (a Redis that stalled after running it). Its disconnect hooks
+    must still run, once."""
+    prefix = f"resume-late-end-{secrets.token_hex(4)}"
+    async with behind_a_holding_proxy(redis_server, prefix, 1.0) as (a, recorder, proxy):
         async with serving(a) as (server,):
             ws, welcome = await hello(server.ws)
-            end_detached = registry._scripts["END_DETACHED"]
-            direct = Redis.from_url(redis_server.url)
-            try:
-                await direct.script_load(end_detached.script)  # else the held reply is NOSCRIPT
-            finally:
-                await direct.aclose()
-
-            async def end_and_hold_the_reply(**kwargs: Any) -> Any:
-                proxy.flowing.clear()
-                return await end_detached(**kwargs)
-
-            registry._scripts["END_DETACHED"] = end_and_hold_the_reply
+            stop_holding = await hold_end_detached_replies(redis_server, a, proxy)
             reset_connection(ws)
             await detached(a, welcome["id"])
-            async with asyncio.timeout(10):
-                while proxy.flowing.is_set():  # noqa: ASYNC110 - bounded; the window's end
+            async with asyncio.timeout(10):  # the window ends; the end in Redis times out
+                while not any(  # noqa: ASYNC110 - bounded; a log record, no event
+                    "could not end detached" in r.getMessage() for r in caplog.records
+                ):
                     await asyncio.sleep(0.02)
-            await asyncio.sleep(1.0)  # past command_timeout: the reply is late
-            registry._scripts["END_DETACHED"] = end_detached
+            stop_holding()
             proxy.flowing.set()
             async with asyncio.timeout(5):
                 while not recorder.ended:  # noqa: ASYNC110 - bounded
                     await asyncio.sleep(0.02)
             assert [e[:2] for e in recorder.ended] == [(welcome["id"], EndReason.RESUME_EXPIRED)]
-    finally:
-        proxy.flowing.set()
-        await proxy.close()
+        assert len(recorder.ended) == 1
 
 
 async def test_a_kick_of_a_detached_session_whose_answer_is_lost_still_ends_it_once(
@@ -608,49 +639,19 @@ async def test_a_kick_of_a_detached_session_whose_answer_is_lost_still_ends_it_o
     """B closes a session parked on A (a kick); Redis ends it, but B's reply comes after
     command_timeout, so the kick fails there. The session's hooks still run, once, with the
     kick's code and reason, and A's copy ends quietly."""
-    from redis.asyncio import Redis
-
     from wsession import RegistryUnavailable
-    from wsession.backends.redis import RedisRegistry
-
-    from .test_redis_sweep import HoldingProxy
 
     prefix = f"resume-late-kick-{secrets.token_hex(4)}"
     a, recorder_a = worker(redis_server.url, prefix, 30)
-    proxy = HoldingProxy(redis_server.port)
-    await proxy.start()
-    registry = RedisRegistry(proxy.url, prefix=prefix, heartbeat=0.5, command_timeout=0.5)
-    b = SessionManager(
-        registry=registry,
-        resume_window=30,
-        resume_seq_field="seq",
-        resume_secret="s" * 32,
-        drain_on_signal=False,
-    )
-    recorder_b = HookRecorder()
-    recorder_b.install(b)
-    try:
+    async with behind_a_holding_proxy(redis_server, prefix, 30) as (b, recorder_b, proxy):
         async with serving(a, b) as (server_a, _):
             ws, welcome = await hello(server_a.ws)
             reset_connection(ws)
             await detached(a, welcome["id"])
-            end_detached = registry._scripts["END_DETACHED"]
-            direct = Redis.from_url(redis_server.url)
-            try:
-                await direct.script_load(end_detached.script)  # else the held reply is NOSCRIPT
-            finally:
-                await direct.aclose()
-
-            async def end_and_hold_the_reply(**kwargs: Any) -> Any:
-                proxy.flowing.clear()
-                return await end_detached(**kwargs)
-
-            registry._scripts["END_DETACHED"] = end_and_hold_the_reply
-            # Connections open (a new one's handshake would wait for its held reply instead).
-            await asyncio.gather(*(registry.redis.ping() for _ in range(4)))
+            stop_holding = await hold_end_detached_replies(redis_server, b, proxy)
             with pytest.raises(RegistryUnavailable):
                 await b.close(welcome["id"], 4000, "kicked")
-            registry._scripts["END_DETACHED"] = end_detached
+            stop_holding()
             proxy.flowing.set()
             async with asyncio.timeout(5):
                 while not recorder_a.ended + recorder_b.ended:  # noqa: ASYNC110 - bounded
@@ -661,6 +662,3 @@ async def test_a_kick_of_a_detached_session_whose_answer_is_lost_still_ends_it_o
                     await asyncio.sleep(0.02)
         assert recorder_a.ended == []
         assert len(recorder_b.ended) == 1
-    finally:
-        proxy.flowing.set()
-        await proxy.close()
