@@ -662,3 +662,52 @@ async def test_a_kick_of_a_detached_session_whose_answer_is_lost_still_ends_it_o
                     await asyncio.sleep(0.02)
         assert recorder_a.ended == []
         assert len(recorder_b.ended) == 1
+
+
+async def test_a_kick_that_never_reached_redis_leaves_the_session_resumable_with_its_copy(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kicks a session it parked, but the END_DETACHED request never reaches Redis (cut
+    off), so the session still waits there, within its window. Its client resumes it on A and
+    gets A's own copy back (live data), as any same-worker resume does; its hooks run once,
+    when it ends for good."""
+    from wsession.backends.redis import LinkState, RedisRegistry
+
+    prefix = f"resume-unsent-kick-{secrets.token_hex(4)}"
+    async with behind_a_holding_proxy(redis_server, prefix, 30) as (a, recorder, proxy):
+        originals: list[Any] = []
+        a.on_connect(originals.append)
+        registry = a.registry
+        assert isinstance(registry, RedisRegistry)
+        async with serving(a) as (server,):
+            ws, welcome = await hello(server.ws)
+            reset_connection(ws)
+            await detached(a, welcome["id"])
+            end_detached = registry._scripts["END_DETACHED"]
+
+            async def cut_off_and_end(**kwargs: Any) -> Any:
+                proxy.requests.clear()
+                return await end_detached(**kwargs)
+
+            registry._scripts["END_DETACHED"] = cut_off_and_end
+            await asyncio.gather(*(registry.redis.ping() for _ in range(4)))
+            assert await a.close(welcome["id"], 4000, "kicked") is True
+            async with asyncio.timeout(10):
+                while not any(  # noqa: ASYNC110 - bounded; a log record, no event
+                    "could not end detached" in r.getMessage() for r in caplog.records
+                ):
+                    await asyncio.sleep(0.02)
+            registry._scripts["END_DETACHED"] = end_detached
+            proxy.requests.set()
+            async with asyncio.timeout(10):
+                while registry.state is not LinkState.AVAILABLE:  # noqa: ASYNC110 - bounded
+                    await asyncio.sleep(0.02)
+            again, resumed = await hello(server.ws, f"?resume={welcome['resume']}&last=0")
+            assert resumed["resumed"] is True and resumed["id"] == welcome["id"]
+            assert await a.get(welcome["id"]) is originals[0]
+            assert recorder.ended == []
+            await again.close()
+            async with asyncio.timeout(5):
+                while not recorder.ended:  # noqa: ASYNC110 - bounded
+                    await asyncio.sleep(0.02)
+        assert [e[0] for e in recorder.ended] == [welcome["id"]]

@@ -324,7 +324,8 @@ class Resumption:
             # died: nothing here can wait on that, so the store is asked again.
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
-        cached = self._detached.get(session_id)
+        # (A copy whose end got no answer is one too: the store had not ended it after all.)
+        cached = self._detached.get(session_id) or self._unanswered.pop(session_id, None)
         if cached is not None:
             self._take_timer(cached)  # ours now (or ended): its window no longer runs here
         if found.outcome == "unknown" or found.session is None:
