@@ -576,6 +576,27 @@ async def test_a_sweep_whose_reply_comes_too_late_still_ends_what_it_took(
         await proxy.close()
 
 
+async def kill_9(registry: RedisRegistry) -> None:
+    """``registry``'s worker dies as kill -9 leaves it: no heartbeat, no subscription, nothing
+    removed from Redis."""
+    for task in (registry._beater, registry._listener):
+        assert task is not None
+        await redis_backend._stop(task)
+
+
+def lost_and_healer(
+    url: str, prefix: str
+) -> tuple[SessionManager, RedisRegistry, SessionManager, RedisRegistry, Recorder]:
+    """Worker A (to be lost) and its healer B, each with its registry; B's hooks recorded."""
+    a = manager_on(url, prefix)
+    b = manager_on(url, prefix)
+    lost, registry = a.registry, b.registry
+    assert isinstance(lost, RedisRegistry) and isinstance(registry, RedisRegistry)
+    recorder = Recorder()
+    recorder.install(b, "b")
+    return a, lost, b, registry, recorder
+
+
 async def kill_and_hold_the_claims_reply(
     registry: RedisRegistry, lost: RedisRegistry, proxy: Any, direct: Redis, owned: str
 ) -> None:
@@ -591,9 +612,7 @@ async def kill_and_hold_the_claims_reply(
         return await claim(**kwargs)
 
     registry._scripts["CLAIM"] = claim_and_hold_the_reply
-    for task in (lost._beater, lost._listener):
-        assert task is not None
-        await redis_backend._stop(task)
+    await kill_9(lost)
 
     async def redis_ran_the_claim() -> bool:
         return not proxy.flowing.is_set() and await direct.scard(owned) == 0
@@ -698,9 +717,7 @@ async def test_a_start_that_fails_after_taking_over_still_ends_what_it_claimed(
     await crashed.__aenter__()
     for session_id in ids:
         await crashed.add(live_session(a, session_id))
-    for task in (crashed._beater, crashed._listener):  # it dies: nothing removed
-        assert task is not None
-        await redis_backend._stop(task)
+    await kill_9(crashed)
     await crashed._close_own_client()
     registry = RedisRegistry(redis_server.url, prefix=prefix, heartbeat=HEARTBEAT, node_id="pod")
     b = SessionManager(registry=registry, drain_on_signal=False, drain_timeout=10)
@@ -776,9 +793,7 @@ async def test_a_claimer_that_dies_before_reading_what_it_took_leaves_it_to_its_
         async with sc.b:
             await kill_and_hold_the_claims_reply(claimer, sc.lost, sc.proxy, direct, sc.owned)
             assert sorted(await direct.hkeys(f"{prefix}:taken:{claimer.node_id}")) == ids
-            for task in (claimer._beater, claimer._listener):  # B dies as kill -9 leaves it
-                assert task is not None
-                await redis_backend._stop(task)
+            await kill_9(claimer)
             await sc.proxy.close()  # and its connections with it: the reply never comes
             c = manager_on(redis_server.url, prefix)
             recorder.install(c, "c")
@@ -803,21 +818,12 @@ async def test_a_lost_worker_with_many_sessions_is_read_in_pages_each_ended_once
     a hash of over 128 entries is a real hash table there). Each node-lost hook runs once."""
     prefix = f"claim-many-{secrets.token_hex(4)}"
     ids = [f"m{i:03}" for i in range(600)]
-    a = manager_on(redis_server.url, prefix)
-    lost = a.registry
-    assert isinstance(lost, RedisRegistry)
-    b = manager_on(redis_server.url, prefix)
-    registry = b.registry
-    assert isinstance(registry, RedisRegistry)
-    recorder = Recorder()
-    recorder.install(b, "b")
+    a, lost, b, registry, recorder = lost_and_healer(redis_server.url, prefix)
     await lost.__aenter__()
     try:
         await asyncio.gather(*(lost.add(live_session(a, i)) for i in ids))
         async with b:
-            for task in (lost._beater, lost._listener):  # A dies as kill -9 leaves it
-                assert task is not None
-                await redis_backend._stop(task)
+            await kill_9(lost)
 
             async def all_ended() -> bool:
                 return len(recorder.ended) >= len(ids)
@@ -837,14 +843,7 @@ async def test_a_claimer_whose_delete_of_what_it_read_fails_queues_nothing_twice
     its outage. Their hooks run once, and the entries are then deleted."""
     prefix = f"claim-undeleted-{secrets.token_hex(4)}"
     ids = ["a1", "a2", "a3"]
-    a = manager_on(redis_server.url, prefix)
-    lost = a.registry
-    assert isinstance(lost, RedisRegistry)
-    b = manager_on(redis_server.url, prefix)
-    registry = b.registry
-    assert isinstance(registry, RedisRegistry)
-    recorder = Recorder()
-    recorder.install(b, "b")
+    a, lost, b, registry, recorder = lost_and_healer(redis_server.url, prefix)
     direct = Redis.from_url(redis_server.url, decode_responses=True)
     await lost.__aenter__()
     try:
@@ -862,9 +861,7 @@ async def test_a_claimer_whose_delete_of_what_it_read_fails_queues_nothing_twice
                 return await real_hdel(*args)
 
             client.hdel = hdel_fails_once
-            for task in (lost._beater, lost._listener):  # A dies as kill -9 leaves it
-                assert task is not None
-                await redis_backend._stop(task)
+            await kill_9(lost)
             taken = f"{prefix}:taken:{registry.node_id}"
 
             async def read_again_and_deleted() -> bool:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
+T = TypeVar("T")
 
-async def run_shielded(coro: Coroutine[Any, Any, None]) -> None:
-    """Await ``coro`` to the end, shielded from cancellation of the caller.
+
+async def run_shielded(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` to the end, shielded from cancellation of the caller; its result.
 
     If the caller is cancelled meanwhile, the cancellation is re-raised once ``coro`` finished,
     so the caller still ends as cancelled. On asyncio a separate task is used, because an anyio
@@ -20,8 +22,7 @@ async def run_shielded(coro: Coroutine[Any, Any, None]) -> None:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio (trio): its shielded scopes do the job
         with anyio.CancelScope(shield=True):
-            await coro
-        return
+            return await coro
     task = loop.create_task(coro)
     cancelled: BaseException | None = None
     # The anyio shield stops anyio cancel scopes from re-delivering their cancellation on every
@@ -36,4 +37,4 @@ async def run_shielded(coro: Coroutine[Any, Any, None]) -> None:
                 cancelled = exc  # keep waiting: cleanup must finish
     if cancelled is not None:
         raise cancelled
-    task.result()
+    return task.result()

@@ -416,12 +416,10 @@ class RedisJournal:
         ``RedisRegistry._collect_taken``: their hooks run from there, off the heartbeat). One
         Redis step, shielded: the heartbeat calls it, and the read that follows must come
         after it. Returns how many it ended."""
-        swept: list[int] = []
         async with self._io():
-            await run_shielded(self._swept(taken_ttl, swept))
-        return sum(swept)
+            return await run_shielded(self._swept(taken_ttl))
 
-    async def _swept(self, taken_ttl: int, swept: list[int]) -> None:
+    async def _swept(self, taken_ttl: int) -> int:
         registry = self._registry
         grace = int((registry.lease_ttl + registry.heartbeat) * 1000)
         async with Deadline(registry.command_timeout):  # (shielded from the caller's)
@@ -429,7 +427,7 @@ class RedisJournal:
                 keys=registry._route,
                 args=[registry._keys.prefix, grace, 100, registry.node_id, taken_ttl],
             )
-        swept.append(int(ended))
+        return int(ended)
 
     async def finish_swept(self, session_id: str, stored: dict[str, str]) -> None:
         """After :meth:`sweep`, off the heartbeat: tell the parking worker and drop the
